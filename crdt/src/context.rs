@@ -1,0 +1,116 @@
+//! The causal context of a dot store: which events a state has seen.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Dot, NodeId, VersionVector};
+
+/// A set of dots kept as a version vector plus the few dots that arrived out of order.
+///
+/// After every change the context is compacted: cloud dots that extend the vector contiguously
+/// move into it, and dots the vector already covers are dropped. Compaction makes equal sets
+/// encode identically, and under per-origin in-order delivery the cloud stays empty, so the
+/// context costs one entry per origin.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DotContext {
+    vv: VersionVector,
+    cloud: BTreeSet<Dot>,
+}
+
+impl DotContext {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn contains(&self, dot: Dot) -> bool {
+        self.vv.contains(dot) || self.cloud.contains(&dot)
+    }
+
+    pub fn insert(&mut self, dot: Dot) {
+        if !self.vv.contains(dot) {
+            self.cloud.insert(dot);
+            self.compact();
+        }
+    }
+
+    pub fn merge(&mut self, other: &Self) {
+        self.vv.merge(&other.vv);
+        self.cloud.extend(other.cloud.iter().copied());
+        self.compact();
+    }
+
+    /// The next dot `node` mints. Only the node itself mints its dots, and it has seen all of
+    /// them, so its own entry is contiguous and never in the cloud.
+    pub fn next_dot(&self, node: NodeId) -> Dot {
+        self.vv.next_dot(node)
+    }
+
+    /// The contiguous part; equal to the whole context when the cloud is empty.
+    pub fn version_vector(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    pub fn cloud_len(&self) -> usize {
+        self.cloud.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vv.is_empty() && self.cloud.is_empty()
+    }
+
+    fn compact(&mut self) {
+        // The cloud is sorted by (node, seq), so one pass folds every contiguous run.
+        let cloud = std::mem::take(&mut self.cloud);
+        for dot in cloud {
+            let have = self.vv.get(dot.node);
+            if dot.seq == have + 1 {
+                self.vv.raise(dot.node, dot.seq);
+            } else if dot.seq > have {
+                self.cloud.insert(dot);
+            }
+        }
+    }
+}
+
+impl FromIterator<Dot> for DotContext {
+    fn from_iter<I: IntoIterator<Item = Dot>>(iter: I) -> Self {
+        let mut ctx = Self { vv: VersionVector::new(), cloud: iter.into_iter().collect() };
+        ctx.compact();
+        ctx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dot(node: u64, seq: u64) -> Dot {
+        Dot::new(NodeId::new(node).unwrap(), seq)
+    }
+
+    #[test]
+    fn out_of_order_dots_compact_once_the_gap_fills() {
+        let mut ctx: DotContext = [dot(1, 3), dot(1, 2)].into_iter().collect();
+        assert_eq!(ctx.cloud_len(), 2);
+        assert!(ctx.contains(dot(1, 3)) && !ctx.contains(dot(1, 1)));
+        ctx.insert(dot(1, 1));
+        assert_eq!(ctx.cloud_len(), 0);
+        assert_eq!(ctx.version_vector().get(dot(1, 1).node), 3);
+    }
+
+    #[test]
+    fn merge_is_set_union() {
+        let a: DotContext = [dot(1, 1), dot(2, 5)].into_iter().collect();
+        let b: DotContext = [dot(2, 1), dot(1, 2)].into_iter().collect();
+        let mut ab = a.clone();
+        ab.merge(&b);
+        for d in [dot(1, 1), dot(1, 2), dot(2, 1), dot(2, 5)] {
+            assert!(ab.contains(d));
+        }
+        assert!(!ab.contains(dot(2, 2)));
+        let mut ba = b;
+        ba.merge(&a);
+        assert_eq!(ab, ba);
+    }
+}

@@ -1,0 +1,108 @@
+//! JSON in one canonical spelling, so equal documents are equal bytes.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+/// A JSON document in canonical form: object keys sorted, no insignificant whitespace.
+///
+/// Set elements and register values are compared, ordered and hashed by these bytes, so
+/// `{"a":1,"b":2}` and `{"b":2,"a":1}` are one element. Numbers keep serde_json's spelling
+/// (`1` and `1.0` stay distinct), which is what JSON round-trips through most clients.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CanonicalJson(String);
+
+impl CanonicalJson {
+    pub fn new(value: &Value) -> Self {
+        // serde_json's `Map` is a `BTreeMap` (the `preserve_order` feature is off in this
+        // workspace), so serialising it emits keys in sorted order.
+        Self(value.to_string())
+    }
+
+    /// Parses any JSON text and canonicalises it.
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        let value: Value = serde_json::from_str(text)?;
+        Ok(Self::new(&value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn to_value(&self) -> Value {
+        // The invariant is that `self.0` is valid JSON; fall back to a string rather than
+        // panic should that ever be broken.
+        serde_json::from_str(&self.0).unwrap_or_else(|_| Value::String(self.0.clone()))
+    }
+
+    /// Bytes of the canonical text: the measure for per-value size limits.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for CanonicalJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for CanonicalJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<Value> for CanonicalJson {
+    fn from(value: Value) -> Self {
+        Self::new(&value)
+    }
+}
+
+impl Serialize for CanonicalJson {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for CanonicalJson {
+    /// Bytes from a disk or a peer are checked, not trusted: text that is not JSON, or not in
+    /// canonical form, is an error rather than a second spelling of an existing element.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        let canonical = Self::parse(&text).map_err(serde::de::Error::custom)?;
+        if canonical.0 != text {
+            return Err(serde::de::Error::custom("JSON is not in canonical form"));
+        }
+        Ok(canonical)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_order_and_whitespace_do_not_matter() {
+        let a = CanonicalJson::parse(r#"{ "b": [1, {"y":2,"x":1}], "a": null }"#).unwrap();
+        let b = CanonicalJson::new(&json!({"a": null, "b": [1, {"x": 1, "y": 2}]}));
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), r#"{"a":null,"b":[1,{"x":1,"y":2}]}"#);
+    }
+
+    #[test]
+    fn non_canonical_bytes_are_refused_on_decode() {
+        let bytes = postcard::to_allocvec(&r#"{"b":1,"a":2}"#).unwrap();
+        assert!(postcard::from_bytes::<CanonicalJson>(&bytes).is_err());
+        let bytes = postcard::to_allocvec(&"not json").unwrap();
+        assert!(postcard::from_bytes::<CanonicalJson>(&bytes).is_err());
+        let bytes = postcard::to_allocvec(&r#"{"a":2,"b":1}"#).unwrap();
+        assert!(postcard::from_bytes::<CanonicalJson>(&bytes).is_ok());
+    }
+}

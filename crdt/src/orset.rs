@@ -1,0 +1,222 @@
+//! The add-wins observed-remove set, without tombstones.
+//!
+//! This is the optimized OR-Set of Bieniusa et al. (Riak's ORSWOT) in its delta-state form
+//! (Almeida, Shoker, Baquero): every add mints a fresh dot for the element, a remove forgets
+//! the element's dots it has observed, and a causal context remembers every dot ever seen. A
+//! dot that is in a context but in no entry was removed; one missing from both has not arrived
+//! yet. So a removed element needs no tombstone, and metadata is the live elements' dots plus a
+//! context that compacts to one version vector.
+//!
+//! Dots count adds per key (`(node, n)` is the n-th dot `node` minted in this set), not
+//! per-node WAL positions: per-key counters keep the context contiguous, hence compact.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Dot, NodeId, VersionVector};
+use crate::context::DotContext;
+use crate::json::CanonicalJson;
+use crate::traits::Crdt;
+
+/// An add-wins OR-Set of JSON elements, in canonical order.
+///
+/// ```
+/// use meridian_crdt::{CanonicalJson, Crdt, NodeId, OrSet};
+/// let (a, b) = (NodeId::new(1).unwrap(), NodeId::new(2).unwrap());
+/// let milk = CanonicalJson::parse(r#""milk""#).unwrap();
+/// let mut here = OrSet::default();
+/// here.apply(&here.add(a, [milk.clone()]));
+/// let mut there = here.clone();
+/// // Concurrently: `here` removes milk, `there` adds it again. The add wins.
+/// let remove = here.remove([&milk]);
+/// let add = there.add(b, [milk.clone()]);
+/// here.apply(&remove);
+/// here.apply(&add);
+/// there.apply(&add);
+/// there.apply(&remove);
+/// assert_eq!(here, there);
+/// assert!(here.contains(&milk));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OrSet {
+    entries: BTreeMap<CanonicalJson, BTreeSet<Dot>>,
+    context: DotContext,
+}
+
+impl OrSet {
+    /// The delta that adds `elements` on behalf of `node`.
+    pub fn add(&self, node: NodeId, elements: impl IntoIterator<Item = CanonicalJson>) -> Self {
+        self.update(node, elements, [])
+    }
+
+    /// The delta that removes the observed instances of `elements`.
+    pub fn remove<'a>(&self, elements: impl IntoIterator<Item = &'a CanonicalJson>) -> Self {
+        let context = elements
+            .into_iter()
+            .filter_map(|element| self.entries.get(element))
+            .flatten()
+            .copied()
+            .collect();
+        Self { entries: BTreeMap::new(), context }
+    }
+
+    /// The delta of one request that removes some elements and adds others. An element in both
+    /// lists ends up present: within a request, as across replicas, the add wins.
+    pub fn update<'a>(
+        &self,
+        node: NodeId,
+        add: impl IntoIterator<Item = CanonicalJson>,
+        remove: impl IntoIterator<Item = &'a CanonicalJson>,
+    ) -> Self {
+        let mut delta = self.remove(remove);
+        let mut next = self.context.next_dot(node);
+        for element in add {
+            if delta.entries.contains_key(&element) {
+                continue;
+            }
+            for &observed in self.entries.get(&element).into_iter().flatten() {
+                delta.context.insert(observed);
+            }
+            delta.context.insert(next);
+            delta.entries.insert(element, BTreeSet::from([next]));
+            next.seq += 1;
+        }
+        delta
+    }
+
+    /// The delta that removes every observed element.
+    pub fn clear(&self) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            context: self.entries.values().flatten().copied().collect(),
+        }
+    }
+
+    pub fn contains(&self, element: &CanonicalJson) -> bool {
+        self.entries.contains_key(element)
+    }
+
+    /// Elements in canonical (byte) order.
+    pub fn elements(&self) -> impl ExactSizeIterator<Item = &CanonicalJson> {
+        self.entries.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn context(&self) -> &DotContext {
+        &self.context
+    }
+
+    /// Refuses states in which an element holds a dot its context does not know, which no
+    /// sequence of operations produces.
+    pub(crate) fn validate(&self) -> Result<(), crate::CrdtError> {
+        let consistent = self
+            .entries
+            .values()
+            .all(|dots| !dots.is_empty() && dots.iter().all(|&d| self.context.contains(d)));
+        if consistent { Ok(()) } else { Err(crate::CrdtError::Invalid("OR-Set dot outside its context")) }
+    }
+}
+
+impl Crdt for OrSet {
+    fn merge(&mut self, other: &Self) {
+        // A dot survives if both sides hold it, or one side holds it and the other never saw
+        // it. A dot one side saw but no longer holds was removed there.
+        for (element, dots) in &mut self.entries {
+            let theirs = other.entries.get(element);
+            dots.retain(|&dot| {
+                theirs.is_some_and(|t| t.contains(&dot)) || !other.context.contains(dot)
+            });
+        }
+        for (element, theirs) in &other.entries {
+            let fresh: Vec<Dot> =
+                theirs.iter().copied().filter(|&dot| !self.context.contains(dot)).collect();
+            if !fresh.is_empty() {
+                self.entries.entry(element.clone()).or_default().extend(fresh);
+            }
+        }
+        self.entries.retain(|_, dots| !dots.is_empty());
+        self.context.merge(&other.context);
+    }
+
+    fn collect_garbage(&mut self, _stable: &VersionVector) -> bool {
+        // The context is already compacted to a version vector on every change; it must stay,
+        // even for an empty set, or a late delta of a removed add would resurrect the element.
+        self.is_bottom()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(id: u64) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    fn e(text: &str) -> CanonicalJson {
+        CanonicalJson::parse(text).unwrap()
+    }
+
+    #[test]
+    fn add_then_remove_then_add_again() {
+        let mut s = OrSet::default();
+        s.apply(&s.add(n(1), [e("1"), e("2")]));
+        s.apply(&s.remove([&e("1")]));
+        assert_eq!(s.elements().cloned().collect::<Vec<_>>(), vec![e("2")]);
+        s.apply(&s.add(n(1), [e("1")]));
+        assert!(s.contains(&e("1")));
+        assert_eq!(s.context().cloud_len(), 0);
+    }
+
+    #[test]
+    fn remove_only_removes_what_was_observed() {
+        let mut a = OrSet::default();
+        let mut b = OrSet::default();
+        a.apply(&a.add(n(1), [e(r#""x""#)]));
+        b.apply(&b.add(n(2), [e(r#""x""#)]));
+        let remove = a.remove([&e(r#""x""#)]);
+        a.apply(&remove);
+        b.apply(&remove);
+        a.merge(&b);
+        assert!(a.contains(&e(r#""x""#)), "b's unobserved add must survive a's remove");
+    }
+
+    #[test]
+    fn update_adds_win_over_removes_in_the_same_request() {
+        let mut s = OrSet::default();
+        s.apply(&s.add(n(1), [e("7")]));
+        let delta = s.update(n(1), [e("7")], [&e("7")]);
+        s.apply(&delta);
+        assert!(s.contains(&e("7")));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn clear_removes_everything_observed() {
+        let mut s = OrSet::default();
+        s.apply(&s.add(n(1), [e("1"), e("2"), e("3")]));
+        s.apply(&s.clear());
+        assert!(s.is_empty());
+        assert!(!s.is_bottom(), "the context remembers the removed dots");
+    }
+
+    #[test]
+    fn a_delta_that_arrives_before_its_add_still_removes_it() {
+        let mut origin = OrSet::default();
+        let add = origin.add(n(1), [e("1")]);
+        origin.apply(&add);
+        let remove = origin.remove([&e("1")]);
+        let mut late = OrSet::default();
+        late.apply(&remove);
+        late.apply(&add);
+        assert!(!late.contains(&e("1")));
+    }
+}

@@ -1,0 +1,2 @@
+//! Meridian's node-to-node protocol.
+pub mod store;

@@ -1,0 +1,81 @@
+//! What replication needs from a node's storage, and nothing more.
+//!
+//! The server implements [`ReplicaStore`] over redb; [`crate::mem::MemStore`] implements it in
+//! memory for tests and simulation. Keeping the protocol behind this trait is what lets the
+//! same replication code run over real disks, an in-memory store, or a simulated cluster.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use meridian_crdt::{NodeId, Op, Stamp, VersionVector};
+use tokio::sync::watch;
+
+/// Storage failures as replication sees them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The WAL no longer holds the requested ops: they were truncated. The peer must be
+    /// repaired by anti-entropy, then resume from `first_available - 1`.
+    #[error("ops of node {origin} before sequence {first_available} were truncated")]
+    Truncated { origin: NodeId, first_available: u64 },
+    /// An op arrived whose predecessors of the same origin have not been applied.
+    #[error("gap in ops of node {origin}: expected sequence {expected}, got {got}")]
+    Gap { origin: NodeId, expected: u64, got: u64 },
+    /// The op is malformed for this store (wrong type for its key, too large, ...).
+    #[error("rejected op {origin}:{seq}: {reason}")]
+    Rejected { origin: NodeId, seq: u64, reason: String },
+    /// The store is shutting down or failed; the caller should stop.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A node's durable state as replication uses it.
+///
+/// Every node's WAL keeps the ops of *every* origin it has applied (its own and relayed ones),
+/// keyed by (origin, sequence), until every peer has acknowledged them. That is what lets any
+/// survivor hand a dead node's ops to the others.
+pub trait ReplicaStore: Send + Sync + 'static {
+    /// This node's id.
+    fn node_id(&self) -> NodeId;
+
+    /// For each origin, the highest sequence such that all of its ops up to it are durably
+    /// applied here (this node's own writes included).
+    fn applied(&self) -> VersionVector;
+
+    /// Follows [`Self::applied`]: changes after every commit, local or remote.
+    fn watch_applied(&self) -> watch::Receiver<VersionVector>;
+
+    /// Up to `max_ops` ops (and roughly at most `max_bytes` encoded) of `origin` with sequence
+    /// greater than `after`, in sequence order. Returns an empty vector when there are none yet,
+    /// and [`StoreError::Truncated`] when `after + 1` is no longer in the WAL.
+    fn read_wal(
+        &self,
+        origin: NodeId,
+        after: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Op>, StoreError>;
+
+    /// Durably applies remote ops, each origin's in sequence order. Ops already applied are
+    /// skipped (idempotence); an op whose predecessor is missing stops that origin with
+    /// [`StoreError::Gap`] after the ops before it were applied. Returns the applied vector
+    /// after the commit.
+    fn apply_remote(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send;
+
+    /// Persists what `peer` has durably applied, learned from its acks. WAL truncation and
+    /// garbage collection take the minimum over all peers.
+    fn record_peer_applied(&self, peer: NodeId, applied: &VersionVector) -> Result<(), StoreError>;
+
+    /// The last persisted vector of every peer, as loaded at start-up and since recorded.
+    fn peer_applied(&self) -> BTreeMap<NodeId, VersionVector>;
+
+    /// Feeds a remote HLC stamp into the local clock. Returns false, and leaves the clock
+    /// alone, when the stamp is further ahead of local time than the configured maximum skew.
+    fn observe_stamp(&self, stamp: Stamp) -> bool;
+
+    /// A fresh reading of the local HLC.
+    fn now(&self) -> Stamp;
+}
