@@ -1,1 +1,22 @@
-//! placeholder
+//! The Meridian node.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration `meridian cluster init` writes.
+//! - [`storage`]: redb tables, the group-commit writer, reads; implements replication's
+//!   `ReplicaStore`.
+//! - [`api`]: the axum HTTP API, problem+json errors, limits.
+//! - [`http`]: serving it over hyper with a timer (slowloris guard) and graceful shutdown.
+//! - [`cluster`]: this node's view of its peers for `/v1/cluster` and `/metrics`.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`node`]: wiring them into one running node.
+//!
+//! The `meridian` binary (`main.rs`) adds the CLI: `serve`, `cluster init`, `dev`, client
+//! commands and `bench`.
+
+pub mod api;
+pub mod cluster;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod storage;

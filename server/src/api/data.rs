@@ -1,0 +1,440 @@
+//! The data API: registers, counters, G-counters and sets under `/v1`.
+//!
+//! utoipa's `IntoParams` expansion names parameter types by a path the lint calls redundant.
+#![allow(unused_qualifications)]
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use meridian_crdt::{CanonicalJson, Kind, State as CrdtState};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::extract::{JsonBody, validate_key};
+use super::problem::{ApiResult, Problem};
+use crate::storage::{Committed, Intent};
+
+/// Where a write landed: the origin node, its sequence there, and the HLC stamp.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WriteMeta {
+    pub origin: u64,
+    pub seq: u64,
+    pub timestamp: String,
+}
+
+impl From<&Committed> for WriteMeta {
+    fn from(c: &Committed) -> Self {
+        Self { origin: c.dot.node.get(), seq: c.dot.seq, timestamp: c.stamp.to_rfc3339() }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisterView {
+    pub key: String,
+    /// The value; `null` only in the answer to a delete.
+    pub value: Value,
+    /// HLC time of the winning write (RFC 3339).
+    pub timestamp: String,
+    /// Node id of the winning write's origin.
+    pub origin: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<WriteMeta>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CounterView {
+    pub key: String,
+    pub value: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<WriteMeta>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GCounterView {
+    pub key: String,
+    pub value: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<WriteMeta>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SetView {
+    pub key: String,
+    /// Elements in canonical order (by their canonical JSON text).
+    pub elements: Vec<Value>,
+    pub size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<WriteMeta>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContainsView {
+    pub key: String,
+    pub element: Value,
+    pub contains: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<String>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementBody {
+    /// Added to the counter; negative subtracts (PN-Counter only).
+    pub increment: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetUpdateBody {
+    #[serde(default)]
+    pub add: Vec<Value>,
+    #[serde(default)]
+    pub remove: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only keys starting with this.
+    #[serde(default)]
+    pub prefix: String,
+    /// Page size (default 100, at most the configured maximum).
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ContainsParams {
+    /// The element as JSON text (`"milk"`, `1`, `{"a":1}`); text that is not JSON is taken
+    /// as a string.
+    pub element: String,
+}
+
+fn path_key(app: &AppState, key: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    let Path(key) = key.map_err(|e| Problem::bad_request("invalid-key", e.body_text()))?;
+    validate_key(&key, app.limits.max_key_bytes)?;
+    Ok(key)
+}
+
+fn canonical(app: &AppState, value: &Value, what: &str) -> ApiResult<CanonicalJson> {
+    let json = CanonicalJson::new(value);
+    if json.len() > app.limits.max_value_bytes {
+        return Err(Problem::too_large(format!(
+            "the {what} is {} bytes of JSON; the limit is {}",
+            json.len(),
+            app.limits.max_value_bytes
+        )));
+    }
+    Ok(json)
+}
+
+fn register_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<RegisterView> {
+    let CrdtState::Register(register) = state else {
+        return Err(Problem::internal("state of the wrong type"));
+    };
+    let entry = register.entry().ok_or_else(|| Problem::not_found(format!("register {key:?} does not exist")))?;
+    Ok(RegisterView {
+        value: entry.value.as_ref().map_or(Value::Null, CanonicalJson::to_value),
+        timestamp: entry.stamp.to_rfc3339(),
+        origin: entry.stamp.node.get(),
+        key,
+        meta,
+    })
+}
+
+fn set_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<SetView> {
+    let CrdtState::Set(set) = state else { return Err(Problem::internal("state of the wrong type")) };
+    Ok(SetView { elements: set.elements().map(CanonicalJson::to_value).collect(), size: set.len(), key, meta })
+}
+
+fn counter_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<CounterView> {
+    let CrdtState::Counter(c) = state else { return Err(Problem::internal("state of the wrong type")) };
+    Ok(CounterView { key, value: c.value(), meta })
+}
+
+fn gcounter_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<GCounterView> {
+    let CrdtState::GCounter(c) = state else { return Err(Problem::internal("state of the wrong type")) };
+    Ok(GCounterView { key, value: c.value(), meta })
+}
+
+async fn write(app: &AppState, headers: &HeaderMap, kind: Kind, key: String, intent: Intent) -> ApiResult<Committed> {
+    app.check_consistency(headers)?;
+    Ok(app.storage.write(kind, key, intent).await?)
+}
+
+fn read(app: &AppState, headers: &HeaderMap, kind: Kind, key: &str) -> ApiResult<CrdtState> {
+    app.check_consistency(headers)?;
+    Ok(app.storage.get(kind, key)?.unwrap_or_else(|| CrdtState::bottom(kind)))
+}
+
+// ---- registers ----
+
+/// Read a register.
+#[utoipa::path(get, path = "/v1/registers/{key}", tag = "registers",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = RegisterView), (status = 404, body = Problem)))]
+pub async fn get_register(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<RegisterView>> {
+    let key = path_key(&app, key)?;
+    let state = read(&app, &headers, Kind::Register, &key)?;
+    let view = register_view(key.clone(), &state, None)?;
+    if view.value.is_null() && matches!(&state, CrdtState::Register(r) if r.value().is_none()) {
+        return Err(Problem::not_found(format!("register {key:?} was deleted")));
+    }
+    Ok(Json(view))
+}
+
+/// Write a register (last writer wins by HLC time).
+#[utoipa::path(put, path = "/v1/registers/{key}", tag = "registers",
+    params(("key" = String, Path, description = "The key")),
+    request_body(content = Value, description = "Any JSON value"),
+    responses((status = 200, body = RegisterView), (status = 400, body = Problem), (status = 413, body = Problem)))]
+pub async fn put_register(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+    JsonBody(value): JsonBody<Value>,
+) -> ApiResult<Json<RegisterView>> {
+    let key = path_key(&app, key)?;
+    let value = canonical(&app, &value, "value")?;
+    let committed = write(&app, &headers, Kind::Register, key.clone(), Intent::PutRegister(value)).await?;
+    Ok(Json(register_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+/// Delete a register: an LWW tombstone that a later write revives.
+#[utoipa::path(delete, path = "/v1/registers/{key}", tag = "registers",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = RegisterView)))]
+pub async fn delete_register(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<RegisterView>> {
+    let key = path_key(&app, key)?;
+    let committed = write(&app, &headers, Kind::Register, key.clone(), Intent::DeleteRegister).await?;
+    Ok(Json(register_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+// ---- PN-counters ----
+
+/// Read a counter (0 if never written).
+#[utoipa::path(get, path = "/v1/counters/{key}", tag = "counters",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = CounterView)))]
+pub async fn get_counter(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<CounterView>> {
+    let key = path_key(&app, key)?;
+    let state = read(&app, &headers, Kind::Counter, &key)?;
+    Ok(Json(counter_view(key, &state, None)?))
+}
+
+/// Add to a counter; negative increments subtract.
+#[utoipa::path(post, path = "/v1/counters/{key}", tag = "counters",
+    params(("key" = String, Path, description = "The key")),
+    request_body = IncrementBody,
+    responses((status = 200, body = CounterView), (status = 400, body = Problem)))]
+pub async fn incr_counter(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<IncrementBody>,
+) -> ApiResult<Json<CounterView>> {
+    let key = path_key(&app, key)?;
+    let committed = write(&app, &headers, Kind::Counter, key.clone(), Intent::Increment(body.increment)).await?;
+    Ok(Json(counter_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+/// Reset a counter: removes what this node has observed; concurrent increments elsewhere survive.
+#[utoipa::path(delete, path = "/v1/counters/{key}", tag = "counters",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = CounterView)))]
+pub async fn reset_counter(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<CounterView>> {
+    let key = path_key(&app, key)?;
+    let committed = write(&app, &headers, Kind::Counter, key.clone(), Intent::ResetCounter).await?;
+    Ok(Json(counter_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+// ---- G-counters ----
+
+/// Read a grow-only counter (0 if never written).
+#[utoipa::path(get, path = "/v1/gcounters/{key}", tag = "gcounters",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = GCounterView)))]
+pub async fn get_gcounter(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<GCounterView>> {
+    let key = path_key(&app, key)?;
+    let state = read(&app, &headers, Kind::GCounter, &key)?;
+    Ok(Json(gcounter_view(key, &state, None)?))
+}
+
+/// Add a non-negative amount to a grow-only counter.
+#[utoipa::path(post, path = "/v1/gcounters/{key}", tag = "gcounters",
+    params(("key" = String, Path, description = "The key")),
+    request_body = IncrementBody,
+    responses((status = 200, body = GCounterView), (status = 400, body = Problem)))]
+pub async fn incr_gcounter(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<IncrementBody>,
+) -> ApiResult<Json<GCounterView>> {
+    let key = path_key(&app, key)?;
+    let by = u64::try_from(body.increment).map_err(|_| {
+        Problem::bad_request("negative-increment", "a G-Counter only grows: the increment must be ≥ 0")
+    })?;
+    let committed = write(&app, &headers, Kind::GCounter, key.clone(), Intent::IncrementG(by)).await?;
+    Ok(Json(gcounter_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+/// Reset a grow-only counter (observed-reset).
+#[utoipa::path(delete, path = "/v1/gcounters/{key}", tag = "gcounters",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = GCounterView)))]
+pub async fn reset_gcounter(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<GCounterView>> {
+    let key = path_key(&app, key)?;
+    let committed = write(&app, &headers, Kind::GCounter, key.clone(), Intent::ResetCounter).await?;
+    Ok(Json(gcounter_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+// ---- sets ----
+
+/// Read a set's elements, in canonical order.
+#[utoipa::path(get, path = "/v1/sets/{key}", tag = "sets",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = SetView)))]
+pub async fn get_set(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<SetView>> {
+    let key = path_key(&app, key)?;
+    let state = read(&app, &headers, Kind::Set, &key)?;
+    Ok(Json(set_view(key, &state, None)?))
+}
+
+/// Add and remove elements; an element both added and removed ends up present (add wins).
+#[utoipa::path(post, path = "/v1/sets/{key}", tag = "sets",
+    params(("key" = String, Path, description = "The key")),
+    request_body = SetUpdateBody,
+    responses((status = 200, body = SetView), (status = 400, body = Problem), (status = 413, body = Problem)))]
+pub async fn update_set(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<SetUpdateBody>,
+) -> ApiResult<Json<SetView>> {
+    let key = path_key(&app, key)?;
+    if body.add.is_empty() && body.remove.is_empty() {
+        return Err(Problem::bad_request("empty-update", "give elements to \"add\" and/or \"remove\""));
+    }
+    let max = app.limits.max_set_elements;
+    if body.add.len() + body.remove.len() > max {
+        return Err(Problem::too_large(format!("more than {max} elements in one request")));
+    }
+    let add = body.add.iter().map(|v| canonical(&app, v, "element")).collect::<ApiResult<Vec<_>>>()?;
+    let remove = body.remove.iter().map(|v| canonical(&app, v, "element")).collect::<ApiResult<Vec<_>>>()?;
+    let committed = write(&app, &headers, Kind::Set, key.clone(), Intent::UpdateSet { add, remove }).await?;
+    Ok(Json(set_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+/// Remove every element this node has observed.
+#[utoipa::path(delete, path = "/v1/sets/{key}", tag = "sets",
+    params(("key" = String, Path, description = "The key")),
+    responses((status = 200, body = SetView)))]
+pub async fn clear_set(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<SetView>> {
+    let key = path_key(&app, key)?;
+    let committed = write(&app, &headers, Kind::Set, key.clone(), Intent::ClearSet).await?;
+    Ok(Json(set_view(key, &committed.state, Some((&committed).into()))?))
+}
+
+/// Whether the set holds an element.
+#[utoipa::path(get, path = "/v1/sets/{key}/contains", tag = "sets",
+    params(("key" = String, Path, description = "The key"), ContainsParams),
+    responses((status = 200, body = ContainsView)))]
+pub async fn set_contains(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+    params: Result<Query<ContainsParams>, QueryRejection>,
+) -> ApiResult<Json<ContainsView>> {
+    let key = path_key(&app, key)?;
+    let Query(params) = params.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
+    let element: Value = serde_json::from_str(&params.element).unwrap_or(Value::String(params.element));
+    let canonical = canonical(&app, &element, "element")?;
+    let state = read(&app, &headers, Kind::Set, &key)?;
+    let contains = matches!(&state, CrdtState::Set(s) if s.contains(&canonical));
+    Ok(Json(ContainsView { key, element, contains }))
+}
+
+// ---- listing ----
+
+/// List keys of one type, paginated, in key order.
+#[utoipa::path(get, path = "/v1/{type}", tag = "keys",
+    params(("type" = String, Path, description = "registers, counters, gcounters or sets"), ListParams),
+    responses((status = 200, body = KeyList), (status = 404, body = Problem)))]
+pub async fn list_keys(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    kind: Result<Path<String>, PathRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> ApiResult<Json<KeyList>> {
+    let Path(kind) = kind.map_err(|e| Problem::bad_request("invalid-path", e.body_text()))?;
+    let kind: Kind = kind.parse().map_err(|_| {
+        Problem::not_found(format!("unknown type {kind:?}; use registers, counters, gcounters or sets"))
+    })?;
+    let Query(params) = params.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
+    app.check_consistency(&headers)?;
+    let max = app.limits.max_list_limit;
+    let limit = params.limit.unwrap_or(100.min(max));
+    if limit == 0 || limit > max {
+        return Err(Problem::bad_request("invalid-limit", format!("limit must be between 1 and {max}")));
+    }
+    let after = match &params.cursor {
+        Some(cursor) => Some(
+            URL_SAFE_NO_PAD
+                .decode(cursor)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| Problem::bad_request("invalid-cursor", "the cursor is not one this API issued"))?,
+        ),
+        None => None,
+    };
+    let (entries, next) = app.storage.list(kind, &params.prefix, after.as_deref(), limit)?;
+    Ok(Json(KeyList {
+        keys: entries.into_iter().map(|(k, _)| k).collect(),
+        next_cursor: next.map(|k| URL_SAFE_NO_PAD.encode(k)),
+    }))
+}

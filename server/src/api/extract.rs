@@ -1,0 +1,140 @@
+//! Request parsing: keys, JSON bodies and headers, each failing with its own problem.
+
+use std::fmt;
+use std::str::FromStr;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::problem::Problem;
+
+/// A key from the path, checked against the limits.
+pub fn validate_key(key: &str, max_bytes: usize) -> Result<(), Problem> {
+    if key.is_empty() {
+        return Err(Problem::bad_request("invalid-key", "the key must not be empty"));
+    }
+    if key.len() > max_bytes {
+        return Err(Problem::bad_request(
+            "invalid-key",
+            format!("the key is {} bytes; the limit is {max_bytes}", key.len()),
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Problem::bad_request("invalid-key", "the key must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A JSON request body, read within the body-size limit and parsed into `T`.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        check_content_type(request.headers())?;
+        let limit = state.limits.max_body_bytes;
+        let bytes = read_body(request.into_body(), limit).await?;
+        if bytes.is_empty() {
+            return Err(Problem::bad_request("invalid-json", "the request body is empty; JSON expected"));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| Problem::bad_request("invalid-json", format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Reads at most `limit` bytes; a larger body (declared or streamed) is refused as soon as it
+/// crosses the limit, and a body that stalls is cut by the body timeout.
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let inner = error.into_inner();
+        if inner.is::<http_body_util::LengthLimitError>() {
+            Problem::too_large(format!("the request body exceeds {limit} bytes"))
+        } else if inner.is::<tower_http::timeout::TimeoutError>() {
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "the request body was not received in time",
+            )
+        } else {
+            Problem::bad_request("invalid-body", format!("could not read the request body: {inner}"))
+        }
+    })
+}
+
+/// Accepts JSON media types, or none at all (as `curl -d` users often send); refuses others.
+fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let media = value.to_str().unwrap_or_default().split(';').next().unwrap_or_default().trim();
+    let media = media.to_ascii_lowercase();
+    if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            format!("content type {media:?} is not JSON; send application/json"),
+        ))
+    }
+}
+
+/// How many nodes must take part in a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConsistencyLevel {
+    #[default]
+    LocalOne,
+    LocalQuorum,
+    GlobalQuorum,
+    All,
+}
+
+impl ConsistencyLevel {
+    pub const NAMES: [&'static str; 4] = ["LOCAL_ONE", "LOCAL_QUORUM", "GLOBAL_QUORUM", "ALL"];
+
+    /// From `Consistency-Level`, or `X-Consistency-Level`; absent means LOCAL_ONE.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, Problem> {
+        let value = headers.get("consistency-level").or_else(|| headers.get("x-consistency-level"));
+        let Some(value) = value else { return Ok(Self::default()) };
+        value.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| {
+            Problem::bad_request(
+                "invalid-consistency-level",
+                format!(
+                    "Consistency-Level {:?} is not one of {}",
+                    String::from_utf8_lossy(value.as_bytes()),
+                    Self::NAMES.join(", ")
+                ),
+            )
+        })
+    }
+}
+
+impl FromStr for ConsistencyLevel {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.to_ascii_uppercase().as_str() {
+            "LOCAL_ONE" => Ok(Self::LocalOne),
+            "LOCAL_QUORUM" => Ok(Self::LocalQuorum),
+            "GLOBAL_QUORUM" => Ok(Self::GlobalQuorum),
+            "ALL" => Ok(Self::All),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for ConsistencyLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::LocalOne => "LOCAL_ONE",
+            Self::LocalQuorum => "LOCAL_QUORUM",
+            Self::GlobalQuorum => "GLOBAL_QUORUM",
+            Self::All => "ALL",
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! The HTTP API (axum): data routes under `/v1`, operations endpoints, and the middleware that
+//! enforces limits and records metrics.
+
+pub mod data;
+pub mod extract;
+pub mod ops;
+pub mod problem;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::Semaphore;
+use utoipa::OpenApi;
+
+pub use extract::ConsistencyLevel;
+use problem::Problem;
+
+use crate::cluster::ClusterView;
+use crate::config::{Limits, Timeouts};
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+
+/// Shared by every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub storage: Storage,
+    pub limits: Arc<Limits>,
+    pub timeouts: Arc<Timeouts>,
+    pub metrics: Arc<Metrics>,
+    pub cluster: Arc<ClusterView>,
+    /// False until start-up completes and again once shutdown begins: `/readyz` reports it.
+    pub ready: Arc<AtomicBool>,
+    /// Permits for requests in flight; when none is left, requests are refused with 503.
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// LOCAL_ONE is always served. Stronger levels need the replication-aware coordinator;
+    /// until the cluster has one, they are served only when this node is the whole cluster,
+    /// where every level means "this node".
+    pub fn check_consistency(&self, headers: &HeaderMap) -> Result<ConsistencyLevel, Problem> {
+        let level = ConsistencyLevel::from_headers(headers)?;
+        if level == ConsistencyLevel::LocalOne || self.cluster.is_single_node() {
+            return Ok(level);
+        }
+        Err(Problem::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "consistency-level-not-implemented",
+            format!("Consistency-Level {level} is not served yet in a multi-node cluster; use LOCAL_ONE"),
+        ))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Meridian", description = "Multi-region active-active CRDT datastore"),
+    paths(
+        data::get_register, data::put_register, data::delete_register,
+        data::get_counter, data::incr_counter, data::reset_counter,
+        data::get_gcounter, data::incr_gcounter, data::reset_gcounter,
+        data::get_set, data::update_set, data::clear_set, data::set_contains,
+        data::list_keys,
+        ops::healthz, ops::readyz, ops::metrics, ops::cluster,
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document, generated from the handlers' annotations.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The complete application, limits and metrics included.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/registers/{key}", get(data::get_register).put(data::put_register).delete(data::delete_register))
+        .route("/v1/counters/{key}", get(data::get_counter).post(data::incr_counter).delete(data::reset_counter))
+        .route("/v1/gcounters/{key}", get(data::get_gcounter).post(data::incr_gcounter).delete(data::reset_gcounter))
+        .route("/v1/sets/{key}", get(data::get_set).post(data::update_set).delete(data::clear_set))
+        .route("/v1/sets/{key}/contains", get(data::set_contains))
+        .route("/v1/{type}", get(data::list_keys))
+        .route("/v1/cluster", get(ops::cluster));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.timeouts.request()))
+        .with_state(state)
+}
+
+async fn not_found(request: Request) -> Problem {
+    Problem::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!("{} is not allowed on {}", request.method(), request.uri().path()),
+    )
+}
+
+/// Concurrency limit, request timeout and metrics, around every request.
+async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = match app.in_flight.clone().try_acquire_owned() {
+        Err(_) => Problem::unavailable("overloaded", "too many requests in flight; retry shortly", 1)
+            .into_response(),
+        Ok(_permit) => match tokio::time::timeout(app.timeouts.request(), next.run(request)).await {
+            Ok(response) => response,
+            // A write that was already queued still commits: the client only stops waiting.
+            Err(_) => Problem::unavailable(
+                "request-timeout",
+                format!("the request did not complete within {} ms", app.timeouts.request_ms),
+                1,
+            )
+            .into_response(),
+        },
+    };
+    app.metrics.record_request(&route, &method, response.status().as_u16(), started.elapsed());
+    response
+}

@@ -1,0 +1,264 @@
+//! `meridian bench`: a closed-loop load generator with latency percentiles, and the bare
+//! baseline server it is compared against.
+//!
+//! Each connection is one task that sends a request, waits for the answer, and sends the next
+//! (HTTP/1.1 keep-alive, no pipelining), as wrk does. Run it on its own core
+//! (`taskset -c 1 meridian bench ...`) with the server on the other, or the two compete and
+//! the figure measures the scheduler.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// PUT a register with a value of --value-size bytes.
+    Put,
+    /// GET a register (the keys are written first).
+    Get,
+    /// POST an increment to a PN-counter.
+    Incr,
+    /// POST an add of one element to a set.
+    Sadd,
+    /// 50 % GET register, 50 % PUT register.
+    Mixed,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The node to load (http://host:port).
+    #[arg(long, env = "MERIDIAN_URL", default_value = "http://127.0.0.1:7000")]
+    url: String,
+    #[arg(long, value_enum, default_value_t = Workload::Put)]
+    workload: Workload,
+    /// Concurrent connections, each with one request in flight.
+    #[arg(long, short = 'c', default_value_t = 32)]
+    connections: usize,
+    /// Seconds of measurement (after --warmup seconds).
+    #[arg(long, short = 'd', default_value_t = 10)]
+    duration: u64,
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// Distinct keys, picked uniformly at random.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// Bytes of each register value.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Consistency-Level header to send.
+    #[arg(long)]
+    consistency: Option<String>,
+    /// Load-generator threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BaselineArgs {
+    #[arg(long, default_value = "127.0.0.1:7999")]
+    listen: SocketAddr,
+    /// Worker threads (1 to compare against a node given one core).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+}
+
+struct Target {
+    host: String,
+    addr: SocketAddr,
+}
+
+fn target(url: &str) -> Result<Target> {
+    let rest = url.strip_prefix("http://").context("bench speaks plain http:// URLs")?;
+    let host = rest.trim_end_matches('/').to_owned();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    Ok(Target { host, addr })
+}
+
+struct Worker {
+    latencies: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+}
+
+fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Request<Full<Bytes>>> {
+    let key = n % args.keys as u64;
+    let (method, path, body) = match args.workload {
+        Workload::Put => ("PUT", format!("/v1/registers/k{key}"), Some(value.to_owned())),
+        Workload::Get => ("GET", format!("/v1/registers/k{key}"), None),
+        Workload::Incr => ("POST", format!("/v1/counters/k{key}"), Some(r#"{"increment":1}"#.to_owned())),
+        Workload::Sadd => ("POST", format!("/v1/sets/k{}", key % 100), Some(json!({"add": [n]}).to_string())),
+        Workload::Mixed if n % 2 == 0 => ("GET", format!("/v1/registers/k{key}"), None),
+        Workload::Mixed => ("PUT", format!("/v1/registers/k{key}"), Some(value.to_owned())),
+    };
+    let mut builder = Request::builder().method(method).uri(path).header("host", host);
+    if let Some(level) = &args.consistency {
+        builder = builder.header("consistency-level", level);
+    }
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+}
+
+async fn connection(args: Arc<BenchArgs>, target: Arc<Target>, start: Instant, measure_from: Instant, stop: Arc<AtomicBool>, seed: u64) -> Result<Worker> {
+    let stream = TcpStream::connect(target.addr).await.with_context(|| format!("cannot connect to {}", target.host))?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
+    let mut worker = Worker { latencies: Histogram::new_with_bounds(1, 60_000_000, 3)?, ok: 0, errors: 0 };
+    // xorshift: cheap, and each connection its own sequence.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let _ = start;
+    while !stop.load(Ordering::Relaxed) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let request = request_for(&args, &target.host, state, &value)?;
+        sender.ready().await?;
+        let sent = Instant::now();
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        if sent >= measure_from {
+            let micros = sent.elapsed().as_micros() as u64;
+            worker.latencies.record(micros.max(1))?;
+            if status.is_success() { worker.ok += 1 } else { worker.errors += 1 }
+        }
+    }
+    Ok(worker)
+}
+
+/// Writes every key once so reads find values.
+async fn preload(args: &BenchArgs, target: &Target) -> Result<()> {
+    let stream = TcpStream::connect(target.addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
+    for key in 0..args.keys {
+        let request = Request::builder()
+            .method("PUT")
+            .uri(format!("/v1/registers/k{key}"))
+            .header("host", &target.host)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(value.clone())))?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        if !response.status().is_success() {
+            bail!("preloading k{key} failed with {}", response.status());
+        }
+        response.into_body().collect().await?;
+    }
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.connections == 0 || args.keys == 0 || args.duration == 0 {
+        bail!("--connections, --keys and --duration must be positive");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let args = Arc::new(args);
+    let target = Arc::new(target(&args.url)?);
+    runtime.block_on(async move {
+        if matches!(args.workload, Workload::Get | Workload::Mixed) {
+            preload(&args, &target).await.context("preloading keys")?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let measure_from = start + Duration::from_secs(args.warmup);
+        let mut tasks = tokio::task::JoinSet::new();
+        for seed in 0..args.connections {
+            tasks.spawn(connection(args.clone(), target.clone(), start, measure_from, stop.clone(), seed as u64 + 1));
+        }
+        tokio::time::sleep(Duration::from_secs(args.warmup + args.duration)).await;
+        stop.store(true, Ordering::Relaxed);
+        let measured = measure_from.elapsed().as_secs_f64();
+        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let (mut ok, mut errors) = (0u64, 0u64);
+        while let Some(result) = tasks.join_next().await {
+            let worker = result??;
+            total.add(&worker.latencies)?;
+            ok += worker.ok;
+            errors += worker.errors;
+        }
+        report(&args, &total, ok, errors, measured);
+        Ok(())
+    })
+}
+
+fn report(args: &BenchArgs, h: &Histogram<u64>, ok: u64, errors: u64, seconds: f64) {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let throughput = ok as f64 / seconds;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "workload": format!("{:?}", args.workload).to_lowercase(),
+                "connections": args.connections,
+                "seconds": seconds,
+                "ok": ok,
+                "errors": errors,
+                "throughput": throughput,
+                "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
+                "max_ms": h.max() as f64 / 1000.0,
+            })
+        );
+    } else {
+        println!(
+            "{:<7} c={:<4} {:>10.0} req/s  p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  ok {} errors {}",
+            format!("{:?}", args.workload).to_lowercase(),
+            args.connections,
+            throughput,
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            h.max() as f64 / 1000.0,
+            ok,
+            errors
+        );
+    }
+}
+
+/// The HTTP ceiling: the same serving stack (hyper, axum router) with handlers that do no work.
+pub fn baseline(args: BaselineArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(args.workers.max(1)).enable_all().build()?;
+    runtime.block_on(async move {
+        async fn answer() -> &'static str {
+            r#"{"key":"k","value":"x"}"#
+        }
+        let app = Router::new()
+            .route("/v1/{collection}/{key}", get(answer).put(answer).post(answer).delete(answer));
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        eprintln!("baseline listening on http://{}", listener.local_addr()?);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            token.cancel();
+        });
+        meridian_server::http::serve(listener, app, &meridian_server::config::Timeouts::default(), shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,160 @@
+//! Client commands: one HTTP request each, readable output, one-line errors.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::{ClientArgs, KeyType, json_arg};
+
+pub fn block_on(future: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(future)
+}
+
+/// Percent-encodes a key for one path segment (so `/`, `?`, `%` and spaces are safe).
+fn encode_segment(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    consistency: Option<String>,
+}
+
+impl Client {
+    fn new(args: &ClientArgs) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(args.timeout_ms))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let base = args.region.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--region must be a URL such as http://127.0.0.1:7000, not {base:?}");
+        }
+        Ok(Self { http, base, consistency: args.consistency.clone() })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method.clone(), &url);
+        if let Some(level) = &self.consistency {
+            request = request.header("Consistency-Level", level);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await.with_context(|| format!("reading the answer of {url}"))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(problem_error(status, &value))
+    }
+}
+
+fn problem_error(status: StatusCode, body: &Value) -> anyhow::Error {
+    let detail = body.get("detail").and_then(Value::as_str).map_or_else(|| body.to_string(), str::to_owned);
+    let kind = body
+        .get("type")
+        .and_then(Value::as_str)
+        .map(|t| t.rsplit(':').next().unwrap_or(t).to_owned())
+        .unwrap_or_default();
+    anyhow!("{detail} (HTTP {}{}{kind})", status.as_u16(), if kind.is_empty() { "" } else { " " })
+}
+
+fn show(args: &ClientArgs, answer: &Value, readable: impl FnOnce(&Value) -> String) {
+    let text = if args.json { answer.to_string() } else { readable(answer) };
+    println!("{text}");
+}
+
+fn path(kind: KeyType, key: &str) -> String {
+    format!("/v1/{}/{}", kind.collection(), encode_segment(key))
+}
+
+fn elements_lines(answer: &Value) -> String {
+    answer
+        .get("elements")
+        .and_then(Value::as_array)
+        .map(|els| els.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+pub async fn get(args: &ClientArgs, kind: KeyType, key: &str) -> Result<()> {
+    let client = Client::new(args)?;
+    let answer = client.call(Method::GET, &path(kind, key), None).await?;
+    show(args, &answer, |a| match kind {
+        KeyType::Sets => elements_lines(a),
+        _ => a.get("value").map(Value::to_string).unwrap_or_default(),
+    });
+    Ok(())
+}
+
+pub async fn put(args: &ClientArgs, key: &str, value: &str) -> Result<()> {
+    let client = Client::new(args)?;
+    let answer = client.call(Method::PUT, &path(KeyType::Registers, key), Some(json_arg(value))).await?;
+    show(args, &answer, |a| format!("OK {}", a.get("timestamp").and_then(Value::as_str).unwrap_or("")));
+    Ok(())
+}
+
+pub async fn del(args: &ClientArgs, kind: KeyType, key: &str) -> Result<()> {
+    let client = Client::new(args)?;
+    let answer = client.call(Method::DELETE, &path(kind, key), None).await?;
+    show(args, &answer, |_| "deleted".to_owned());
+    Ok(())
+}
+
+pub async fn incr(args: &ClientArgs, gcounter: bool, key: &str, by: i64) -> Result<()> {
+    let client = Client::new(args)?;
+    let kind = if gcounter { KeyType::Gcounters } else { KeyType::Counters };
+    let answer = client.call(Method::POST, &path(kind, key), Some(json!({"increment": by}))).await?;
+    show(args, &answer, |a| a.get("value").map(Value::to_string).unwrap_or_default());
+    Ok(())
+}
+
+pub async fn set_update(args: &ClientArgs, key: &str, elements: &[String], add: bool) -> Result<()> {
+    let client = Client::new(args)?;
+    let elements: Vec<Value> = elements.iter().map(|e| json_arg(e)).collect();
+    let body = if add { json!({"add": elements}) } else { json!({"remove": elements}) };
+    let answer = client.call(Method::POST, &path(KeyType::Sets, key), Some(body)).await?;
+    show(args, &answer, |a| format!("{} elements", a.get("size").map(Value::to_string).unwrap_or_default()));
+    Ok(())
+}
+
+pub async fn list(args: &ClientArgs, kind: KeyType, prefix: &str, limit: usize, all: bool) -> Result<()> {
+    let client = Client::new(args)?;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = format!("?limit={limit}&prefix={}", encode_segment(prefix));
+        if let Some(c) = &cursor {
+            query.push_str(&format!("&cursor={}", encode_segment(c)));
+        }
+        let answer = client.call(Method::GET, &format!("/v1/{}{query}", kind.collection()), None).await?;
+        show(args, &answer, |a| {
+            a.get("keys")
+                .and_then(Value::as_array)
+                .map(|keys| keys.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default()
+        });
+        cursor = answer.get("next_cursor").and_then(Value::as_str).map(str::to_owned);
+        if !all || cursor.is_none() {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Node configuration: a TOML file, overridden by flags and environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meridian_crdt::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// One node's configuration, as `meridian cluster init` writes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub http: HttpSection,
+    #[serde(default)]
+    pub peer: Option<PeerSection>,
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub session: Option<SessionSection>,
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub replication: ReplicationSection,
+    /// The directory relative paths are resolved against: the config file's own.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: u64,
+    pub name: String,
+    pub region: String,
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    pub data_dir: PathBuf,
+}
+
+fn default_cluster() -> String {
+    "meridian".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub listen: SocketAddr,
+    /// Tokio worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSection {
+    pub secret_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    pub id: u64,
+    pub name: String,
+    pub region: String,
+    /// `host:port` of the peer's QUIC endpoint; a host name is resolved when connecting, so
+    /// the same file works under docker compose or Kubernetes DNS.
+    pub address: String,
+}
+
+/// Input limits; each is enforced with a clear 4xx.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_set_elements: usize,
+    /// Requests served at once; more are refused with 503 rather than queued without bound.
+    pub max_concurrent_requests: usize,
+    pub max_list_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 1024,
+            max_body_bytes: 1024 * 1024,
+            max_value_bytes: 64 * 1024,
+            max_set_elements: 100_000,
+            max_concurrent_requests: 4096,
+            max_list_limit: 1000,
+        }
+    }
+}
+
+/// Timeouts, in milliseconds in the file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A request (body included) must complete within this.
+    pub request_ms: u64,
+    /// A client must send its complete request head within this (slowloris guard); it also
+    /// closes keep-alive connections idle for that long.
+    pub header_read_ms: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { request_ms: 10_000, header_read_ms: 10_000, shutdown_ms: 10_000 }
+    }
+}
+
+impl Timeouts {
+    pub fn request(&self) -> Duration {
+        Duration::from_millis(self.request_ms)
+    }
+    pub fn header_read(&self) -> Duration {
+        Duration::from_millis(self.header_read_ms)
+    }
+    pub fn shutdown(&self) -> Duration {
+        Duration::from_millis(self.shutdown_ms)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// Most operations folded into one durable commit.
+    pub max_batch: usize,
+    /// redb page cache, in MiB.
+    pub cache_mib: usize,
+    /// Maximum accepted clock skew of remote HLC stamps, in milliseconds.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self { max_batch: 4096, cache_mib: 256, max_clock_skew_ms: 10_000 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    pub batch_max_bytes: usize,
+    pub batch_max_delay_ms: u64,
+    pub heartbeat_ms: u64,
+    pub peer_timeout_ms: u64,
+    /// Ops kept in the WAL for peers that have not acknowledged them; beyond this a lagging
+    /// peer is repaired by anti-entropy instead.
+    pub wal_retention_ops: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        Self {
+            batch_max_bytes: 64 * 1024,
+            batch_max_delay_ms: 2,
+            heartbeat_ms: 250,
+            peer_timeout_ms: 1_500,
+            wal_retention_ops: 10_000_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Resolves a path from the file against the file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() { path.to_owned() } else { self.base_dir.join(path) }
+    }
+
+    pub fn node_id(&self) -> Result<NodeId, ConfigError> {
+        NodeId::new(self.node.id)
+            .ok_or_else(|| ConfigError::Invalid("node.id must be a positive integer".into()))
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.resolve(&self.node.data_dir)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        self.node_id()?;
+        if self.node.name.trim().is_empty() || self.node.region.trim().is_empty() {
+            return invalid("node.name and node.region must not be empty");
+        }
+        let mut ids = std::collections::BTreeSet::from([self.node.id]);
+        for peer in &self.peers {
+            if peer.id == 0 || !ids.insert(peer.id) {
+                return invalid(&format!("peer id {} is zero or not unique", peer.id));
+            }
+        }
+        if !self.peers.is_empty() && (self.peer.is_none() || self.tls.is_none()) {
+            return invalid("a node with peers needs [peer] listen and [tls] files");
+        }
+        let limits = &self.limits;
+        if limits.max_key_bytes == 0
+            || limits.max_body_bytes == 0
+            || limits.max_value_bytes == 0
+            || limits.max_concurrent_requests == 0
+            || limits.max_list_limit == 0
+        {
+            return invalid("limits must be positive");
+        }
+        if self.storage.max_batch == 0 {
+            return invalid("storage.max_batch must be positive");
+        }
+        Ok(())
+    }
+
+    /// Nodes in this node's region, itself included: the electorate of LOCAL_QUORUM.
+    pub fn region_size(&self) -> usize {
+        1 + self.peers.iter().filter(|p| p.region == self.node.region).count()
+    }
+
+    /// A single-node configuration for `meridian serve --data-dir` without a file.
+    pub fn standalone(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            node: NodeSection {
+                id: 1,
+                name: "local-1".into(),
+                region: "local".into(),
+                cluster: default_cluster(),
+                data_dir,
+            },
+            http: HttpSection { listen, workers: 0 },
+            peer: None,
+            tls: None,
+            session: None,
+            peers: Vec::new(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            storage: StorageSection::default(),
+            replication: ReplicationSection::default(),
+            base_dir: PathBuf::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[node]
+id = 1
+name = "us-east-1"
+region = "us-east"
+data_dir = "data"
+[http]
+listen = "127.0.0.1:7000"
+[peer]
+listen = "127.0.0.1:7100"
+[tls]
+ca = "../ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[peers]]
+id = 2
+name = "eu-west-1"
+region = "eu-west"
+address = "127.0.0.1:7101"
+[limits]
+max_key_bytes = 512
+"#;
+
+    #[test]
+    fn parses_the_documented_shape_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.limits.max_key_bytes, 512);
+        assert_eq!(config.limits.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.data_dir(), dir.path().join("data"));
+        assert_eq!(config.region_size(), 1);
+    }
+
+    #[test]
+    fn unknown_fields_and_duplicate_ids_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, SAMPLE.replace("max_key_bytes", "max_keys")).unwrap();
+        assert!(matches!(Config::load(&path), Err(ConfigError::Parse { .. })));
+        std::fs::write(&path, SAMPLE.replace("id = 2", "id = 1")).unwrap();
+        assert!(matches!(Config::load(&path), Err(ConfigError::Invalid(_))));
+    }
+}

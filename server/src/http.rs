@@ -1,0 +1,57 @@
+//! Serving the router over HTTP/1.1 with hyper directly, because `axum::serve` installs no
+//! timer: without one, hyper's header-read timeout silently does nothing and a client that
+//! trickles its request head (slowloris) holds a connection forever.
+
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::config::Timeouts;
+
+/// Accepts connections until `shutdown` fires, then lets in-flight requests finish (up to the
+/// shutdown timeout) and returns.
+pub async fn serve(listener: TcpListener, app: Router, timeouts: &Timeouts, shutdown: CancellationToken) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read())
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app.clone().map_request(|request: hyper::Request<Incoming>| request.map(axum::body::Body::new));
+        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // hyper runs the header-read timer whenever it waits for a request head, so an
+            // idle keep-alive connection is closed after the same timeout as a slow one.
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all HTTP connections drained"),
+        () = tokio::time::sleep(timeouts.shutdown()) => tracing::warn!("shutdown timeout: closing remaining HTTP connections"),
+    }
+}

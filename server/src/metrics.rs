@@ -1,0 +1,155 @@
+//! Prometheus metrics: HTTP requests by route and status, group commits, storage.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+    pub region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    pub origin: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// Every metric the node exports. Counters are updated on the hot path (atomics); gauges that
+/// describe other components are refreshed when `/metrics` is scraped.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_latency: HistogramFamily<RouteLabels>,
+    pub commit_batch_ops: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_failures: Counter,
+    pub applied_seq: Family<OriginLabels, Gauge>,
+    pub wal_ops: Gauge,
+    pub peer_connected: Family<PeerLabels, Gauge>,
+    pub peer_reachable: Family<PeerLabels, Gauge>,
+    pub peer_lag_ops: Family<PeerLabels, Gauge>,
+    pub peer_lag_ms: Family<PeerLabels, Gauge>,
+    pub peer_skew_ms: Family<PeerLabels, Gauge>,
+    pub peer_rtt_ms: Family<PeerLabels, Gauge>,
+    pub peer_ops_sent: Family<PeerLabels, Gauge>,
+    pub peer_bytes_sent: Family<PeerLabels, Gauge>,
+    pub peer_batches_sent: Family<PeerLabels, Gauge>,
+    pub peer_ops_received: Family<PeerLabels, Gauge>,
+    pub refused_stamps: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meridian");
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        let http_latency: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
+        let commit_batch_ops = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        let commit_seconds = latency_histogram();
+        let commit_failures = Counter::default();
+        registry.register("http_requests", "HTTP requests by route, method and status", http_requests.clone());
+        registry.register("http_request_duration_seconds", "HTTP request latency by route", http_latency.clone());
+        registry.register("group_commit_ops", "Operations per durable commit (group commit size)", commit_batch_ops.clone());
+        registry.register("storage_commit_duration_seconds", "redb write transaction time, fsync included", commit_seconds.clone());
+        registry.register("storage_commit_failures", "Write transactions that failed to commit", commit_failures.clone());
+        let metrics = Self {
+            registry: Mutex::new(registry),
+            http_requests,
+            http_latency,
+            commit_batch_ops,
+            commit_seconds,
+            commit_failures,
+            applied_seq: Family::default(),
+            wal_ops: Gauge::default(),
+            peer_connected: Family::default(),
+            peer_reachable: Family::default(),
+            peer_lag_ops: Family::default(),
+            peer_lag_ms: Family::default(),
+            peer_skew_ms: Family::default(),
+            peer_rtt_ms: Family::default(),
+            peer_ops_sent: Family::default(),
+            peer_bytes_sent: Family::default(),
+            peer_batches_sent: Family::default(),
+            peer_ops_received: Family::default(),
+            refused_stamps: Gauge::default(),
+        };
+        if let Ok(mut registry) = metrics.registry.lock() {
+            registry.register("applied_sequence", "Highest contiguous op sequence applied, per origin", metrics.applied_seq.clone());
+            registry.register("wal_ops", "Ops held in the WAL", metrics.wal_ops.clone());
+            registry.register("peer_connected", "1 while a connection to the peer is up", metrics.peer_connected.clone());
+            registry.register("peer_reachable", "1 while the failure detector considers the peer reachable", metrics.peer_reachable.clone());
+            registry.register("replication_lag_ops", "This node's ops the peer has not acknowledged", metrics.peer_lag_ops.clone());
+            registry.register("replication_lag_milliseconds", "Now minus the HLC time of the oldest op the peer has not acknowledged", metrics.peer_lag_ms.clone());
+            registry.register("peer_clock_skew_milliseconds", "Peer HLC minus local clock, RTT-corrected", metrics.peer_skew_ms.clone());
+            registry.register("peer_rtt_milliseconds", "QUIC round-trip time to the peer", metrics.peer_rtt_ms.clone());
+            registry.register("replication_ops_sent", "Ops shipped to the peer", metrics.peer_ops_sent.clone());
+            registry.register("replication_bytes_sent", "Compressed batch bytes shipped to the peer", metrics.peer_bytes_sent.clone());
+            registry.register("replication_batches_sent", "Batches shipped to the peer", metrics.peer_batches_sent.clone());
+            registry.register("replication_ops_received", "Ops received from the peer", metrics.peer_ops_received.clone());
+            registry.register("clock_refused_stamps", "Remote HLC stamps refused for exceeding the maximum skew", metrics.refused_stamps.clone());
+        }
+        metrics
+    }
+
+    pub fn record_commit(&self, ops: usize, elapsed: Duration) {
+        self.commit_batch_ops.observe(ops as f64);
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_commit_failure(&self) {
+        self.commit_failures.inc();
+    }
+
+    pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.http_requests
+            .get_or_create(&RequestLabels { route: route.to_owned(), method: method.to_owned(), status })
+            .inc();
+        self.http_latency
+            .get_or_create(&RouteLabels { route: route.to_owned(), method: method.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock() {
+            // Writing into a String cannot fail.
+            let _ = encode(&mut out, &registry);
+        }
+        out
+    }
+}

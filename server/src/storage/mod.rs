@@ -1,0 +1,379 @@
+//! Durable storage over redb: CRDT states, the WAL, and the applied version vector.
+//!
+//! # Write path
+//! Every write goes through one writer thread ([`writer`]): it drains the queue of pending
+//! operations, applies each to its key's state and appends it to the WAL inside a single redb
+//! write transaction, commits once (one fsync for the whole group), and only then answers each
+//! request. A crash before the commit loses only unanswered writes, wholly.
+//!
+//! # Read path
+//! Reads open their own redb read transaction (an MVCC snapshot) and never wait for the
+//! writer.
+
+mod intent;
+mod replica;
+mod tables;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meridian_crdt::{Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use intent::Intent;
+pub(crate) use tables::split_state_key;
+use tables::{APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, PEER_APPLIED, SCHEMA_VERSION, STATES, WAL};
+
+use crate::metrics::Metrics;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("I/O error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("corrupt data for {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error("data directory belongs to node {found}, not node {expected}")]
+    WrongNode { expected: NodeId, found: u64 },
+    #[error("data directory has schema version {0}, this build reads {SCHEMA_VERSION}")]
+    Schema(u8),
+    #[error("storage is shutting down")]
+    ShuttingDown,
+    #[error("commit failed: {0}")]
+    Failed(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                Self::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Why a single write was refused; nothing of it was applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    #[error("the counter would overflow 64 bits")]
+    CounterOverflow,
+    #[error("the set would hold {size} elements; the limit is {limit}")]
+    TooManyElements { size: usize, limit: usize },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What a committed local write returns: the key's state right after it, and the op's identity.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub state: State,
+    pub dot: Dot,
+    pub stamp: Stamp,
+    /// The node's applied vector right after the commit that made this write durable.
+    pub applied: VersionVector,
+}
+
+/// Tuning for [`Storage::open`].
+#[derive(Clone, Debug)]
+pub struct StorageOptions {
+    pub node: NodeId,
+    pub max_batch: usize,
+    pub cache_bytes: usize,
+    pub max_clock_skew: Duration,
+    pub max_set_elements: usize,
+}
+
+pub(crate) enum Command {
+    Local { kind: Kind, key: String, intent: Intent, reply: oneshot::Sender<Result<Committed, WriteError>> },
+    Remote { ops: Vec<Op>, reply: oneshot::Sender<Result<VersionVector, replica::RemoteError>> },
+    Truncate { below: VersionVector, reply: oneshot::Sender<Result<u64, StorageError>> },
+    PeerApplied { peer: NodeId, applied: VersionVector },
+    /// Commit what came before, then stop.
+    Shutdown,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    node: NodeId,
+    hlc: Arc<uhlc::HLC>,
+    commands: mpsc::Sender<Command>,
+    applied: watch::Receiver<VersionVector>,
+    peer_applied: Mutex<BTreeMap<NodeId, VersionVector>>,
+    refused_stamps: AtomicU64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A handle to the node's storage; cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("node", &self.inner.node).finish_non_exhaustive()
+    }
+}
+
+fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt { what: what.into(), detail: detail.to_string() }
+}
+
+impl Storage {
+    /// Opens (or creates) the database in `dir` and starts the writer thread.
+    pub fn open(dir: &Path, options: StorageOptions, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+        let io = |source| StorageError::Io { path: dir.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join("meridian.redb");
+        let created = !path.exists();
+        let db = Database::builder().set_cache_size(options.cache_bytes).create(&path)?;
+        if created {
+            // redb fsyncs the file but not the directory entry naming it: without this a power
+            // cut right after creation can lose the file, and every commit acknowledged in it.
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        let (applied, peer_applied, last_stamp) = Self::bootstrap(&db, options.node)?;
+
+        let hlc = uhlc::HLCBuilder::new()
+            .with_id(options.node.to_uhlc())
+            .with_max_delta(options.max_clock_skew)
+            .build();
+        let hlc = Arc::new(hlc);
+        if let Some(stamp) = last_stamp {
+            // Our own past stamp: never refused, whatever the skew bound says.
+            let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
+        }
+
+        let db = Arc::new(db);
+        let (applied_tx, applied_rx) = watch::channel(applied.clone());
+        let (commands, queue) = mpsc::channel(options.max_batch.max(1024) * 4);
+        let inner = Arc::new(Inner {
+            db: db.clone(),
+            node: options.node,
+            hlc: hlc.clone(),
+            commands,
+            applied: applied_rx,
+            peer_applied: Mutex::new(peer_applied),
+            refused_stamps: AtomicU64::new(0),
+            writer: Mutex::new(None),
+        });
+        let writer = writer::Writer::new(db, options, hlc, applied, applied_tx, queue, metrics);
+        let handle = std::thread::Builder::new()
+            .name("meridian-writer".into())
+            .spawn(move || writer.run())
+            .map_err(io)?;
+        if let Ok(mut slot) = inner.writer.lock() {
+            *slot = Some(handle);
+        }
+        Ok(Self { inner })
+    }
+
+    /// Creates the tables on first open, checks identity and schema, loads the vectors.
+    #[allow(clippy::type_complexity)]
+    fn bootstrap(
+        db: &Database,
+        node: NodeId,
+    ) -> Result<(VersionVector, BTreeMap<NodeId, VersionVector>, Option<Stamp>), StorageError> {
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(META_NODE_ID)?.map(|v| v.value().to_vec());
+            match found {
+                None => {
+                    meta.insert(META_NODE_ID, node.get().to_be_bytes().as_slice())?;
+                    meta.insert(META_SCHEMA, [SCHEMA_VERSION].as_slice())?;
+                }
+                Some(bytes) => {
+                    let id = <[u8; 8]>::try_from(bytes.as_slice())
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| corrupt("meta node_id", "not 8 bytes"))?;
+                    if id != node.get() {
+                        return Err(StorageError::WrongNode { expected: node, found: id });
+                    }
+                    let schema = meta.get(META_SCHEMA)?.and_then(|v| v.value().first().copied());
+                    if schema != Some(SCHEMA_VERSION) {
+                        return Err(StorageError::Schema(schema.unwrap_or(0)));
+                    }
+                }
+            }
+            txn.open_table(STATES)?;
+            txn.open_table(WAL)?;
+            txn.open_table(APPLIED)?;
+            txn.open_table(PEER_APPLIED)?;
+        }
+        txn.commit()?;
+
+        let read = db.begin_read()?;
+        let mut applied = VersionVector::new();
+        for entry in read.open_table(APPLIED)?.iter()? {
+            let (origin, seq) = entry?;
+            let origin = NodeId::new(origin.value()).ok_or_else(|| corrupt("applied", "origin 0"))?;
+            applied.set(origin, seq.value());
+        }
+        let mut peers = BTreeMap::new();
+        for entry in read.open_table(PEER_APPLIED)?.iter()? {
+            let (peer, bytes) = entry?;
+            let peer = NodeId::new(peer.value()).ok_or_else(|| corrupt("peer_applied", "peer 0"))?;
+            let vv = postcard::from_bytes(bytes.value()).map_err(|e| corrupt("peer_applied", e))?;
+            peers.insert(peer, vv);
+        }
+        let last_stamp = match read.open_table(META)?.get(META_LAST_STAMP)? {
+            Some(bytes) => Some(postcard::from_bytes(bytes.value()).map_err(|e| corrupt("last_stamp", e))?),
+            None => None,
+        };
+        Ok((applied, peers, last_stamp))
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// Queues a local write and waits until it is durable.
+    pub async fn write(&self, kind: Kind, key: String, intent: Intent) -> Result<Committed, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Local { kind, key, intent, reply }).await?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), StorageError> {
+        self.inner.commands.send(command).await.map_err(|_| StorageError::ShuttingDown)
+    }
+
+    /// The state of one key, from a fresh snapshot; `None` if the key was never written.
+    pub fn get(&self, kind: Kind, key: &str) -> Result<Option<State>, StorageError> {
+        let read = self.inner.db.begin_read()?;
+        let table = read.open_table(STATES)?;
+        let Some(bytes) = table.get(tables::state_key(kind, key).as_slice())? else {
+            return Ok(None);
+        };
+        codec::decode_state(bytes.value()).map(Some).map_err(|e| corrupt(format!("{kind}/{key}"), e))
+    }
+
+    /// Up to `limit` keys of `kind` that start with `prefix` and sort after `after`, with their
+    /// states, in key order. Keys whose state holds no visible value (deleted registers) are
+    /// skipped but still count as scanned, so the scan is bounded by `limit * 4` entries.
+    pub fn list(
+        &self,
+        kind: Kind,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, State)>, Option<String>), StorageError> {
+        let read = self.inner.db.begin_read()?;
+        let table = read.open_table(STATES)?;
+        let start = match after {
+            Some(after) if after.as_bytes() >= prefix.as_bytes() => {
+                let mut k = tables::state_key(kind, after);
+                k.push(0);
+                k
+            }
+            _ => tables::state_key(kind, prefix),
+        };
+        let scan_budget = limit.saturating_mul(4).max(limit);
+        let mut out = Vec::new();
+        let mut last_scanned = None;
+        let mut exhausted = true;
+        for (scanned, entry) in table.range(start.as_slice()..)?.enumerate() {
+            let (k, v) = entry?;
+            let Some((k_kind, user_key)) = split_state_key(k.value()) else {
+                return Err(corrupt("state key", "unparseable"));
+            };
+            if k_kind != kind || !user_key.starts_with(prefix) {
+                break;
+            }
+            if out.len() == limit || scanned == scan_budget {
+                exhausted = false;
+                break;
+            }
+            let state = codec::decode_state(v.value()).map_err(|e| corrupt(user_key, e))?;
+            last_scanned = Some(user_key.to_owned());
+            if is_visible(&state) {
+                out.push((user_key.to_owned(), state));
+            }
+        }
+        let next = if exhausted { None } else { last_scanned };
+        Ok((out, next))
+    }
+
+    pub fn applied(&self) -> VersionVector {
+        self.inner.applied.borrow().clone()
+    }
+
+    pub fn watch_applied(&self) -> watch::Receiver<VersionVector> {
+        self.inner.applied.clone()
+    }
+
+    /// A fresh HLC reading.
+    pub fn now(&self) -> Stamp {
+        self.stamp()
+    }
+
+    pub(crate) fn stamp(&self) -> Stamp {
+        let ts = self.inner.hlc.new_timestamp();
+        // The HLC was built with this node's id, so the conversion cannot fail; keep a sane
+        // value anyway rather than panic.
+        Stamp::from_uhlc(&ts).unwrap_or(Stamp::new(ts.get_time().as_u64(), self.inner.node))
+    }
+
+    /// Remote stamps refused as clock input because they were too far ahead.
+    pub fn refused_stamps(&self) -> u64 {
+        self.inner.refused_stamps.load(Ordering::Relaxed)
+    }
+
+    /// Feeds a remote stamp to the HLC; false (and counted) when beyond the skew bound.
+    pub fn observe_stamp(&self, stamp: Stamp) -> bool {
+        let ok = self.inner.hlc.update_with_timestamp(&stamp.to_uhlc()).is_ok();
+        if !ok {
+            self.inner.refused_stamps.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Number of ops held in the WAL, and the oldest one's stamp per origin (for lag metrics).
+    pub fn wal_len(&self) -> Result<u64, StorageError> {
+        let read = self.inner.db.begin_read()?;
+        Ok(read.open_table(WAL)?.len()?)
+    }
+
+    /// Deletes WAL entries every peer has acknowledged (`below`, per origin). Returns how many.
+    pub async fn truncate_wal(&self, below: VersionVector) -> Result<u64, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Truncate { below, reply }).await?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    /// Stops the writer after it has committed everything queued before this call. Writes
+    /// queued later fail with [`StorageError::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        let handle = self.inner.writer.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(handle) = handle {
+            let _ = self.inner.commands.send(Command::Shutdown).await;
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+/// Whether listing shows the key: deleted registers are hidden; counters and sets always show.
+fn is_visible(state: &State) -> bool {
+    match state {
+        State::Register(r) => r.value().is_some(),
+        _ => true,
+    }
+}

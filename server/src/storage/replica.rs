@@ -1,0 +1,140 @@
+//! The storage side of replication: [`ReplicaStore`] over redb.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use meridian_crdt::{NodeId, Op, Stamp, VersionVector, codec};
+use meridian_replication::store::{ReplicaStore, StoreError};
+use redb::ReadableDatabase;
+use tokio::sync::{oneshot, watch};
+
+use super::tables::WAL;
+use super::{Command, Storage, StorageError};
+
+/// Why a batch of remote ops was not (wholly) applied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RemoteError {
+    #[error("gap in ops of node {origin}: expected {expected}, got {got}")]
+    Gap { origin: NodeId, expected: u64, got: u64 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+impl Storage {
+    /// Applies ops shipped by a peer, durably, through the same group commit as local writes.
+    pub async fn apply_remote_ops(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Remote { ops, reply }).await.map_err(unavailable)?;
+        match answer.await {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(RemoteError::Gap { origin, expected, got })) => {
+                Err(StoreError::Gap { origin, expected, got })
+            }
+            Ok(Err(RemoteError::Storage(e))) => Err(unavailable(e)),
+            Err(_) => Err(unavailable(StorageError::ShuttingDown)),
+        }
+    }
+
+    /// Reads WAL entries of `origin` after `after`; see [`ReplicaStore::read_wal`].
+    pub fn read_wal_ops(
+        &self,
+        origin: NodeId,
+        after: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Op>, StoreError> {
+        let read = self.inner.db.begin_read().map_err(unavailable)?;
+        let table = read.open_table(WAL).map_err(unavailable)?;
+        let mut ops = Vec::new();
+        let mut bytes = 0usize;
+        let start = after.saturating_add(1);
+        for entry in table.range((origin.get(), start)..=(origin.get(), u64::MAX)).map_err(unavailable)? {
+            let (key, value) = entry.map_err(unavailable)?;
+            let (_, seq) = key.value();
+            if ops.is_empty() && seq != start {
+                return Err(StoreError::Truncated { origin, first_available: seq });
+            }
+            if ops.len() == max_ops || (!ops.is_empty() && bytes + value.value().len() > max_bytes) {
+                break;
+            }
+            bytes += value.value().len();
+            let op = codec::decode_op(value.value())
+                .map_err(|e| unavailable(format!("WAL entry {origin}:{seq}: {e}")))?;
+            ops.push(op);
+        }
+        if ops.is_empty() && self.applied().get(origin) >= start {
+            // Applied here but gone from the WAL: truncated past what the peer needs.
+            return Err(StoreError::Truncated {
+                origin,
+                first_available: self.applied().get(origin) + 1,
+            });
+        }
+        Ok(ops)
+    }
+
+    /// Remembers a peer's acknowledged vector; persisted with the next group commit.
+    pub fn set_peer_applied(&self, peer: NodeId, applied: &VersionVector) {
+        if let Ok(mut peers) = self.inner.peer_applied.lock() {
+            peers.insert(peer, applied.clone());
+        }
+        // Best effort: a lost update only delays WAL truncation until the next ack.
+        let _ = self.inner.commands.try_send(Command::PeerApplied { peer, applied: applied.clone() });
+    }
+
+    pub fn peer_vectors(&self) -> BTreeMap<NodeId, VersionVector> {
+        self.inner.peer_applied.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+impl ReplicaStore for Storage {
+    fn node_id(&self) -> NodeId {
+        Self::node_id(self)
+    }
+
+    fn applied(&self) -> VersionVector {
+        Self::applied(self)
+    }
+
+    fn watch_applied(&self) -> watch::Receiver<VersionVector> {
+        Self::watch_applied(self)
+    }
+
+    fn read_wal(
+        &self,
+        origin: NodeId,
+        after: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Op>, StoreError> {
+        self.read_wal_ops(origin, after, max_ops, max_bytes)
+    }
+
+    fn apply_remote(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send {
+        let this = self.clone();
+        async move { this.apply_remote_ops(ops).await }
+    }
+
+    fn record_peer_applied(&self, peer: NodeId, applied: &VersionVector) -> Result<(), StoreError> {
+        self.set_peer_applied(peer, applied);
+        Ok(())
+    }
+
+    fn peer_applied(&self) -> BTreeMap<NodeId, VersionVector> {
+        self.peer_vectors()
+    }
+
+    fn observe_stamp(&self, stamp: Stamp) -> bool {
+        Self::observe_stamp(self, stamp)
+    }
+
+    fn now(&self) -> Stamp {
+        Self::now(self)
+    }
+}
