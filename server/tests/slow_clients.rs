@@ -1,0 +1,108 @@
+//! Slow clients are cut off within the configured time while others are served.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Node;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CONFIG: &str = "[timeouts]\nheader_read_ms = 600\nrequest_ms = 1000\n";
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+}
+
+async fn healthy(node: &Node) {
+    let r = reqwest::get(node.url("/healthz")).await.unwrap();
+    assert!(r.status().is_success());
+}
+
+#[tokio::test]
+async fn trickled_headers_are_cut_off() {
+    let node = Node::start(CONFIG).await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    let trickle = async {
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().chain(b"a".repeat(200).iter()) {
+            if stream.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Meanwhile normal requests keep being served.
+    let (_, ()) = tokio::join!(trickle, async {
+        for _ in 0..5 {
+            healthy(&node).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let rest = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(rest.is_some(), "the server must close a connection whose head never completes");
+}
+
+#[tokio::test]
+async fn idle_connections_that_send_nothing_are_closed() {
+    let node = Node::start(CONFIG).await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    let closed = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed.is_some(), "a silent connection must not be held forever");
+}
+
+#[tokio::test]
+async fn an_endless_chunked_body_is_cut_off() {
+    let node = Node::start(CONFIG).await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    stream
+        .write_all(b"PUT /v1/registers/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n")
+        .await
+        .unwrap();
+    let feeder = async {
+        for _ in 0..100 {
+            if stream.write_all(b"2\r\n1,\r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(4), feeder).await;
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await.expect("connection must be closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503") || text.starts_with("HTTP/1.1 408") || text.is_empty(), "{text}");
+    healthy(&node).await;
+    let r = reqwest::get(node.url("/v1/registers/slow")).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND, "the cut-off write must not be applied");
+}
+
+#[tokio::test]
+async fn an_oversized_streamed_body_is_refused_without_reading_it_all() {
+    let node = Node::start("[limits]\nmax_body_bytes = 1000\n").await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    stream
+        .write_all(b"PUT /v1/registers/big HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = format!("400\r\n{}\r\n", " ".repeat(0x400));
+    for _ in 0..4 {
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+}
