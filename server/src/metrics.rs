@@ -52,6 +52,7 @@ pub struct Metrics {
     pub commit_batch_ops: Histogram,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
+    pub checkpoint_seconds: Histogram,
     pub applied_seq: Family<OriginLabels, Gauge>,
     pub wal_ops: Gauge,
     pub peer_connected: Family<PeerLabels, Gauge>,
@@ -81,10 +82,12 @@ impl Metrics {
         let commit_batch_ops = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let commit_seconds = latency_histogram();
         let commit_failures = Counter::default();
+        let checkpoint_seconds = latency_histogram();
         registry.register("http_requests", "HTTP requests by route, method and status", http_requests.clone());
         registry.register("http_request_duration_seconds", "HTTP request latency by route", http_latency.clone());
-        registry.register("group_commit_ops", "Operations per durable commit (group commit size)", commit_batch_ops.clone());
-        registry.register("storage_commit_duration_seconds", "redb write transaction time, fsync included", commit_seconds.clone());
+        registry.register("group_commit_ops", "Operations made durable by one journal fsync (group commit size)", commit_batch_ops.clone());
+        registry.register("storage_commit_duration_seconds", "Journal fsync time per group commit", commit_seconds.clone());
+        registry.register("storage_checkpoint_duration_seconds", "Durable redb checkpoint time", checkpoint_seconds.clone());
         registry.register("storage_commit_failures", "Write transactions that failed to commit", commit_failures.clone());
         let metrics = Self {
             registry: Mutex::new(registry),
@@ -93,6 +96,7 @@ impl Metrics {
             commit_batch_ops,
             commit_seconds,
             commit_failures,
+            checkpoint_seconds,
             applied_seq: Family::default(),
             wal_ops: Gauge::default(),
             peer_connected: Family::default(),
@@ -128,6 +132,10 @@ impl Metrics {
     pub fn record_commit(&self, ops: usize, elapsed: Duration) {
         self.commit_batch_ops.observe(ops as f64);
         self.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_checkpoint(&self, elapsed: Duration) {
+        self.checkpoint_seconds.observe(elapsed.as_secs_f64());
     }
 
     pub fn record_commit_failure(&self) {

@@ -21,10 +21,10 @@ pub async fn healthz() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    if app.ready.load(Ordering::Acquire) {
+    if app.ready.load(Ordering::Acquire) && app.storage.is_healthy() {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
-        Problem::unavailable("not-ready", "the node is starting or shutting down", 1).into_response()
+        Problem::unavailable("not-ready", "the node is starting, shutting down, or its storage failed", 1).into_response()
     }
 }
 

@@ -11,13 +11,14 @@
 //! writer.
 
 mod intent;
+mod journal;
 mod replica;
 mod tables;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use intent::Intent;
 pub(crate) use tables::split_state_key;
+use journal::Journal;
 use tables::{APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, PEER_APPLIED, SCHEMA_VERSION, STATES, WAL};
 
 use crate::metrics::Metrics;
@@ -105,6 +107,8 @@ pub(crate) enum Command {
     Remote { ops: Vec<Op>, reply: oneshot::Sender<Result<VersionVector, replica::RemoteError>> },
     Truncate { below: VersionVector, reply: oneshot::Sender<Result<u64, StorageError>> },
     PeerApplied { peer: NodeId, applied: VersionVector },
+    /// Time for a checkpoint (sent by the checkpoint timer).
+    Checkpoint,
     /// Commit what came before, then stop.
     Shutdown,
 }
@@ -117,7 +121,9 @@ struct Inner {
     applied: watch::Receiver<VersionVector>,
     peer_applied: Mutex<BTreeMap<NodeId, VersionVector>>,
     refused_stamps: AtomicU64,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set when the journal could not be made durable: writes are refused from then on.
+    failed: Arc<AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// A handle to the node's storage; cheap to clone.
@@ -161,28 +167,88 @@ impl Storage {
             let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
         }
 
+        let journal_dir = dir.join("journal");
+        let replay = Journal::replay(&journal_dir).map_err(io)?;
+        if replay.torn_bytes > 0 {
+            tracing::warn!(bytes = replay.torn_bytes, "discarded a torn journal tail (writes that were never acknowledged)");
+        }
+        let applied = Self::replay(&db, &hlc, options.node, applied, replay.ops)?;
+        let journal = Journal::start(&journal_dir).map_err(io)?;
+
         let db = Arc::new(db);
+        let failed = Arc::new(AtomicBool::new(false));
         let (applied_tx, applied_rx) = watch::channel(applied.clone());
         let (commands, queue) = mpsc::channel(options.max_batch.max(1024) * 4);
-        let inner = Arc::new(Inner {
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.to_owned()).spawn(f).map_err(io)
+        };
+        let syncer = {
+            let (metrics, failed) = (metrics.clone(), failed.clone());
+            spawn("meridian-syncer", Box::new(move || writer::sync_loop(journal, sync_rx, applied_tx, metrics, failed)))?
+        };
+        let applier = writer::Writer {
             db: db.clone(),
-            node: options.node,
+            options: options.clone(),
             hlc: hlc.clone(),
+            applied,
+            queue,
+            metrics,
+            syncer: sync_tx,
+            failed: failed.clone(),
+        };
+        let applier = spawn("meridian-writer", Box::new(move || applier.run()))?;
+        let timer = commands.clone();
+        // Asks for a checkpoint every interval; ends when the writer's queue closes.
+        spawn(
+            "meridian-checkpoint",
+            Box::new(move || {
+                while !timer.is_closed() {
+                    std::thread::sleep(writer::CHECKPOINT_INTERVAL);
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = timer.try_send(Command::Checkpoint) {
+                        break;
+                    }
+                }
+            }),
+        )?;
+        let inner = Arc::new(Inner {
+            db,
+            node: options.node,
+            hlc,
             commands,
             applied: applied_rx,
             peer_applied: Mutex::new(peer_applied),
             refused_stamps: AtomicU64::new(0),
-            writer: Mutex::new(None),
+            failed,
+            threads: Mutex::new(vec![applier, syncer]),
         });
-        let writer = writer::Writer::new(db, options, hlc, applied, applied_tx, queue, metrics);
-        let handle = std::thread::Builder::new()
-            .name("meridian-writer".into())
-            .spawn(move || writer.run())
-            .map_err(io)?;
-        if let Ok(mut slot) = inner.writer.lock() {
-            *slot = Some(handle);
-        }
         Ok(Self { inner })
+    }
+
+    /// Applies the journal's ops over the last checkpoint, durably, before anything else runs.
+    fn replay(
+        db: &Database,
+        hlc: &uhlc::HLC,
+        node: NodeId,
+        applied: VersionVector,
+        ops: Vec<Op>,
+    ) -> Result<VersionVector, StorageError> {
+        if ops.is_empty() {
+            return Ok(applied);
+        }
+        let count = ops.len();
+        if let Some(stamp) = ops.iter().filter(|op| op.dot.node == node).map(|op| op.stamp).max() {
+            let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
+        }
+        let txn = db.begin_write()?;
+        let mut batch = writer::Batch::open(&txn, applied.clone())?;
+        if let Some(gap) = batch.apply_ops(ops).map_err(|e| corrupt("journal replay", e))? {
+            return Err(corrupt("journal", gap));
+        }
+        let (replayed, _) = batch.finish(&txn, &applied)?;
+        txn.commit()?;
+        tracing::info!(ops = count, "replayed the journal");
+        Ok(replayed)
     }
 
     /// Creates the tables on first open, checks identity and schema, loads the vectors.
@@ -359,14 +425,25 @@ impl Storage {
         answer.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
-    /// Stops the writer after it has committed everything queued before this call. Writes
-    /// queued later fail with [`StorageError::ShuttingDown`].
+    /// Stops the writer after it has committed everything queued before this call, and
+    /// checkpoints. Writes queued later fail with [`StorageError::ShuttingDown`].
     pub async fn shutdown(&self) {
-        let handle = self.inner.writer.lock().ok().and_then(|mut slot| slot.take());
-        if let Some(handle) = handle {
-            let _ = self.inner.commands.send(Command::Shutdown).await;
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        let threads = self.inner.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        if threads.is_empty() {
+            return;
         }
+        let _ = self.inner.commands.send(Command::Shutdown).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+
+    /// False once the journal failed to sync: the node then refuses writes.
+    pub fn is_healthy(&self) -> bool {
+        !self.inner.failed.load(Ordering::Acquire)
     }
 }
 

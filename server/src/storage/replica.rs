@@ -52,9 +52,15 @@ impl Storage {
         let mut ops = Vec::new();
         let mut bytes = 0usize;
         let start = after.saturating_add(1);
+        // The WAL table may hold ops applied but not yet durable in the journal; those must
+        // not leave this node, or a crash could reissue their sequences with other contents.
+        let durable = self.applied().get(origin);
         for entry in table.range((origin.get(), start)..=(origin.get(), u64::MAX)).map_err(unavailable)? {
             let (key, value) = entry.map_err(unavailable)?;
             let (_, seq) = key.value();
+            if seq > durable {
+                break;
+            }
             if ops.is_empty() && seq != start {
                 return Err(StoreError::Truncated { origin, first_available: seq });
             }

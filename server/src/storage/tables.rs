@@ -29,6 +29,9 @@ pub(crate) const META_SCHEMA: &str = "schema_version";
 /// the wall clock went backwards meanwhile.
 pub(crate) const META_LAST_STAMP: &str = "last_stamp";
 
+/// The journal segment the last durable checkpoint started.
+pub(crate) const META_CHECKPOINT: &str = "checkpoint_segment";
+
 pub(crate) const SCHEMA_VERSION: u8 = 1;
 
 pub(crate) fn state_key(kind: Kind, key: &str) -> Vec<u8> {

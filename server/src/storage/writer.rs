@@ -1,47 +1,120 @@
-//! The single writer: group commit of local writes, remote ops and WAL truncation.
+//! The write pipeline: an applier thread and a syncer thread.
+//!
+//! The **applier** drains the queue of pending commands, applies the whole group to redb in one
+//! *non-durable* write transaction (state + WAL table + applied vector), and hands the group's
+//! ops, encoded, to the syncer. The **syncer** appends them to the [`Journal`] and calls
+//! `fdatasync` once for every group that queued up meanwhile, then answers the requests and
+//! publishes the new durable applied vector. The two overlap: while one group is being synced,
+//! the next is being applied.
+//!
+//! Every second (or 64 MiB of journal) the applier checkpoints: it starts a new journal segment,
+//! makes redb durable with one fsyncing commit, and deletes the segments that commit covers. On
+//! start-up the journal is replayed over the last checkpoint (see `Storage::open`).
+//!
+//! Nothing is answered, shipped to peers or counted in the published applied vector before its
+//! journal record is durable. Reads of redb may see a write a few hundred microseconds before
+//! it is durable (as with Redis' `appendfsync always`); a crash in that window loses only that
+//! unanswered write.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as sync_mpsc;
+use std::time::{Duration, Instant};
 
 use meridian_crdt::{Dot, NodeId, Op, Stamp, State, VersionVector, codec};
-use redb::{Database, ReadableTable, ReadableTableMetadata, Table};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::journal::{self, Journal};
 use super::replica::RemoteError;
 use super::tables::{APPLIED, META, META_LAST_STAMP, PEER_APPLIED, STATES, WAL, state_key};
 use super::{Command, Committed, StorageError, StorageOptions, WriteError, corrupt};
 use crate::metrics::Metrics;
 
-/// A reply to send once the batch's fate is known.
-enum Pending {
+/// How often the checkpoint timer asks for a checkpoint.
+pub(super) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// A reply to send once the group's fate is known.
+pub(super) enum Pending {
     Local(oneshot::Sender<Result<Committed, WriteError>>, Result<Committed, WriteError>),
     Remote(oneshot::Sender<Result<VersionVector, RemoteError>>, Option<RemoteError>),
     Truncate(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
 
-pub(super) struct Writer {
-    db: Arc<Database>,
-    options: StorageOptions,
-    hlc: Arc<uhlc::HLC>,
-    /// The applied vector as of the last commit; the writer is its only author.
-    applied: VersionVector,
-    applied_tx: watch::Sender<VersionVector>,
-    queue: mpsc::Receiver<Command>,
-    metrics: Arc<Metrics>,
+impl Pending {
+    fn fail(self, detail: &str) {
+        let failed = || StorageError::Failed(detail.to_owned());
+        match self {
+            Self::Local(tx, _) => {
+                let _ = tx.send(Err(WriteError::Storage(failed())));
+            }
+            Self::Remote(tx, _) => {
+                let _ = tx.send(Err(RemoteError::Storage(failed())));
+            }
+            Self::Truncate(tx, _) => {
+                let _ = tx.send(Err(failed()));
+            }
+        }
+    }
+
+    fn succeed(self, applied: &VersionVector) {
+        match self {
+            Self::Local(tx, mut result) => {
+                if let Ok(committed) = &mut result {
+                    committed.applied = applied.clone();
+                }
+                let _ = tx.send(result);
+            }
+            Self::Remote(tx, None) => {
+                let _ = tx.send(Ok(applied.clone()));
+            }
+            Self::Remote(tx, Some(error)) => {
+                let _ = tx.send(Err(error));
+            }
+            Self::Truncate(tx, removed) => {
+                let _ = tx.send(Ok(removed));
+            }
+        }
+    }
 }
 
-/// States touched by the batch, written back once at the end: a hot key written by many
+/// Work for the syncer, in the order the applier produced it.
+pub(super) enum SyncJob {
+    /// A group applied to redb: its journal record (empty when it logged no op), its replies,
+    /// and the applied vector once it is durable.
+    Group { record: Vec<u8>, ops: usize, pending: Vec<Pending>, applied: VersionVector },
+    /// Sync, then continue in a new segment; answers the new segment's number.
+    Rotate(sync_mpsc::Sender<std::io::Result<u64>>),
+    /// A checkpoint covers every segment before this one.
+    Prune(u64),
+}
+
+/// States touched by the group, written back once at the end: a hot key written by many
 /// requests of one group is decoded and encoded once, not once per request.
-struct Batch<'t> {
+pub(super) struct Batch<'t> {
     states: Table<'t, &'static [u8], &'static [u8]>,
     wal: Table<'t, (u64, u64), &'static [u8]>,
     dirty: HashMap<Vec<u8>, State>,
-    applied: VersionVector,
+    pub(super) applied: VersionVector,
     last_stamp: Option<Stamp>,
+    /// Encoded ops, for the journal.
+    records: Vec<Vec<u8>>,
 }
 
-impl Batch<'_> {
+impl<'t> Batch<'t> {
+    pub(super) fn open(txn: &'t WriteTransaction, applied: VersionVector) -> Result<Self, StorageError> {
+        Ok(Self {
+            states: txn.open_table(STATES)?,
+            wal: txn.open_table(WAL)?,
+            dirty: HashMap::new(),
+            applied,
+            last_stamp: None,
+            records: Vec::new(),
+        })
+    }
+
     fn state(&mut self, kind: meridian_crdt::Kind, key: &str) -> Result<&mut State, StorageError> {
         let storage_key = state_key(kind, key);
         if !self.dirty.contains_key(&storage_key) {
@@ -52,32 +125,81 @@ impl Batch<'_> {
             };
             self.dirty.insert(storage_key.clone(), state);
         }
-        self.dirty
-            .get_mut(&storage_key)
-            .ok_or_else(|| corrupt("batch cache", "entry vanished"))
+        self.dirty.get_mut(&storage_key).ok_or_else(|| corrupt("batch cache", "entry vanished"))
     }
 
     fn append(&mut self, op: &Op) -> Result<(), StorageError> {
-        self.wal.insert((op.dot.node.get(), op.dot.seq), codec::encode_op(op).as_slice())?;
+        let bytes = codec::encode_op(op);
+        self.wal.insert((op.dot.node.get(), op.dot.seq), bytes.as_slice())?;
+        self.records.push(bytes);
         self.applied.raise(op.dot.node, op.dot.seq);
         Ok(())
     }
+
+    /// Applies logged ops (from a peer, or from the journal on replay) in order, skipping
+    /// what is already applied. Returns the first gap, after which that origin is skipped.
+    pub(super) fn apply_ops(&mut self, ops: Vec<Op>) -> Result<Option<RemoteError>, StorageError> {
+        let mut stopped: Vec<NodeId> = Vec::new();
+        let mut error = None;
+        for op in ops {
+            let origin = op.dot.node;
+            if stopped.contains(&origin) {
+                continue;
+            }
+            let have = self.applied.get(origin);
+            if op.dot.seq <= have {
+                continue;
+            }
+            if op.dot.seq != have + 1 {
+                stopped.push(origin);
+                error.get_or_insert(RemoteError::Gap { origin, expected: have + 1, got: op.dot.seq });
+                continue;
+            }
+            let kind = op.kind();
+            let state = self.state(kind, &op.key)?;
+            state.merge(&op.delta).map_err(|e| corrupt(format!("{kind}/{}", op.key), e))?;
+            self.append(&op)?;
+        }
+        Ok(error)
+    }
+
+    /// Writes the touched states and the applied vector into `txn`'s tables.
+    pub(super) fn finish(self, txn: &WriteTransaction, before: &VersionVector) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
+        let Self { mut states, wal, dirty, applied, last_stamp, records } = self;
+        for (key, state) in &dirty {
+            states.insert(key.as_slice(), codec::encode_state(state).as_slice())?;
+        }
+        drop((states, wal));
+        let mut applied_table = txn.open_table(APPLIED)?;
+        for (origin, seq) in applied.iter() {
+            if before.get(origin) != seq {
+                applied_table.insert(origin.get(), seq)?;
+            }
+        }
+        if let Some(stamp) = last_stamp {
+            let bytes = postcard::to_allocvec(&stamp).map_err(|e| corrupt("last_stamp", e))?;
+            txn.open_table(META)?.insert(META_LAST_STAMP, bytes.as_slice())?;
+        }
+        Ok((applied, records))
+    }
+}
+
+pub(super) struct Writer {
+    pub(super) db: Arc<Database>,
+    pub(super) options: StorageOptions,
+    pub(super) hlc: Arc<uhlc::HLC>,
+    /// The applied vector as of the last redb commit (durable or not); the applier assigns
+    /// sequences from it and is its only author.
+    pub(super) applied: VersionVector,
+    pub(super) queue: mpsc::Receiver<Command>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) syncer: sync_mpsc::Sender<SyncJob>,
+    pub(super) failed: Arc<AtomicBool>,
 }
 
 impl Writer {
-    pub(super) fn new(
-        db: Arc<Database>,
-        options: StorageOptions,
-        hlc: Arc<uhlc::HLC>,
-        applied: VersionVector,
-        applied_tx: watch::Sender<VersionVector>,
-        queue: mpsc::Receiver<Command>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self { db, options, hlc, applied, applied_tx, queue, metrics }
-    }
-
     pub(super) fn run(mut self) {
+        let mut journal_bytes = 0u64;
         while let Some(first) = self.queue.blocking_recv() {
             let mut commands = vec![first];
             while commands.len() < self.options.max_batch {
@@ -88,131 +210,96 @@ impl Writer {
             }
             let stop = commands.iter().position(|c| matches!(c, Command::Shutdown));
             if let Some(at) = stop {
-                // Everything after the shutdown marker is dropped: its callers see
+                // Commands behind the shutdown marker are dropped: their callers see
                 // ShuttingDown when their reply channel closes.
                 commands.truncate(at);
             }
+            let before = commands.len();
+            commands.retain(|c| !matches!(c, Command::Checkpoint));
+            let checkpoint_due = commands.len() < before;
             if !commands.is_empty() {
-                self.commit(commands);
+                journal_bytes += self.commit(commands);
             }
             if stop.is_some() {
                 break;
             }
+            if checkpoint_due || journal_bytes >= CHECKPOINT_BYTES {
+                self.checkpoint();
+                journal_bytes = 0;
+            }
         }
-        tracing::debug!("writer stopped");
+        self.checkpoint();
+        tracing::debug!("applier stopped");
     }
 
-    fn commit(&mut self, commands: Vec<Command>) {
+    /// Applies one group; returns the journal bytes it produced.
+    fn commit(&mut self, commands: Vec<Command>) -> u64 {
         let size = commands.len();
-        let started = Instant::now();
         let mut pending = Vec::with_capacity(size);
-        let result = self.execute(commands, &mut pending);
-        let elapsed = started.elapsed();
-        match result {
-            Ok(applied) => {
-                self.metrics.record_commit(size, elapsed);
+        if self.failed.load(Ordering::Acquire) {
+            drop(commands);
+            return 0;
+        }
+        match self.execute(commands, &mut pending) {
+            Ok((applied, records)) => {
                 self.applied = applied.clone();
-                self.applied_tx.send_replace(applied.clone());
-                for reply in pending {
-                    match reply {
-                        Pending::Local(tx, mut result) => {
-                            if let Ok(committed) = &mut result {
-                                committed.applied = applied.clone();
-                            }
-                            let _ = tx.send(result);
-                        }
-                        Pending::Remote(tx, None) => {
-                            let _ = tx.send(Ok(applied.clone()));
-                        }
-                        Pending::Remote(tx, Some(error)) => {
-                            let _ = tx.send(Err(error));
-                        }
-                        Pending::Truncate(tx, removed) => {
-                            let _ = tx.send(Ok(removed));
-                        }
+                let ops = records.len();
+                let record = if records.is_empty() { Vec::new() } else { journal::encode_record(&records) };
+                let bytes = record.len() as u64;
+                if let Err(sync_mpsc::SendError(job)) =
+                    self.syncer.send(SyncJob::Group { record, ops, pending, applied })
+                {
+                    if let SyncJob::Group { pending, .. } = job {
+                        pending.into_iter().for_each(|p| p.fail("the journal is gone"));
                     }
                 }
+                bytes
             }
             Err(error) => {
-                tracing::error!(%error, batch = size, "commit failed; the batch was not applied");
+                tracing::error!(%error, group = size, "applying a group failed; none of it was applied");
                 self.metrics.record_commit_failure();
                 let detail = error.to_string();
-                for reply in pending {
-                    let failed = || StorageError::Failed(detail.clone());
-                    match reply {
-                        Pending::Local(tx, _) => {
-                            let _ = tx.send(Err(WriteError::Storage(failed())));
-                        }
-                        Pending::Remote(tx, _) => {
-                            let _ = tx.send(Err(RemoteError::Storage(failed())));
-                        }
-                        Pending::Truncate(tx, _) => {
-                            let _ = tx.send(Err(failed()));
-                        }
-                    }
-                }
+                pending.into_iter().for_each(|p| p.fail(&detail));
+                0
             }
         }
     }
 
-    /// Runs the whole group in one write transaction; replies are collected in `pending` and
-    /// sent by the caller once the commit's outcome is known.
     fn execute(
         &mut self,
         commands: Vec<Command>,
         pending: &mut Vec<Pending>,
-    ) -> Result<VersionVector, StorageError> {
-        let txn = self.db.begin_write()?;
-        let applied = {
-            let mut batch = Batch {
-                states: txn.open_table(STATES)?,
-                wal: txn.open_table(WAL)?,
-                dirty: HashMap::new(),
-                applied: self.applied.clone(),
-                last_stamp: None,
-            };
-            for command in commands {
-                match command {
-                    Command::Local { kind, key, intent, reply } => {
-                        let result = self.local(&mut batch, kind, key, &intent);
-                        let result = match result {
-                            Err(WriteError::Storage(e)) => return Err(e),
-                            other => other,
-                        };
-                        pending.push(Pending::Local(reply, result));
-                    }
-                    Command::Remote { ops, reply } => {
-                        let error = self.remote(&mut batch, ops)?;
-                        pending.push(Pending::Remote(reply, error));
-                    }
-                    Command::Truncate { below, reply } => {
-                        let removed = truncate(&mut batch.wal, &below)?;
-                        pending.push(Pending::Truncate(reply, removed));
-                    }
-                    Command::PeerApplied { peer, applied } => {
-                        let bytes = postcard::to_allocvec(&applied).map_err(|e| corrupt("peer vector", e))?;
-                        txn.open_table(PEER_APPLIED)?.insert(peer.get(), bytes.as_slice())?;
-                    }
-                    Command::Shutdown => {}
+    ) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None).map_err(|e| corrupt("durability", e))?;
+        let mut batch = Batch::open(&txn, self.applied.clone())?;
+        for command in commands {
+            match command {
+                Command::Local { kind, key, intent, reply } => {
+                    let result = match self.local(&mut batch, kind, key, &intent) {
+                        Err(WriteError::Storage(e)) => return Err(e),
+                        other => other,
+                    };
+                    pending.push(Pending::Local(reply, result));
                 }
-            }
-            for (key, state) in &batch.dirty {
-                batch.states.insert(key.as_slice(), codec::encode_state(state).as_slice())?;
-            }
-            let mut applied_table = txn.open_table(APPLIED)?;
-            for (origin, seq) in batch.applied.iter() {
-                if self.applied.get(origin) != seq {
-                    applied_table.insert(origin.get(), seq)?;
+                Command::Remote { ops, reply } => {
+                    let error = batch.apply_ops(ops)?;
+                    pending.push(Pending::Remote(reply, error));
                 }
+                Command::Truncate { below, reply } => {
+                    let removed = truncate(&mut batch.wal, &below)?;
+                    pending.push(Pending::Truncate(reply, removed));
+                }
+                Command::PeerApplied { peer, applied } => {
+                    let bytes = postcard::to_allocvec(&applied).map_err(|e| corrupt("peer vector", e))?;
+                    txn.open_table(PEER_APPLIED)?.insert(peer.get(), bytes.as_slice())?;
+                }
+                Command::Shutdown | Command::Checkpoint => {}
             }
-            if let Some(stamp) = batch.last_stamp {
-                let bytes = postcard::to_allocvec(&stamp).map_err(|e| corrupt("last_stamp", e))?;
-                txn.open_table(META)?.insert(META_LAST_STAMP, bytes.as_slice())?;
-            }
-            batch.applied
-        };
+        }
+        let result = batch.finish(&txn, &self.applied)?;
         txn.commit()?;
-        Ok(applied)
+        Ok(result)
     }
 
     fn local(
@@ -236,33 +323,110 @@ impl Writer {
         Ok(Committed { state, dot, stamp, applied: VersionVector::new() })
     }
 
-    /// Applies remote ops in order; returns the first gap, if any, as the reply's error.
-    fn remote(&self, batch: &mut Batch<'_>, ops: Vec<Op>) -> Result<Option<RemoteError>, StorageError> {
-        let mut stopped: Vec<NodeId> = Vec::new();
-        let mut error = None;
-        for op in ops {
-            let origin = op.dot.node;
-            if stopped.contains(&origin) {
-                continue;
-            }
-            let have = batch.applied.get(origin);
-            if op.dot.seq <= have {
-                continue;
-            }
-            if op.dot.seq != have + 1 {
-                stopped.push(origin);
-                error.get_or_insert(RemoteError::Gap { origin, expected: have + 1, got: op.dot.seq });
-                continue;
-            }
-            let kind = op.kind();
-            let state = batch.state(kind, &op.key)?;
-            if let Err(e) = state.merge(&op.delta) {
-                return Err(corrupt(format!("{kind}/{}", op.key), e));
-            }
-            batch.append(&op)?;
+    /// Makes redb durable and drops the journal segments that this covers.
+    fn checkpoint(&mut self) {
+        let started = Instant::now();
+        let (tx, rx) = sync_mpsc::channel();
+        if self.syncer.send(SyncJob::Rotate(tx)).is_err() {
+            return;
         }
-        Ok(error)
+        let segment = match rx.recv() {
+            Ok(Ok(segment)) => segment,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "journal rotation failed; checkpoint skipped");
+                return;
+            }
+            Err(_) => return,
+        };
+        let durable = (|| -> Result<(), StorageError> {
+            let txn = self.db.begin_write()?;
+            // A durable commit makes every earlier non-durable one durable too; it must not be
+            // empty, or redb may skip it.
+            txn.open_table(META)?.insert(super::tables::META_CHECKPOINT, segment.to_be_bytes().as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })();
+        match durable {
+            Ok(()) => {
+                let _ = self.syncer.send(SyncJob::Prune(segment));
+                self.metrics.record_checkpoint(started.elapsed());
+            }
+            Err(error) => tracing::error!(%error, "checkpoint commit failed; the journal is kept"),
+        }
     }
+}
+
+/// The syncer thread: journal appends, one fsync per group of groups, then replies.
+pub(super) fn sync_loop(
+    mut journal: Journal,
+    jobs: sync_mpsc::Receiver<SyncJob>,
+    applied_tx: watch::Sender<VersionVector>,
+    metrics: Arc<Metrics>,
+    failed: Arc<AtomicBool>,
+) {
+    let mut waiting: Vec<(Vec<Pending>, VersionVector)> = Vec::new();
+    let mut ops_waiting = 0usize;
+    let flush = |journal: &mut Journal, waiting: &mut Vec<(Vec<Pending>, VersionVector)>, ops: usize| {
+        if waiting.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let synced = if failed.load(Ordering::Acquire) { Err(std::io::Error::other("journal failed earlier")) } else { journal.sync() };
+        match synced {
+            Ok(()) => {
+                metrics.record_commit(ops, started.elapsed());
+                if let Some((_, applied)) = waiting.last() {
+                    applied_tx.send_replace(applied.clone());
+                }
+                for (pending, applied) in waiting.drain(..) {
+                    pending.into_iter().for_each(|p| p.succeed(&applied));
+                }
+            }
+            Err(error) => {
+                // After a failed fsync the kernel may have dropped the dirty pages: nothing
+                // written since the last good sync can be trusted, so the node stops taking
+                // writes rather than acknowledge what may be lost.
+                tracing::error!(%error, "journal fsync failed; refusing further writes");
+                failed.store(true, Ordering::Release);
+                metrics.record_commit_failure();
+                let detail = format!("journal fsync failed: {error}");
+                for (pending, _) in waiting.drain(..) {
+                    pending.into_iter().for_each(|p| p.fail(&detail));
+                }
+            }
+        }
+    };
+    while let Ok(first) = jobs.recv() {
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                SyncJob::Group { record, ops, pending, applied } => {
+                    if !record.is_empty() {
+                        if let Err(error) = journal.append(&record) {
+                            tracing::error!(%error, "journal append failed; refusing further writes");
+                            failed.store(true, Ordering::Release);
+                        }
+                    }
+                    ops_waiting += ops;
+                    waiting.push((pending, applied));
+                }
+                SyncJob::Rotate(reply) => {
+                    flush(&mut journal, &mut waiting, ops_waiting);
+                    ops_waiting = 0;
+                    let _ = reply.send(journal.rotate());
+                }
+                SyncJob::Prune(segment) => {
+                    if let Err(error) = journal.prune_before(segment) {
+                        tracing::warn!(%error, "cannot delete old journal segments");
+                    }
+                }
+            }
+            next = jobs.try_recv().ok();
+        }
+        flush(&mut journal, &mut waiting, ops_waiting);
+        ops_waiting = 0;
+    }
+    tracing::debug!("syncer stopped");
 }
 
 fn truncate(wal: &mut Table<'_, (u64, u64), &'static [u8]>, below: &VersionVector) -> Result<u64, StorageError> {
