@@ -73,7 +73,10 @@ impl Stamp {
             .ok()
             .and_then(NodeId::new)
             .ok_or(crate::CrdtError::ForeignClockId)?;
-        Ok(Self { time: ts.get_time().as_u64(), node })
+        Ok(Self {
+            time: ts.get_time().as_u64(),
+            node,
+        })
     }
 
     pub fn to_uhlc(self) -> uhlc::Timestamp {
@@ -155,6 +158,7 @@ impl VersionVector {
     }
 
     /// Pointwise minimum: what both vectors include.
+    #[must_use]
     pub fn meet(&self, other: &Self) -> Self {
         Self(
             self.0
@@ -182,6 +186,11 @@ impl VersionVector {
 
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// False when a zero entry was decoded: operations never store one.
+    pub(crate) fn is_canonical(&self) -> bool {
+        self.0.values().all(|&seq| seq > 0)
     }
 }
 
@@ -239,7 +248,10 @@ mod tests {
         let b: VersionVector = [(n(1), 1), (n(3), 4)].into_iter().collect();
         let mut joined = a.clone();
         joined.merge(&b);
-        assert_eq!(joined, [(n(1), 3), (n(2), 1), (n(3), 4)].into_iter().collect());
+        assert_eq!(
+            joined,
+            [(n(1), 3), (n(2), 1), (n(3), 4)].into_iter().collect()
+        );
         assert_eq!(a.meet(&b), [(n(1), 1)].into_iter().collect());
         assert!(joined.dominates(&a) && joined.dominates(&b));
         assert!(!a.dominates(&b));

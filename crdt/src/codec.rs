@@ -8,8 +8,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::value::{Op, State};
 use crate::CrdtError;
+use crate::value::{Op, State};
 
 /// The encoding this build writes.
 pub const FORMAT_VERSION: u8 = 1;

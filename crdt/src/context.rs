@@ -59,12 +59,23 @@ impl DotContext {
         self.vv.is_empty() && self.cloud.is_empty()
     }
 
+    /// True when compaction would change nothing, as after every operation; decoded bytes
+    /// may say otherwise, and a non-canonical context breaks `merge`'s identity laws.
+    pub(crate) fn is_canonical(&self) -> bool {
+        self.vv.is_canonical()
+            && self
+                .cloud
+                .iter()
+                .all(|dot| dot.seq.saturating_sub(1) > self.vv.get(dot.node))
+    }
+
     fn compact(&mut self) {
         // The cloud is sorted by (node, seq), so one pass folds every contiguous run.
         let cloud = std::mem::take(&mut self.cloud);
         for dot in cloud {
             let have = self.vv.get(dot.node);
-            if dot.seq == have + 1 {
+            // Checked: a hostile vector may sit at u64::MAX, and nothing follows that.
+            if have.checked_add(1) == Some(dot.seq) {
                 self.vv.raise(dot.node, dot.seq);
             } else if dot.seq > have {
                 self.cloud.insert(dot);
@@ -75,7 +86,10 @@ impl DotContext {
 
 impl FromIterator<Dot> for DotContext {
     fn from_iter<I: IntoIterator<Item = Dot>>(iter: I) -> Self {
-        let mut ctx = Self { vv: VersionVector::new(), cloud: iter.into_iter().collect() };
+        let mut ctx = Self {
+            vv: VersionVector::new(),
+            cloud: iter.into_iter().collect(),
+        };
         ctx.compact();
         ctx
     }

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::CrdtError;
 use crate::clock::{NodeId, VersionVector};
 use crate::traits::Crdt;
-use crate::CrdtError;
 
 /// Monotone totals of one origin.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,7 +28,10 @@ pub struct Totals {
 
 impl Totals {
     fn join(self, other: Self) -> Self {
-        Self { inc: self.inc.max(other.inc), dec: self.dec.max(other.dec) }
+        Self {
+            inc: self.inc.max(other.inc),
+            dec: self.dec.max(other.dec),
+        }
     }
 
     fn is_zero(self) -> bool {
@@ -75,7 +78,11 @@ impl PnCounter {
     pub fn increment(&self, node: NodeId, by: i64) -> Result<Self, CrdtError> {
         let mut totals = self.totals.get(&node).copied().unwrap_or_default();
         let step = by.unsigned_abs();
-        let slot = if by >= 0 { &mut totals.inc } else { &mut totals.dec };
+        let slot = if by >= 0 {
+            &mut totals.inc
+        } else {
+            &mut totals.dec
+        };
         *slot = slot.checked_add(step).ok_or(CrdtError::CounterOverflow)?;
         let mut delta = Self::default();
         if step > 0 {
@@ -85,8 +92,12 @@ impl PnCounter {
     }
 
     /// The delta that resets everything this replica has observed.
+    #[must_use]
     pub fn reset(&self) -> Self {
-        Self { totals: BTreeMap::new(), reset: self.totals.clone() }
+        Self {
+            totals: BTreeMap::new(),
+            reset: self.totals.clone(),
+        }
     }
 
     /// The sum of every origin's contribution above the reset record, saturated to `i64`.
@@ -101,6 +112,20 @@ impl PnCounter {
             })
             .sum();
         i64::try_from(sum).unwrap_or(if sum < 0 { i64::MIN } else { i64::MAX })
+    }
+
+    /// Refuses zero entries, which no operation stores (`merge` skips them, so a decoded one
+    /// would make `bottom ⊔ s ≠ s` and equal counters compare unequal).
+    pub(crate) fn validate(&self) -> Result<(), CrdtError> {
+        if self
+            .totals
+            .values()
+            .chain(self.reset.values())
+            .any(|t| t.is_zero())
+        {
+            return Err(CrdtError::Invalid("counter with a zero entry"));
+        }
+        Ok(())
     }
 
     /// Per-origin totals, for inspection and tests.
@@ -140,7 +165,10 @@ impl GCounter {
     /// The delta that adds `by` on behalf of `node`.
     pub fn increment(&self, node: NodeId, by: u64) -> Result<Self, CrdtError> {
         let mut totals = self.0.totals.get(&node).copied().unwrap_or_default();
-        totals.inc = totals.inc.checked_add(by).ok_or(CrdtError::CounterOverflow)?;
+        totals.inc = totals
+            .inc
+            .checked_add(by)
+            .ok_or(CrdtError::CounterOverflow)?;
         let mut delta = PnCounter::default();
         if by > 0 {
             delta.totals.insert(node, totals);
@@ -148,6 +176,7 @@ impl GCounter {
         Ok(Self(delta))
     }
 
+    #[must_use]
     pub fn reset(&self) -> Self {
         Self(self.0.reset())
     }
@@ -169,8 +198,18 @@ impl GCounter {
 
     /// Refuses states with decrements, which no G-Counter operation creates.
     pub(crate) fn validate(&self) -> Result<(), CrdtError> {
-        let has_dec = self.0.totals.values().chain(self.0.reset.values()).any(|t| t.dec > 0);
-        if has_dec { Err(CrdtError::Invalid("G-Counter with decrements")) } else { Ok(()) }
+        self.0.validate()?;
+        let has_dec = self
+            .0
+            .totals
+            .values()
+            .chain(self.0.reset.values())
+            .any(|t| t.dec > 0);
+        if has_dec {
+            Err(CrdtError::Invalid("G-Counter with decrements"))
+        } else {
+            Ok(())
+        }
     }
 }
 

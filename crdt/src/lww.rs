@@ -50,8 +50,11 @@ pub struct LwwRegister {
 
 impl LwwRegister {
     /// The delta of a write; `None` writes a tombstone.
+    #[must_use]
     pub fn write(&self, stamp: Stamp, dot: Dot, value: Option<CanonicalJson>) -> Self {
-        Self { entry: Some(LwwEntry { stamp, dot, value }) }
+        Self {
+            entry: Some(LwwEntry { stamp, dot, value }),
+        }
     }
 
     /// The current value; `None` when never written or deleted.
@@ -68,7 +71,11 @@ impl LwwRegister {
 impl Crdt for LwwRegister {
     fn merge(&mut self, other: &Self) {
         if let Some(theirs) = &other.entry {
-            if self.entry.as_ref().is_none_or(|mine| theirs.wins_over(mine)) {
+            if self
+                .entry
+                .as_ref()
+                .is_none_or(|mine| theirs.wins_over(mine))
+            {
                 self.entry = Some(theirs.clone());
             }
         }
@@ -93,6 +100,7 @@ mod tests {
         NodeId::new(id).unwrap()
     }
 
+    #[allow(clippy::unnecessary_wraps)] // shaped for `write`'s value argument
     fn v(text: &str) -> Option<CanonicalJson> {
         Some(CanonicalJson::parse(text).unwrap())
     }

@@ -46,11 +46,13 @@ pub struct OrSet {
 
 impl OrSet {
     /// The delta that adds `elements` on behalf of `node`.
+    #[must_use]
     pub fn add(&self, node: NodeId, elements: impl IntoIterator<Item = CanonicalJson>) -> Self {
         self.update(node, elements, [])
     }
 
     /// The delta that removes the observed instances of `elements`.
+    #[must_use]
     pub fn remove<'a>(&self, elements: impl IntoIterator<Item = &'a CanonicalJson>) -> Self {
         let context = elements
             .into_iter()
@@ -58,11 +60,15 @@ impl OrSet {
             .flatten()
             .copied()
             .collect();
-        Self { entries: BTreeMap::new(), context }
+        Self {
+            entries: BTreeMap::new(),
+            context,
+        }
     }
 
     /// The delta of one request that removes some elements and adds others. An element in both
     /// lists ends up present: within a request, as across replicas, the add wins.
+    #[must_use]
     pub fn update<'a>(
         &self,
         node: NodeId,
@@ -86,6 +92,7 @@ impl OrSet {
     }
 
     /// The delta that removes every observed element.
+    #[must_use]
     pub fn clear(&self) -> Self {
         Self {
             entries: BTreeMap::new(),
@@ -117,11 +124,16 @@ impl OrSet {
     /// Refuses states in which an element holds a dot its context does not know, which no
     /// sequence of operations produces.
     pub(crate) fn validate(&self) -> Result<(), crate::CrdtError> {
-        let consistent = self
-            .entries
-            .values()
-            .all(|dots| !dots.is_empty() && dots.iter().all(|&d| self.context.contains(d)));
-        if consistent { Ok(()) } else { Err(crate::CrdtError::Invalid("OR-Set dot outside its context")) }
+        let consistent = self.entries.values().all(|dots| {
+            !dots.is_empty() && dots.iter().all(|&d| d.seq > 0 && self.context.contains(d))
+        });
+        if !consistent {
+            return Err(crate::CrdtError::Invalid("OR-Set dot outside its context"));
+        }
+        if !self.context.is_canonical() {
+            return Err(crate::CrdtError::Invalid("OR-Set context not compacted"));
+        }
+        Ok(())
     }
 }
 
@@ -136,10 +148,16 @@ impl Crdt for OrSet {
             });
         }
         for (element, theirs) in &other.entries {
-            let fresh: Vec<Dot> =
-                theirs.iter().copied().filter(|&dot| !self.context.contains(dot)).collect();
+            let fresh: Vec<Dot> = theirs
+                .iter()
+                .copied()
+                .filter(|&dot| !self.context.contains(dot))
+                .collect();
             if !fresh.is_empty() {
-                self.entries.entry(element.clone()).or_default().extend(fresh);
+                self.entries
+                    .entry(element.clone())
+                    .or_default()
+                    .extend(fresh);
             }
         }
         self.entries.retain(|_, dots| !dots.is_empty());
@@ -186,7 +204,10 @@ mod tests {
         a.apply(&remove);
         b.apply(&remove);
         a.merge(&b);
-        assert!(a.contains(&e(r#""x""#)), "b's unobserved add must survive a's remove");
+        assert!(
+            a.contains(&e(r#""x""#)),
+            "b's unobserved add must survive a's remove"
+        );
     }
 
     #[test]

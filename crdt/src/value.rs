@@ -5,12 +5,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::CrdtError;
 use crate::clock::{Dot, Stamp, VersionVector};
 use crate::counter::{GCounter, PnCounter};
 use crate::lww::LwwRegister;
 use crate::orset::OrSet;
 use crate::traits::Crdt;
-use crate::CrdtError;
 
 /// Which CRDT a key holds. It is part of the key's address, so one key never holds two types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -127,9 +127,10 @@ impl State {
     /// Checks invariants no operation can break but corrupted or hostile bytes could.
     pub(crate) fn validate(&self) -> Result<(), CrdtError> {
         match self {
+            Self::Counter(c) => c.validate(),
             Self::GCounter(c) => c.validate(),
             Self::Set(s) => s.validate(),
-            Self::Register(_) | Self::Counter(_) => Ok(()),
+            Self::Register(_) => Ok(()),
         }
     }
 }
