@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_crdt::{NodeId, Op, Stamp, VersionVector};
 use tokio::sync::watch;
@@ -17,13 +18,24 @@ pub enum StoreError {
     /// The WAL no longer holds the requested ops: they were truncated. The peer must be
     /// repaired by anti-entropy, then resume from `first_available - 1`.
     #[error("ops of node {origin} before sequence {first_available} were truncated")]
-    Truncated { origin: NodeId, first_available: u64 },
+    Truncated {
+        origin: NodeId,
+        first_available: u64,
+    },
     /// An op arrived whose predecessors of the same origin have not been applied.
     #[error("gap in ops of node {origin}: expected sequence {expected}, got {got}")]
-    Gap { origin: NodeId, expected: u64, got: u64 },
+    Gap {
+        origin: NodeId,
+        expected: u64,
+        got: u64,
+    },
     /// The op is malformed for this store (wrong type for its key, too large, ...).
     #[error("rejected op {origin}:{seq}: {reason}")]
-    Rejected { origin: NodeId, seq: u64, reason: String },
+    Rejected {
+        origin: NodeId,
+        seq: u64,
+        reason: String,
+    },
     /// The store is shutting down or failed; the caller should stop.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -48,6 +60,9 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Up to `max_ops` ops (and roughly at most `max_bytes` encoded) of `origin` with sequence
     /// greater than `after`, in sequence order. Returns an empty vector when there are none yet,
     /// and [`StoreError::Truncated`] when `after + 1` is no longer in the WAL.
+    ///
+    /// Must return at least one op when `after + 1` exists, even if that op alone exceeds
+    /// `max_bytes`: otherwise an oversized op would stall its origin forever.
     fn read_wal(
         &self,
         origin: NodeId,
@@ -78,4 +93,13 @@ pub trait ReplicaStore: Send + Sync + 'static {
 
     /// A fresh reading of the local HLC.
     fn now(&self) -> Stamp;
+
+    /// This node's physical clock in Unix milliseconds, used only to measure peers' clock skew
+    /// (an HLC that observed a fast peer runs with it, so HLC readings would hide the skew).
+    /// The default reads the system clock; a simulation overrides it with its virtual clock.
+    fn wall_clock_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
 }

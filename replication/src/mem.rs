@@ -1,0 +1,363 @@
+//! [`MemStore`]: the whole [`ReplicaStore`] contract in memory, for tests and simulation.
+//!
+//! It is a model of what the server's redb store must do, not a toy: per-origin contiguous
+//! apply with gaps refused, a WAL of every origin keyed by (origin, sequence), WAL truncation
+//! answered with [`StoreError::Truncated`], persisted-looking peer vectors, and an HLC that
+//! refuses stamps beyond a maximum skew. Restarting a replicator over the same `MemStore` is
+//! what a node restart over the same disk looks like.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use meridian_crdt::{CrdtError, Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
+use tokio::sync::watch;
+
+use crate::store::{ReplicaStore, StoreError};
+
+#[derive(Debug, Default)]
+struct Inner {
+    states: BTreeMap<(Kind, String), State>,
+    wal: BTreeMap<(NodeId, u64), Op>,
+    applied: VersionVector,
+    peers: BTreeMap<NodeId, VersionVector>,
+    /// First sequence of each origin still in the WAL, once truncated.
+    wal_start: BTreeMap<NodeId, u64>,
+}
+
+impl Inner {
+    /// Joins one op into the state and the WAL. The caller checked it is the next of its origin.
+    fn commit(&mut self, op: Op) -> Result<(), CrdtError> {
+        let slot = self
+            .states
+            .entry((op.kind(), op.key.clone()))
+            .or_insert_with(|| State::bottom(op.kind()));
+        slot.merge(&op.delta)?;
+        self.applied.raise(op.dot.node, op.dot.seq);
+        self.wal.insert((op.dot.node, op.dot.seq), op);
+        Ok(())
+    }
+}
+
+/// An in-memory replica: CRDT states, the WAL, the applied vector, peers' vectors and an HLC.
+pub struct MemStore {
+    node: NodeId,
+    /// The physical clock under the HLC, also the wall clock for skew measurements.
+    clock: fn() -> uhlc::NTP64,
+    hlc: uhlc::HLC,
+    inner: Mutex<Inner>,
+    applied_tx: watch::Sender<VersionVector>,
+}
+
+impl std::fmt::Debug for MemStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // uhlc's HLC is not Debug; the node id says which clock it is.
+        f.debug_struct("MemStore")
+            .field("node", &self.node)
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemStore {
+    /// An empty replica of `node` whose clock refuses remote stamps more than `max_skew` ahead.
+    pub fn new(node: NodeId, max_skew: Duration) -> Self {
+        Self::with_clock(node, max_skew, uhlc::system_time_clock)
+    }
+
+    /// Like [`Self::new`], with the physical clock read through `clock` (simulated time, or a
+    /// skewed clock in tests).
+    pub fn with_clock(node: NodeId, max_skew: Duration, clock: fn() -> uhlc::NTP64) -> Self {
+        let hlc = uhlc::HLCBuilder::new()
+            .with_id(node.to_uhlc())
+            .with_max_delta(max_skew)
+            .with_clock(clock)
+            .build();
+        Self {
+            node,
+            clock,
+            hlc,
+            inner: Mutex::new(Inner::default()),
+            applied_tx: watch::Sender::new(VersionVector::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (commit is the last step).
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes a local write: `delta` computes the op's delta from the key's current state (its
+    /// kind's bottom when absent), the op's dot and its stamp; the op is then applied and
+    /// logged like the server's write path does.
+    pub fn write_local<F>(
+        &self,
+        key: impl Into<String>,
+        kind: Kind,
+        delta: F,
+    ) -> Result<Op, CrdtError>
+    where
+        F: FnOnce(&State, Dot, Stamp) -> Result<State, CrdtError>,
+    {
+        let key = key.into();
+        let mut inner = self.lock();
+        let dot = inner.applied.next_dot(self.node);
+        let stamp = self.now();
+        let current = inner.states.get(&(kind, key.clone())).cloned();
+        let current = current.unwrap_or_else(|| State::bottom(kind));
+        let delta = delta(&current, dot, stamp)?;
+        if delta.kind() != kind {
+            return Err(CrdtError::KindMismatch);
+        }
+        let op = Op {
+            dot,
+            stamp,
+            key,
+            delta,
+        };
+        inner.commit(op.clone())?;
+        let applied = inner.applied.clone();
+        drop(inner);
+        self.applied_tx.send_replace(applied);
+        Ok(op)
+    }
+
+    /// Adds `by` to the PN-counter `key`: the write tests use most.
+    pub fn increment(&self, key: &str, by: i64) -> Result<Op, CrdtError> {
+        let node = self.node;
+        self.write_local(key, Kind::Counter, |state, _, _| match state {
+            State::Counter(c) => c.increment(node, by).map(State::Counter),
+            _ => Err(CrdtError::KindMismatch),
+        })
+    }
+
+    pub fn get(&self, kind: Kind, key: &str) -> Option<State> {
+        self.lock().states.get(&(kind, key.to_owned())).cloned()
+    }
+
+    /// Every key's state, for comparing replicas.
+    pub fn states(&self) -> BTreeMap<(Kind, String), State> {
+        self.lock().states.clone()
+    }
+
+    /// Number of ops (of every origin) in the WAL.
+    pub fn wal_len(&self) -> usize {
+        self.lock().wal.len()
+    }
+
+    /// Drops `origin`'s ops before `first_kept` from the WAL, as retention would.
+    pub fn truncate_wal(&self, origin: NodeId, first_kept: u64) {
+        let mut inner = self.lock();
+        let start = inner.wal_start.get(&origin).copied().unwrap_or(1);
+        if first_kept <= start {
+            return;
+        }
+        inner
+            .wal
+            .retain(|&(o, seq), _| o != origin || seq >= first_kept);
+        inner.wal_start.insert(origin, first_kept);
+    }
+}
+
+impl ReplicaStore for MemStore {
+    fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    fn applied(&self) -> VersionVector {
+        self.lock().applied.clone()
+    }
+
+    fn watch_applied(&self) -> watch::Receiver<VersionVector> {
+        self.applied_tx.subscribe()
+    }
+
+    /// Returns at least one op when any is available, even if it alone exceeds `max_bytes`,
+    /// so an oversized op can never stall its origin.
+    fn read_wal(
+        &self,
+        origin: NodeId,
+        after: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Op>, StoreError> {
+        let inner = self.lock();
+        let start = inner.wal_start.get(&origin).copied().unwrap_or(1);
+        if after.saturating_add(1) < start {
+            return Err(StoreError::Truncated {
+                origin,
+                first_available: start,
+            });
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let from = (origin, after.saturating_add(1));
+        for op in inner.wal.range(from..=(origin, u64::MAX)).map(|(_, op)| op) {
+            if out.len() >= max_ops.max(1) || (!out.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+            bytes += codec::encode_op(op).len();
+            out.push(op.clone());
+        }
+        Ok(out)
+    }
+
+    async fn apply_remote(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
+        let mut inner = self.lock();
+        let mut failure: Option<StoreError> = None;
+        let mut stopped: Vec<NodeId> = Vec::new();
+        let mut changed = false;
+        for op in ops {
+            let origin = op.dot.node;
+            if stopped.contains(&origin) {
+                continue;
+            }
+            let have = inner.applied.get(origin);
+            if op.dot.seq <= have {
+                continue; // already applied: idempotence
+            }
+            if op.dot.seq != have + 1 {
+                stopped.push(origin);
+                failure.get_or_insert(StoreError::Gap {
+                    origin,
+                    expected: have + 1,
+                    got: op.dot.seq,
+                });
+                continue;
+            }
+            let seq = op.dot.seq;
+            if let Err(e) = inner.commit(op) {
+                stopped.push(origin);
+                failure.get_or_insert(StoreError::Rejected {
+                    origin,
+                    seq,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            changed = true;
+        }
+        let applied = inner.applied.clone();
+        drop(inner);
+        if changed {
+            self.applied_tx.send_replace(applied.clone());
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(applied),
+        }
+    }
+
+    fn record_peer_applied(&self, peer: NodeId, applied: &VersionVector) -> Result<(), StoreError> {
+        self.lock().peers.insert(peer, applied.clone());
+        Ok(())
+    }
+
+    fn peer_applied(&self) -> BTreeMap<NodeId, VersionVector> {
+        self.lock().peers.clone()
+    }
+
+    fn observe_stamp(&self, stamp: Stamp) -> bool {
+        self.hlc.update_with_timestamp(&stamp.to_uhlc()).is_ok()
+    }
+
+    fn now(&self) -> Stamp {
+        // Our HLC carries our id, so the stamp is ours by construction.
+        Stamp::new(self.hlc.new_timestamp().get_time().as_u64(), self.node)
+    }
+
+    fn wall_clock_ms(&self) -> u64 {
+        (self.clock)().as_nanos() / 1_000_000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_crdt::PnCounter;
+
+    fn n(id: u64) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    fn counter(store: &MemStore, key: &str) -> i64 {
+        match store.get(Kind::Counter, key) {
+            Some(State::Counter(c)) => c.value(),
+            _ => 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn remote_ops_apply_in_order_idempotently_and_gaps_stop_an_origin() {
+        let a = MemStore::new(n(1), Duration::from_secs(1));
+        let b = MemStore::new(n(2), Duration::from_secs(1));
+        let ops: Vec<Op> = (0..5).map(|_| a.increment("k", 2).unwrap()).collect();
+        let applied = b.apply_remote(ops[..2].to_vec()).await.unwrap();
+        assert_eq!(applied.get(n(1)), 2);
+        // Replays are skipped; the rest applies.
+        b.apply_remote(ops.clone()).await.unwrap();
+        assert_eq!(counter(&b, "k"), 10);
+        assert_eq!(b.states(), a.states());
+        // A gap is refused after applying what precedes it.
+        let c = MemStore::new(n(3), Duration::from_secs(1));
+        let err = c
+            .apply_remote(vec![ops[0].clone(), ops[2].clone()])
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::Gap {
+                expected: 2,
+                got: 3,
+                ..
+            }
+        ));
+        assert_eq!(c.applied().get(n(1)), 1);
+    }
+
+    #[test]
+    fn wal_reads_respect_bounds_and_truncation() {
+        let a = MemStore::new(n(1), Duration::from_secs(1));
+        for _ in 0..10 {
+            a.increment("k", 1).unwrap();
+        }
+        assert_eq!(a.read_wal(n(1), 0, 3, usize::MAX).unwrap().len(), 3);
+        assert_eq!(a.read_wal(n(1), 8, 100, usize::MAX).unwrap().len(), 2);
+        assert_eq!(
+            a.read_wal(n(1), 0, 100, 1).unwrap().len(),
+            1,
+            "at least one op"
+        );
+        assert!(a.read_wal(n(1), 10, 100, usize::MAX).unwrap().is_empty());
+        a.truncate_wal(n(1), 6);
+        assert!(matches!(
+            a.read_wal(n(1), 3, 100, usize::MAX),
+            Err(StoreError::Truncated {
+                first_available: 6,
+                ..
+            })
+        ));
+        assert_eq!(a.read_wal(n(1), 5, 100, usize::MAX).unwrap()[0].dot.seq, 6);
+    }
+
+    #[test]
+    fn stamps_beyond_the_max_skew_are_refused() {
+        let a = MemStore::new(n(1), Duration::from_millis(500));
+        let now = a.now();
+        assert!(a.observe_stamp(Stamp::new(now.time + (1 << 28), n(2)))); // ~60 ms ahead
+        assert!(!a.observe_stamp(Stamp::new(now.time + (10 << 32), n(2)))); // 10 s ahead
+        assert!(a.now() > now);
+    }
+
+    #[test]
+    fn local_writes_of_the_wrong_kind_are_refused() {
+        let a = MemStore::new(n(1), Duration::from_secs(1));
+        let err = a
+            .write_local("k", Kind::Register, |_, _, _| {
+                Ok(State::Counter(PnCounter::default()))
+            })
+            .unwrap_err();
+        assert_eq!(err, CrdtError::KindMismatch);
+        assert!(a.applied().is_empty());
+    }
+}

@@ -1,0 +1,1232 @@
+//! The tokio/quinn driver: sockets, timers and tasks around the sans-IO cores.
+//!
+//! # Tasks
+//! - **accept**: takes incoming connections; each becomes a *publisher session* that checks the
+//!   peer's `Hello` and then serves its subscription ([`crate::outbound::Outbound`]).
+//! - **dial**, one per peer: keeps one outgoing connection to it (reconnecting with backoff);
+//!   on it runs the *subscriber session*: subscribe ([`crate::plan`]), apply batches, ack.
+//! - **monitor**: re-evaluates the failure detector and publishes `reachable` / `suspected`.
+//! - **supervisor**: on shutdown closes the endpoint, waits for the other tasks, then for the
+//!   endpoint to drain (each bounded by `shutdown_timeout`).
+//!
+//! # Streams of a connection from subscriber R to publisher S
+//! - one bidirectional *control* stream, opened by R: `Hello` both ways, then R → S
+//!   `Subscribe`, `Ack`, `Heartbeat`; S → R `Heartbeat`, `Truncated`. Its send side has a higher
+//!   priority than batches, so heartbeats (and thus liveness and skew) are not queued behind
+//!   megabytes of data.
+//! - one unidirectional *batch* stream S → R carrying `Batch` frames.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meridian_crdt::{NodeId, Op, Stamp, VersionVector, codec};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{PeerConfig, ReplicationConfig};
+use crate::outbound::{Action, Limits, Outbound};
+use crate::plan::{Backoff, Inbound, Liveness, SkewEstimator, plan_subscription};
+use crate::store::{ReplicaStore, StoreError};
+use crate::wire::{self, Hello, Message, PROTOCOL_VERSION, WireError};
+use crate::{ReplicationError, tls};
+
+/// Connection close codes, so the other side's logs say why.
+const CLOSE_SHUTDOWN: u32 = 0;
+const CLOSE_REFUSED: u32 = 1;
+const CLOSE_PROTOCOL: u32 = 2;
+const CLOSE_REPLACED: u32 = 3;
+const CLOSE_STORE: u32 = 4;
+
+/// Ops per WAL read: bytes bound batches; this only bounds the allocation of one read.
+const MAX_OPS_PER_READ: usize = 4096;
+
+/// Everything that ends a session. Sessions end on any error; the dialer then reconnects.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("bad frame: {0}")]
+    Wire(#[from] WireError),
+    #[error("bad op in batch: {0}")]
+    Op(#[from] meridian_crdt::CrdtError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("stream ended")]
+    Ended,
+}
+
+/// What a peer could not serve us: its WAL no longer has our cursor for `origin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncation {
+    pub origin: NodeId,
+    pub first_available: u64,
+}
+
+/// One peer as this node sees it, for `/v1/cluster` and metrics.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PeerStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub region: String,
+    pub address: SocketAddr,
+    /// Our outgoing connection (on which we pull its ops) is up.
+    pub connected: bool,
+    /// Its connection to us (on which it pulls ours) is up.
+    pub inbound_connected: bool,
+    /// The failure detector's verdict.
+    pub reachable: bool,
+    pub last_heard_ms_ago: Option<u64>,
+    pub rtt_ms: Option<f64>,
+    /// Its clock minus ours, RTT-corrected and smoothed; positive when it is ahead.
+    pub skew_ms: Option<f64>,
+    /// Its stamps our HLC refused as too far ahead.
+    pub refused_stamps: u64,
+    /// What we shipped to it (bytes: compressed frames).
+    pub ops_sent: u64,
+    pub batches_sent: u64,
+    pub bytes_sent: u64,
+    /// What we applied from it (its own ops and relayed ones).
+    pub ops_received: u64,
+    pub batches_received: u64,
+    pub last_batch_ops: u64,
+    /// Its applied vector, from its latest ack (or as persisted at start).
+    pub their_applied: VersionVector,
+    /// Ops of this node's own origin it has not acknowledged.
+    pub lag_ops: u64,
+    /// Age (HLC) of the oldest op of ours it has not acknowledged; 0 when caught up.
+    pub lag_ms: u64,
+    pub truncated: Option<Truncation>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    liveness: Liveness,
+    /// Any message on any connection with the peer, for display.
+    last_heard: Option<Instant>,
+    inbound_connected: bool,
+    /// Cancels the current inbound session when the peer reconnects, so one remains.
+    inbound_session: Option<CancellationToken>,
+    /// Numbers inbound sessions, so an old one ending does not clear a newer one's state.
+    inbound_generation: u64,
+    rtt: Option<Duration>,
+    skew: SkewEstimator,
+    refused_stamps: u64,
+    ops_sent: u64,
+    batches_sent: u64,
+    bytes_sent: u64,
+    ops_received: u64,
+    batches_received: u64,
+    last_batch_ops: u64,
+    their_applied: VersionVector,
+    truncated: Option<Truncation>,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct PeerSlot {
+    config: PeerConfig,
+    state: Mutex<PeerState>,
+}
+
+impl PeerSlot {
+    fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The store as the status code needs it: object-safe, so [`Replicator`] is not generic.
+trait StatusSource: Send + Sync {
+    fn applied(&self) -> VersionVector;
+    fn stamp_after(&self, origin: NodeId, after: u64) -> Option<Stamp>;
+    fn now(&self) -> Stamp;
+}
+
+impl<S: ReplicaStore> StatusSource for S {
+    fn applied(&self) -> VersionVector {
+        ReplicaStore::applied(self)
+    }
+    fn stamp_after(&self, origin: NodeId, after: u64) -> Option<Stamp> {
+        self.read_wal(origin, after, 1, 1)
+            .ok()?
+            .first()
+            .map(|op| op.stamp)
+    }
+    fn now(&self) -> Stamp {
+        ReplicaStore::now(self)
+    }
+}
+
+struct Shared {
+    config: ReplicationConfig,
+    peers: BTreeMap<NodeId, PeerSlot>,
+    reachable: watch::Sender<BTreeSet<NodeId>>,
+    /// Peers unreachable for long enough that their ops are pulled from others.
+    suspected: watch::Sender<BTreeSet<NodeId>>,
+    acks: watch::Sender<BTreeMap<NodeId, VersionVector>>,
+    refused_connections: AtomicU64,
+    status: Arc<dyn StatusSource>,
+    client_config: quinn::ClientConfig,
+}
+
+impl Shared {
+    fn slot(&self, id: NodeId) -> Option<&PeerSlot> {
+        self.peers.get(&id)
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            batch_max_bytes: self.config.batch_max_bytes,
+            batch_max_delay: self.config.batch_max_delay,
+            window_bytes: self.config.window_bytes,
+        }
+    }
+
+    /// Recomputes the failure detector's sets and publishes them when they change.
+    fn refresh(&self, now: Instant) {
+        let mut reachable = BTreeSet::new();
+        let mut suspected = BTreeSet::new();
+        for (&id, slot) in &self.peers {
+            let state = slot.lock();
+            if state.liveness.is_reachable(now) {
+                reachable.insert(id);
+            }
+            if state.liveness.is_suspected(now) {
+                suspected.insert(id);
+            }
+        }
+        self.reachable
+            .send_if_modified(|current| replace_if_changed(current, reachable));
+        self.suspected
+            .send_if_modified(|current| replace_if_changed(current, suspected));
+    }
+
+    /// Heard a message from `peer`; `outgoing` when on our connection to it (failure detector).
+    fn heard(&self, peer: NodeId, outgoing: bool) {
+        if let Some(slot) = self.slot(peer) {
+            let now = Instant::now();
+            let mut state = slot.lock();
+            state.last_heard = Some(now);
+            if outgoing {
+                state.liveness.on_heard(now);
+            }
+        }
+    }
+
+    /// Feeds a remote stamp to the HLC, counting refusals against `peer`.
+    fn observe<S: ReplicaStore>(&self, store: &S, peer: NodeId, stamp: Stamp) {
+        if !store.observe_stamp(stamp) {
+            if let Some(slot) = self.slot(peer) {
+                slot.lock().refused_stamps += 1;
+            }
+            debug!(peer = %peer, "refused a clock stamp beyond the maximum skew");
+        }
+    }
+
+    fn on_heartbeat<S: ReplicaStore>(
+        &self,
+        store: &S,
+        conn: &Connection,
+        peer: NodeId,
+        stamp: Stamp,
+        wall_ms: u64,
+        outgoing: bool,
+    ) {
+        self.heard(peer, outgoing);
+        self.observe(store, peer, stamp);
+        if let Some(slot) = self.slot(peer) {
+            let rtt = conn.rtt();
+            let mut state = slot.lock();
+            state.rtt = Some(rtt);
+            state.skew.sample(wall_ms, store.wall_clock_ms(), rtt);
+        }
+    }
+
+    fn set_error(&self, peer: NodeId, error: &SessionError) {
+        if let Some(slot) = self.slot(peer) {
+            slot.lock().last_error = Some(error.to_string());
+        }
+    }
+}
+
+fn replace_if_changed<T: PartialEq>(current: &mut T, next: T) -> bool {
+    if *current == next {
+        false
+    } else {
+        *current = next;
+        true
+    }
+}
+
+fn heartbeat_message<S: ReplicaStore>(store: &S) -> Message {
+    Message::Heartbeat {
+        stamp: store.now(),
+        wall_ms: store.wall_clock_ms(),
+    }
+}
+
+fn wall_clock_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fresh random number for jitter, from std's per-process random hasher keys.
+fn random() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(wall_clock_millis());
+    hasher.finish()
+}
+
+/// A running replication endpoint. Dropping it stops it (without waiting); prefer
+/// [`Replicator::shutdown`], which waits for connections to close cleanly.
+#[derive(Debug)]
+pub struct Replicator {
+    shared: Arc<SharedHandle>,
+    local_addr: SocketAddr,
+    /// The caller's token: cancelling it stops us.
+    external: CancellationToken,
+    /// Ours, a child of `external`, so that [`Self::shutdown`] and drop stop only us.
+    cancel: CancellationToken,
+    supervisor: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+/// `Shared` without its non-Debug parts in the way of `#[derive(Debug)]`.
+struct SharedHandle(Shared);
+
+impl std::fmt::Debug for SharedHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("node", &self.0.config.node)
+            .field("peers", &self.0.peers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for SharedHandle {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Replicator {
+    /// Binds the QUIC endpoint on `config.listen` and starts replicating with every peer.
+    /// Returns once bound; connections come up in the background. Must be called inside a
+    /// tokio runtime. Cancelling `shutdown` (or calling [`Self::shutdown`]) stops it.
+    pub fn start<S: ReplicaStore>(
+        config: ReplicationConfig,
+        store: Arc<S>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ReplicationError> {
+        config.validate()?;
+        if store.node_id() != config.node {
+            return Err(ReplicationError::Config(format!(
+                "store belongs to node {}, config to node {}",
+                store.node_id(),
+                config.node
+            )));
+        }
+        let idle = config.peer_timeout + config.heartbeat_interval;
+        let server = tls::server_config(&config.tls, idle, config.window_bytes)?;
+        let client_config = tls::client_config(&config.tls, idle, config.window_bytes)?;
+        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
+            ReplicationError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| ReplicationError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+
+        let now = Instant::now();
+        let persisted = store.peer_applied();
+        let peers = config
+            .peers
+            .iter()
+            .map(|peer| {
+                let state = PeerState {
+                    liveness: Liveness::new(now, config.peer_timeout),
+                    last_heard: None,
+                    inbound_connected: false,
+                    inbound_session: None,
+                    inbound_generation: 0,
+                    rtt: None,
+                    skew: SkewEstimator::default(),
+                    refused_stamps: 0,
+                    ops_sent: 0,
+                    batches_sent: 0,
+                    bytes_sent: 0,
+                    ops_received: 0,
+                    batches_received: 0,
+                    last_batch_ops: 0,
+                    their_applied: persisted.get(&peer.id).cloned().unwrap_or_default(),
+                    truncated: None,
+                    last_error: None,
+                };
+                (
+                    peer.id,
+                    PeerSlot {
+                        config: peer.clone(),
+                        state: Mutex::new(state),
+                    },
+                )
+            })
+            .collect();
+        let acks = config
+            .peers
+            .iter()
+            .map(|p| (p.id, persisted.get(&p.id).cloned().unwrap_or_default()))
+            .collect();
+        let status: Arc<dyn StatusSource> = store.clone();
+        let shared = Arc::new(SharedHandle(Shared {
+            peers,
+            reachable: watch::Sender::new(BTreeSet::new()),
+            suspected: watch::Sender::new(BTreeSet::new()),
+            acks: watch::Sender::new(acks),
+            refused_connections: AtomicU64::new(0),
+            status,
+            client_config,
+            config,
+        }));
+
+        let cancel = shutdown.child_token();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(
+            shared.clone(),
+            store.clone(),
+            endpoint.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        ));
+        for &peer in shared.peers.keys() {
+            tracker.spawn(dial_loop(
+                shared.clone(),
+                store.clone(),
+                endpoint.clone(),
+                tracker.clone(),
+                peer,
+                cancel.clone(),
+            ));
+        }
+        tracker.spawn(monitor(shared.clone(), cancel.clone()));
+        drop(store);
+        let supervisor = tokio::spawn(supervise(shared.clone(), endpoint, tracker, cancel.clone()));
+        info!(node = %shared.config.node, addr = %local_addr, "replication endpoint listening");
+        Ok(Self {
+            shared,
+            local_addr,
+            external: shutdown,
+            cancel,
+            supervisor: tokio::sync::Mutex::new(Some(supervisor)),
+        })
+    }
+
+    /// The bound address (useful when `listen` had port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every configured peer's status.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let now = Instant::now();
+        let me = self.shared.config.node;
+        let applied = self.shared.status.applied();
+        let local_now = self.shared.status.now();
+        let reachable = self.shared.reachable.borrow().clone();
+        self.shared
+            .peers
+            .iter()
+            .map(|(&id, slot)| {
+                // Read the WAL without holding the peer's lock: sessions take it per message.
+                let acked = slot.lock().their_applied.get(me);
+                let lag_ops = applied.get(me).saturating_sub(acked);
+                let lag_ms = if lag_ops == 0 {
+                    0
+                } else {
+                    self.shared
+                        .status
+                        .stamp_after(me, acked)
+                        .map_or(0, |oldest| {
+                            local_now.unix_millis().saturating_sub(oldest.unix_millis())
+                        })
+                };
+                let state = slot.lock();
+                PeerStatus {
+                    id,
+                    name: slot.config.name.clone(),
+                    region: slot.config.region.clone(),
+                    address: slot.config.address,
+                    connected: state.liveness.is_connected(),
+                    inbound_connected: state.inbound_connected,
+                    reachable: reachable.contains(&id),
+                    last_heard_ms_ago: state
+                        .last_heard
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    rtt_ms: state.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    skew_ms: state.skew.skew_ms(),
+                    refused_stamps: state.refused_stamps,
+                    ops_sent: state.ops_sent,
+                    batches_sent: state.batches_sent,
+                    bytes_sent: state.bytes_sent,
+                    ops_received: state.ops_received,
+                    batches_received: state.batches_received,
+                    last_batch_ops: state.last_batch_ops,
+                    their_applied: state.their_applied.clone(),
+                    lag_ops,
+                    lag_ms,
+                    truncated: state.truncated,
+                    last_error: state.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Peers the failure detector currently considers reachable.
+    pub fn reachable(&self) -> BTreeSet<NodeId> {
+        self.shared.reachable.borrow().clone()
+    }
+
+    pub fn watch_reachable(&self) -> watch::Receiver<BTreeSet<NodeId>> {
+        self.shared.reachable.subscribe()
+    }
+
+    /// Each peer's durably applied vector, as last acknowledged (for quorum writes and GC).
+    pub fn watch_acks(&self) -> watch::Receiver<BTreeMap<NodeId, VersionVector>> {
+        self.shared.acks.subscribe()
+    }
+
+    /// Connections refused after the TLS handshake failed or the peer's `Hello` did not
+    /// check out (unknown node, wrong cluster, certificate of another node).
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused_connections.load(Ordering::Relaxed)
+    }
+
+    /// Stops: closes every connection with a reason, waits (bounded by `shutdown_timeout`) for
+    /// tasks to finish and for the endpoint to drain. Idempotent.
+    ///
+    /// The UDP socket is released once every connection has drained; when that takes longer
+    /// than the deadline (a handshake in flight drains for seconds), binding the same address
+    /// again in the same process fails with [`ReplicationError::Bind`] for a moment.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        let supervisor = self.supervisor.lock().await.take();
+        if let Some(handle) = supervisor {
+            if let Err(e) = handle.await {
+                warn!(error = %e, "replication supervisor failed");
+            }
+        }
+    }
+
+    /// Waits until the shutdown token passed to [`Self::start`] is cancelled, then until
+    /// replication has stopped.
+    pub async fn closed(&self) {
+        self.external.cancelled().await;
+        self.shutdown().await;
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn supervise(
+    shared: Arc<SharedHandle>,
+    endpoint: quinn::Endpoint,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    cancel.cancelled().await;
+    // Sessions close their own connections as they see the cancellation; closing the endpoint
+    // at once as well refuses handshakes that arrive meanwhile (no task accepts them any more)
+    // and covers connections still handshaking.
+    endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown");
+    let deadline = shared.config.shutdown_timeout;
+    tracker.close();
+    if timeout(deadline, tracker.wait()).await.is_err() {
+        warn!("replication tasks did not stop in time");
+    }
+    // Lets the close frames reach the peers, so they reconnect elsewhere at once instead of
+    // waiting for an idle timeout. Connections that never finished their handshake drain
+    // for three initial PTOs (seconds), hence the bound.
+    if timeout(deadline, endpoint.wait_idle()).await.is_err() {
+        debug!("replication endpoint did not drain in time");
+    }
+    info!(node = %shared.config.node, "replication stopped");
+}
+
+async fn monitor(shared: Arc<SharedHandle>, cancel: CancellationToken) {
+    let period = (shared.config.heartbeat_interval / 4).max(Duration::from_millis(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => shared.refresh(Instant::now()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames on streams
+
+async fn read_message(recv: &mut RecvStream) -> Result<Message, SessionError> {
+    let mut header = [0; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(SessionError::Ended),
+        Err(e) => return Err(read_error(e)),
+    }
+    let len = wire::payload_len(header)?;
+    let mut payload = vec![0; len];
+    recv.read_exact(&mut payload).await.map_err(read_error)?;
+    Ok(wire::decode_payload(&payload)?)
+}
+
+/// Surfaces why the connection went away (closed by the peer, timed out...), which quinn's
+/// stream errors only summarise as "connection lost".
+fn read_error(error: quinn::ReadExactError) -> SessionError {
+    match error {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => e.into(),
+        other => other.into(),
+    }
+}
+
+async fn write_message(send: &mut SendStream, message: &Message) -> Result<usize, SessionError> {
+    let frame = wire::encode_frame(message)?;
+    send.write_all(&frame).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(e) => SessionError::Connection(e),
+        other => SessionError::Write(other),
+    })?;
+    Ok(frame.len())
+}
+
+/// Reads the control stream into a channel, so session loops can `select!` on it safely
+/// (reading a frame is not cancel-safe; receiving from a channel is).
+fn spawn_reader(
+    tracker: &TaskTracker,
+    mut recv: RecvStream,
+) -> mpsc::Receiver<Result<Message, SessionError>> {
+    let (tx, rx) = mpsc::channel(64);
+    tracker.spawn(async move {
+        loop {
+            let next = read_message(&mut recv).await;
+            let stop = next.is_err();
+            if tx.send(next).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A decoded batch, ready to apply.
+struct ReceivedBatch {
+    epoch: u64,
+    ops: Vec<Op>,
+}
+
+/// Accepts the publisher's batch stream and decodes batches (ops included) off the session
+/// loop. The channel is small: while the session applies, QUIC flow control holds the sender.
+fn spawn_batch_reader(
+    tracker: &TaskTracker,
+    conn: Connection,
+) -> mpsc::Receiver<Result<ReceivedBatch, SessionError>> {
+    let (tx, rx) = mpsc::channel(4);
+    tracker.spawn(async move {
+        let mut recv = match conn.accept_uni().await {
+            Ok(recv) => recv,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        loop {
+            let next = match read_message(&mut recv).await {
+                Ok(Message::Batch { epoch, ops }) => ops
+                    .iter()
+                    .map(|bytes| codec::decode_op(bytes))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|ops| ReceivedBatch { epoch, ops })
+                    .map_err(SessionError::from),
+                Ok(other) => Err(SessionError::Protocol(format!(
+                    "unexpected {} on the batch stream",
+                    kind(&other)
+                ))),
+                Err(e) => Err(e),
+            };
+            let stop = next.is_err();
+            if tx.send(next).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Hello(_) => "Hello",
+        Message::Subscribe { .. } => "Subscribe",
+        Message::Batch { .. } => "Batch",
+        Message::Ack { .. } => "Ack",
+        Message::Heartbeat { .. } => "Heartbeat",
+        Message::Truncated { .. } => "Truncated",
+    }
+}
+
+fn close_code(error: &SessionError) -> u32 {
+    match error {
+        SessionError::Refused(_) => CLOSE_REFUSED,
+        SessionError::Store(_) => CLOSE_STORE,
+        _ => CLOSE_PROTOCOL,
+    }
+}
+
+fn handshake_timeout(config: &ReplicationConfig) -> Duration {
+    (config.peer_timeout * 2).max(Duration::from_secs(1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publisher side: incoming connections
+
+async fn accept_loop<S: ReplicaStore>(
+    shared: Arc<SharedHandle>,
+    store: Arc<S>,
+    endpoint: quinn::Endpoint,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            () = cancel.cancelled() => return,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { return };
+        let (shared, store, tracker2, cancel) = (
+            shared.clone(),
+            store.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        );
+        tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match timeout(handshake_timeout(&shared.config), incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    shared.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, error = %e, "refused a replication connection: handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, "refused a replication connection: handshake timed out");
+                    return;
+                }
+            };
+            serve(shared, store, conn, tracker2, cancel).await;
+        });
+    }
+}
+
+/// Checks the subscriber's `Hello`: same protocol and cluster, a configured node, and a
+/// certificate issued to that node's name.
+fn check_hello(shared: &Shared, conn: &Connection, hello: &Hello) -> Result<NodeId, SessionError> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(SessionError::Refused(format!(
+            "protocol version {}",
+            hello.version
+        )));
+    }
+    if hello.cluster != shared.config.cluster {
+        return Err(SessionError::Refused(format!(
+            "cluster {:?}",
+            hello.cluster
+        )));
+    }
+    let slot = shared
+        .slot(hello.node)
+        .ok_or_else(|| SessionError::Refused(format!("unknown node {}", hello.node)))?;
+    if !tls::certificate_matches(conn, &slot.config.name) {
+        return Err(SessionError::Refused(format!(
+            "certificate is not valid for {:?}, the name of node {}",
+            slot.config.name, hello.node
+        )));
+    }
+    Ok(hello.node)
+}
+
+async fn serve<S: ReplicaStore>(
+    shared: Arc<SharedHandle>,
+    store: Arc<S>,
+    conn: Connection,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let remote = conn.remote_address();
+    let greeting = timeout(handshake_timeout(&shared.config), async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        match read_message(&mut recv).await? {
+            Message::Hello(hello) => Ok((send, recv, hello)),
+            other => Err(SessionError::Protocol(format!(
+                "expected Hello, got {}",
+                kind(&other)
+            ))),
+        }
+    })
+    .await
+    .unwrap_or(Err(SessionError::Timeout("waiting for Hello")));
+    let (send, recv, peer) = match greeting
+        .and_then(|(send, recv, hello)| Ok((send, recv, check_hello(&shared, &conn, &hello)?)))
+    {
+        Ok(ok) => ok,
+        Err(e) => {
+            shared.refused_connections.fetch_add(1, Ordering::Relaxed);
+            warn!(%remote, error = %e, "refused a replication connection");
+            conn.close(VarInt::from_u32(close_code(&e)), e.to_string().as_bytes());
+            return;
+        }
+    };
+    let Some(slot) = shared.slot(peer) else {
+        return;
+    };
+    let session = cancel.child_token();
+    let generation = {
+        let mut state = slot.lock();
+        if let Some(previous) = state.inbound_session.replace(session.clone()) {
+            previous.cancel();
+        }
+        state.inbound_connected = true;
+        state.inbound_generation += 1;
+        state.inbound_generation
+    };
+    debug!(peer = %peer, %remote, "peer connected to pull our WAL");
+    let result = publish(
+        &shared, &*store, &conn, &tracker, peer, send, recv, &session,
+    )
+    .await;
+    {
+        let mut state = slot.lock();
+        // Only the latest session owns the flag.
+        if state.inbound_generation == generation {
+            state.inbound_connected = false;
+            state.inbound_session = None;
+        }
+    }
+    match result {
+        Ok(()) => {
+            let (code, reason): (u32, &[u8]) = if cancel.is_cancelled() {
+                (CLOSE_SHUTDOWN, b"shutdown")
+            } else {
+                (CLOSE_REPLACED, b"replaced by a newer connection")
+            };
+            conn.close(VarInt::from_u32(code), reason);
+        }
+        Err(e) => {
+            debug!(peer = %peer, error = %e, "publisher session ended");
+            conn.close(VarInt::from_u32(close_code(&e)), e.to_string().as_bytes());
+        }
+    }
+}
+
+/// Serves one subscriber until the connection fails or we stop.
+#[allow(clippy::too_many_arguments)]
+async fn publish<S: ReplicaStore>(
+    shared: &Shared,
+    store: &S,
+    conn: &Connection,
+    tracker: &TaskTracker,
+    peer: NodeId,
+    mut control: SendStream,
+    recv: RecvStream,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        cluster: shared.config.cluster.clone(),
+        node: shared.config.node,
+    };
+    write_message(&mut control, &Message::Hello(hello)).await?;
+    // Heartbeats and truncation notices must overtake queued batches.
+    let _ = control.set_priority(1);
+    let mut batches = conn.open_uni().await?;
+    let mut from_peer = spawn_reader(tracker, recv);
+    let mut applied = store.watch_applied();
+    let mut outbound = Outbound::new(shared.limits());
+    let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let slot = shared.slot(peer).ok_or(SessionError::Ended)?;
+    // Acks update the in-memory view (quorum waiters) at once, but are persisted at most once
+    // per heartbeat: the persisted cursor only bounds WAL truncation, where stale is safe, and
+    // the subscriber's own applied vector is what resumes replication.
+    let mut unpersisted: Option<VersionVector> = None;
+    let result = async {
+        loop {
+            let available = applied.borrow_and_update().clone();
+            let actions = outbound.poll(Instant::now(), &available, |origin, after, max_bytes| {
+                store.read_wal(origin, after, MAX_OPS_PER_READ, max_bytes)
+            });
+            for action in actions {
+                match action {
+                    Action::Batch(batch) => {
+                        let count = batch.ops.len() as u64;
+                        let message = Message::Batch {
+                            epoch: batch.epoch,
+                            ops: batch.ops,
+                        };
+                        let bytes = write_message(&mut batches, &message).await? as u64;
+                        let mut state = slot.lock();
+                        state.ops_sent += count;
+                        state.batches_sent += 1;
+                        state.bytes_sent += bytes;
+                    }
+                    Action::Truncated {
+                        epoch,
+                        origin,
+                        first_available,
+                    } => {
+                        warn!(peer = %peer, origin = %origin, first_available,
+                            "peer's cursor is older than our WAL; anti-entropy must repair it");
+                        let message = Message::Truncated {
+                            epoch,
+                            origin,
+                            first_available,
+                        };
+                        write_message(&mut control, &message).await?;
+                    }
+                }
+            }
+            let deadline = outbound.deadline().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        return Err(SessionError::Store(StoreError::Unavailable(
+                            "applied vector no longer published".into(),
+                        )));
+                    }
+                }
+                () = async { if let Some(at) = deadline { sleep_until(at).await } },
+                    if deadline.is_some() => {}
+                _ = heartbeat.tick() => {
+                    write_message(&mut control, &heartbeat_message(store)).await?;
+                    if let Some(applied) = unpersisted.take() {
+                        store.record_peer_applied(peer, &applied)?;
+                    }
+                }
+                message = from_peer.recv() => {
+                    let message = message.ok_or(SessionError::Ended)??;
+                    match message {
+                        Message::Subscribe { epoch, after } => {
+                            debug!(peer = %peer, epoch, ?after, "subscription");
+                            outbound.subscribe(epoch, after);
+                            shared.heard(peer, false);
+                        }
+                        Message::Ack { applied } => {
+                            shared.heard(peer, false);
+                            outbound.on_ack(&applied);
+                            if record_ack(shared, peer, &applied) {
+                                unpersisted = Some(applied);
+                            }
+                        }
+                        Message::Heartbeat { stamp, wall_ms } => {
+                            shared.on_heartbeat(store, conn, peer, stamp, wall_ms, false);
+                        }
+                        other => {
+                            return Err(SessionError::Protocol(format!(
+                                "unexpected {} from a subscriber",
+                                kind(&other)
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if let Some(applied) = unpersisted {
+        store.record_peer_applied(peer, &applied)?;
+    }
+    result
+}
+
+/// Records `peer`'s acknowledged vector in memory; true when it changed.
+fn record_ack(shared: &Shared, peer: NodeId, applied: &VersionVector) -> bool {
+    let Some(slot) = shared.slot(peer) else {
+        return false;
+    };
+    {
+        let mut state = slot.lock();
+        if state.their_applied == *applied {
+            return false;
+        }
+        state.their_applied.clone_from(applied);
+    }
+    shared.acks.send_if_modified(|acks| {
+        let entry = acks.entry(peer).or_default();
+        replace_if_changed(entry, applied.clone())
+    });
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscriber side: one outgoing connection per peer
+
+async fn dial_loop<S: ReplicaStore>(
+    shared: Arc<SharedHandle>,
+    store: Arc<S>,
+    endpoint: quinn::Endpoint,
+    tracker: TaskTracker,
+    peer: NodeId,
+    cancel: CancellationToken,
+) {
+    let Some(slot) = shared.slot(peer) else {
+        return;
+    };
+    let mut backoff = Backoff::new(shared.config.reconnect_base, shared.config.reconnect_max);
+    while !cancel.is_cancelled() {
+        let mut established = false;
+        let result = subscribe(
+            &shared,
+            &*store,
+            &endpoint,
+            &tracker,
+            slot,
+            &cancel,
+            &mut established,
+        )
+        .await;
+        slot.lock().liveness.on_disconnected(Instant::now());
+        shared.refresh(Instant::now());
+        if let Err(e) = &result {
+            if established {
+                info!(peer = %peer, error = %e, "lost replication connection");
+            } else {
+                debug!(peer = %peer, error = %e, "cannot connect to peer");
+            }
+            shared.set_error(peer, e);
+        }
+        if established {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(random());
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = sleep(delay) => {}
+        }
+    }
+}
+
+async fn subscribe<S: ReplicaStore>(
+    shared: &Shared,
+    store: &S,
+    endpoint: &quinn::Endpoint,
+    tracker: &TaskTracker,
+    slot: &PeerSlot,
+    cancel: &CancellationToken,
+    established: &mut bool,
+) -> Result<(), SessionError> {
+    let peer = slot.config.id;
+    let limit = handshake_timeout(&shared.config);
+    let connecting = endpoint.connect_with(
+        shared.client_config.clone(),
+        slot.config.address,
+        &slot.config.name,
+    )?;
+    let conn = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        conn = timeout(limit, connecting) => conn.map_err(|_| SessionError::Timeout("connecting"))??,
+    };
+    let result = async {
+        let (mut control, mut recv) = conn.open_bi().await?;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            cluster: shared.config.cluster.clone(),
+            node: shared.config.node,
+        };
+        write_message(&mut control, &Message::Hello(hello)).await?;
+        let reply = timeout(limit, read_message(&mut recv))
+            .await
+            .map_err(|_| SessionError::Timeout("waiting for Hello"))??;
+        match reply {
+            Message::Hello(h)
+                if h.version == PROTOCOL_VERSION
+                    && h.cluster == shared.config.cluster
+                    && h.node == peer => {}
+            other => {
+                return Err(SessionError::Refused(format!(
+                    "unexpected greeting {other:?}"
+                )));
+            }
+        }
+        *established = true;
+        {
+            let mut state = slot.lock();
+            state.liveness.on_connected(Instant::now());
+            state.last_error = None;
+        }
+        shared.refresh(Instant::now());
+        info!(peer = %peer, "replicating from peer");
+        pull(shared, store, &conn, tracker, peer, control, recv, cancel).await
+    }
+    .await;
+    match &result {
+        Ok(()) => conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown"),
+        Err(e) => conn.close(VarInt::from_u32(close_code(e)), e.to_string().as_bytes()),
+    }
+    result
+}
+
+/// Pulls from one peer until the connection fails or we stop.
+#[allow(clippy::too_many_arguments)]
+async fn pull<S: ReplicaStore>(
+    shared: &Shared,
+    store: &S,
+    conn: &Connection,
+    tracker: &TaskTracker,
+    peer: NodeId,
+    mut control: SendStream,
+    recv: RecvStream,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let slot = shared.slot(peer).ok_or(SessionError::Ended)?;
+    let me = shared.config.node;
+    let nodes: Vec<NodeId> = shared.peers.keys().copied().collect();
+    let mut from_peer = spawn_reader(tracker, recv);
+    let mut batches = spawn_batch_reader(tracker, conn.clone());
+    let mut suspected = shared.suspected.subscribe();
+    let mut inbound = Inbound::new();
+    let mut last_ack = VersionVector::new();
+    let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resubscribe = true;
+    loop {
+        if resubscribe {
+            resubscribe = false;
+            let wanted = plan_subscription(
+                me,
+                peer,
+                nodes.iter().copied(),
+                &suspected.borrow_and_update(),
+            );
+            if let Some(message) = inbound.update(wanted, &store.applied()) {
+                debug!(peer = %peer, ?message, "subscribing");
+                write_message(&mut control, &message).await?;
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            changed = suspected.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                resubscribe = true;
+            }
+            _ = heartbeat.tick() => {
+                write_message(&mut control, &heartbeat_message(store)).await?;
+                // Our vector also moves through local writes and other peers: keep the
+                // publisher's view (WAL truncation, quorum) fresh without a batch to ack.
+                let applied = store.applied();
+                if applied != last_ack {
+                    write_message(&mut control, &Message::Ack { applied: applied.clone() }).await?;
+                    last_ack = applied;
+                }
+            }
+            message = from_peer.recv() => {
+                match message.ok_or(SessionError::Ended)?? {
+                    Message::Heartbeat { stamp, wall_ms } => {
+                        shared.on_heartbeat(store, conn, peer, stamp, wall_ms, true);
+                    }
+                    Message::Truncated { epoch, origin, first_available } => {
+                        shared.heard(peer, true);
+                        if inbound.is_current(epoch) {
+                            warn!(peer = %peer, origin = %origin, first_available,
+                                "peer's WAL no longer holds our cursor; needs anti-entropy");
+                            slot.lock().truncated = Some(Truncation { origin, first_available });
+                        }
+                    }
+                    other => {
+                        return Err(SessionError::Protocol(format!(
+                            "unexpected {} from a publisher",
+                            kind(&other)
+                        )));
+                    }
+                }
+            }
+            batch = batches.recv() => {
+                let batch = batch.ok_or(SessionError::Ended)??;
+                shared.heard(peer, true);
+                if !inbound.is_current(batch.epoch) {
+                    continue;
+                }
+                // A peer serves only the origins we asked it for; in particular it can never
+                // hand us ops of our own origin, whose dots only we mint.
+                let asked = inbound.origins().cloned().unwrap_or_default();
+                if let Some(op) = batch.ops.iter().find(|op| !asked.contains(&op.dot.node)) {
+                    return Err(SessionError::Protocol(format!(
+                        "op {}:{} of an origin we did not subscribe to",
+                        op.dot.node, op.dot.seq
+                    )));
+                }
+                if let Some(latest) = batch.ops.iter().map(|op| op.stamp).max() {
+                    // The HLC keeps the maximum: observing the batch's latest stamp is
+                    // equivalent to observing each, for one lock instead of many.
+                    shared.observe(store, peer, latest);
+                }
+                let count = batch.ops.len() as u64;
+                match store.apply_remote(batch.ops).await {
+                    Ok(applied) => {
+                        {
+                            let mut state = slot.lock();
+                            state.ops_received += count;
+                            state.batches_received += 1;
+                            state.last_batch_ops = count;
+                        }
+                        write_message(&mut control, &Message::Ack { applied: applied.clone() })
+                            .await?;
+                        last_ack = applied;
+                    }
+                    Err(StoreError::Gap { origin, expected, got }) => {
+                        warn!(peer = %peer, origin = %origin, expected, got,
+                            "gap in a batch; resubscribing from our applied vector");
+                        if let Some(message) = inbound.restart(&store.applied()) {
+                            write_message(&mut control, &message).await?;
+                        }
+                    }
+                    Err(e) => {
+                        error!(peer = %peer, error = %e, "cannot apply a batch");
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+}
