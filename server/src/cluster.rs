@@ -6,8 +6,12 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use std::sync::Arc;
+
+use meridian_replication::{PeerStatus, Replicator};
+
 use crate::config::{Config, PeerEntry};
-use crate::metrics::{Metrics, OriginLabels};
+use crate::metrics::{Metrics, OriginLabels, PeerLabels};
 use crate::storage::Storage;
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -34,8 +38,31 @@ pub struct PeerView {
     pub name: String,
     pub region: String,
     pub address: String,
+    /// Our connection to it (on which we pull its ops) is up.
     pub connected: bool,
+    /// Its connection to us (on which it pulls ours) is up.
+    pub inbound_connected: bool,
+    /// The failure detector's verdict.
     pub reachable: bool,
+    pub last_heard_ms_ago: Option<u64>,
+    pub rtt_ms: Option<f64>,
+    /// Its clock minus ours, RTT-corrected; positive when it is ahead.
+    pub clock_skew_ms: Option<f64>,
+    pub refused_clock_stamps: u64,
+    /// This node's ops it has not acknowledged.
+    pub lag_ops: u64,
+    /// Now minus the HLC time of the oldest op of ours it has not acknowledged.
+    pub lag_ms: u64,
+    /// Its applied vector, from its latest acknowledgement.
+    pub applied: BTreeMap<String, u64>,
+    pub ops_sent: u64,
+    pub batches_sent: u64,
+    pub bytes_sent: u64,
+    pub ops_received: u64,
+    pub last_batch_ops: u64,
+    /// Set when it asked for ops this node's WAL no longer holds.
+    pub truncated: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// Static identity plus whatever live components report.
@@ -44,10 +71,11 @@ pub struct ClusterView {
     cluster: String,
     node: NodeInfo,
     peers: Vec<PeerEntry>,
+    replicator: Option<Arc<Replicator>>,
 }
 
 impl ClusterView {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, replicator: Option<Arc<Replicator>>) -> Self {
         Self {
             cluster: config.node.cluster.clone(),
             node: NodeInfo {
@@ -56,7 +84,12 @@ impl ClusterView {
                 region: config.node.region.clone(),
             },
             peers: config.peers.clone(),
+            replicator,
         }
+    }
+
+    pub fn replicator(&self) -> Option<&Replicator> {
+        self.replicator.as_deref()
     }
 
     pub fn is_single_node(&self) -> bool {
@@ -71,22 +104,64 @@ impl ClusterView {
         ClusterStatus {
             cluster: self.cluster.clone(),
             node: self.node.clone(),
-            applied: storage.applied().iter().map(|(o, s)| (o.to_string(), s)).collect(),
+            applied: storage
+                .applied()
+                .iter()
+                .map(|(o, s)| (o.to_string(), s))
+                .collect(),
             wal_ops: storage.wal_len().unwrap_or(0),
             refused_clock_stamps: storage.refused_stamps(),
-            peers: self
-                .peers
-                .iter()
-                .map(|p| PeerView {
+            peers: self.peer_views(),
+        }
+    }
+
+    fn peer_views(&self) -> Vec<PeerView> {
+        let live: BTreeMap<u64, PeerStatus> = self
+            .replicator
+            .as_ref()
+            .map(|r| r.peers().into_iter().map(|p| (p.id.get(), p)).collect())
+            .unwrap_or_default();
+        self.peers
+            .iter()
+            .map(|p| {
+                let status = live.get(&p.id);
+                PeerView {
                     id: p.id,
                     name: p.name.clone(),
                     region: p.region.clone(),
-                    address: p.address.to_string(),
-                    connected: false,
-                    reachable: false,
-                })
-                .collect(),
-        }
+                    address: p.address.clone(),
+                    connected: status.is_some_and(|s| s.connected),
+                    inbound_connected: status.is_some_and(|s| s.inbound_connected),
+                    reachable: status.is_some_and(|s| s.reachable),
+                    last_heard_ms_ago: status.and_then(|s| s.last_heard_ms_ago),
+                    rtt_ms: status.and_then(|s| s.rtt_ms),
+                    clock_skew_ms: status.and_then(|s| s.skew_ms),
+                    refused_clock_stamps: status.map_or(0, |s| s.refused_stamps),
+                    lag_ops: status.map_or(0, |s| s.lag_ops),
+                    lag_ms: status.map_or(0, |s| s.lag_ms),
+                    applied: status
+                        .map(|s| {
+                            s.their_applied
+                                .iter()
+                                .map(|(o, q)| (o.to_string(), q))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    ops_sent: status.map_or(0, |s| s.ops_sent),
+                    batches_sent: status.map_or(0, |s| s.batches_sent),
+                    bytes_sent: status.map_or(0, |s| s.bytes_sent),
+                    ops_received: status.map_or(0, |s| s.ops_received),
+                    last_batch_ops: status.map_or(0, |s| s.last_batch_ops),
+                    truncated: status.and_then(|s| s.truncated).map(|t| {
+                        format!(
+                            "ops of node {} before {} were truncated",
+                            t.origin, t.first_available
+                        )
+                    }),
+                    last_error: status.and_then(|s| s.last_error.clone()),
+                }
+            })
+            .collect()
     }
 
     /// Copies live state into the gauges just before a scrape.
@@ -94,10 +169,63 @@ impl ClusterView {
         for (origin, seq) in storage.applied().iter() {
             metrics
                 .applied_seq
-                .get_or_create(&OriginLabels { origin: origin.to_string() })
+                .get_or_create(&OriginLabels {
+                    origin: origin.to_string(),
+                })
                 .set(i64::try_from(seq).unwrap_or(i64::MAX));
         }
-        metrics.wal_ops.set(i64::try_from(storage.wal_len().unwrap_or(0)).unwrap_or(i64::MAX));
-        metrics.refused_stamps.set(i64::try_from(storage.refused_stamps()).unwrap_or(i64::MAX));
+        metrics
+            .wal_ops
+            .set(i64::try_from(storage.wal_len().unwrap_or(0)).unwrap_or(i64::MAX));
+        metrics
+            .refused_stamps
+            .set(i64::try_from(storage.refused_stamps()).unwrap_or(i64::MAX));
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for peer in self.peer_views() {
+            let labels = PeerLabels {
+                peer: peer.name.clone(),
+                region: peer.region.clone(),
+            };
+            metrics
+                .peer_connected
+                .get_or_create(&labels)
+                .set(i64::from(peer.connected));
+            metrics
+                .peer_reachable
+                .get_or_create(&labels)
+                .set(i64::from(peer.reachable));
+            metrics
+                .peer_lag_ops
+                .get_or_create(&labels)
+                .set(gauge(peer.lag_ops));
+            metrics
+                .peer_lag_ms
+                .get_or_create(&labels)
+                .set(gauge(peer.lag_ms));
+            metrics
+                .peer_skew_ms
+                .get_or_create(&labels)
+                .set(peer.clock_skew_ms.map_or(0, |s| s.round() as i64));
+            metrics
+                .peer_rtt_ms
+                .get_or_create(&labels)
+                .set(peer.rtt_ms.map_or(0, |s| s.round() as i64));
+            metrics
+                .peer_ops_sent
+                .get_or_create(&labels)
+                .set(gauge(peer.ops_sent));
+            metrics
+                .peer_bytes_sent
+                .get_or_create(&labels)
+                .set(gauge(peer.bytes_sent));
+            metrics
+                .peer_batches_sent
+                .get_or_create(&labels)
+                .set(gauge(peer.batches_sent));
+            metrics
+                .peer_ops_received
+                .get_or_create(&labels)
+                .set(gauge(peer.ops_received));
+        }
     }
 }

@@ -12,9 +12,15 @@ use serde::{Deserialize, Serialize};
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config {path}: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -142,7 +148,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { request_ms: 10_000, header_read_ms: 10_000, shutdown_ms: 10_000 }
+        Self {
+            request_ms: 10_000,
+            header_read_ms: 10_000,
+            shutdown_ms: 10_000,
+        }
     }
 }
 
@@ -171,7 +181,11 @@ pub struct StorageSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        Self { max_batch: 4096, cache_mib: 256, max_clock_skew_ms: 10_000 }
+        Self {
+            max_batch: 4096,
+            cache_mib: 256,
+            max_clock_skew_ms: 10_000,
+        }
     }
 }
 
@@ -201,8 +215,10 @@ impl Default for ReplicationSection {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
@@ -214,7 +230,11 @@ impl Config {
 
     /// Resolves a path from the file against the file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() { path.to_owned() } else { self.base_dir.join(path) }
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
     }
 
     pub fn node_id(&self) -> Result<NodeId, ConfigError> {
@@ -258,7 +278,11 @@ impl Config {
 
     /// Nodes in this node's region, itself included: the electorate of LOCAL_QUORUM.
     pub fn region_size(&self) -> usize {
-        1 + self.peers.iter().filter(|p| p.region == self.node.region).count()
+        1 + self
+            .peers
+            .iter()
+            .filter(|p| p.region == self.node.region)
+            .count()
     }
 
     /// A single-node configuration for `meridian serve --data-dir` without a file.
@@ -329,7 +353,10 @@ max_key_bytes = 512
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, SAMPLE.replace("max_key_bytes", "max_keys")).unwrap();
-        assert!(matches!(Config::load(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::load(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         std::fs::write(&path, SAMPLE.replace("id = 2", "id = 1")).unwrap();
         assert!(matches!(Config::load(&path), Err(ConfigError::Invalid(_))));
     }

@@ -17,7 +17,12 @@ use crate::config::Timeouts;
 
 /// Accepts connections until `shutdown` fires, then lets in-flight requests finish (up to the
 /// shutdown timeout) and returns.
-pub async fn serve(listener: TcpListener, app: Router, timeouts: &Timeouts, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    timeouts: &Timeouts,
+    shutdown: CancellationToken,
+) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -38,8 +43,11 @@ pub async fn serve(listener: TcpListener, app: Router, timeouts: &Timeouts, shut
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = app.clone().map_request(|request: hyper::Request<Incoming>| request.map(axum::body::Body::new));
-        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let service = app
+            .clone()
+            .map_request(|request: hyper::Request<Incoming>| request.map(axum::body::Body::new));
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             // hyper runs the header-read timer whenever it waits for a request head, so an

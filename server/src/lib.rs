@@ -8,6 +8,7 @@
 //! - [`http`]: serving it over hyper with a timer (slowloris guard) and graceful shutdown.
 //! - [`cluster`]: this node's view of its peers for `/v1/cluster` and `/metrics`.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`replication`]: starting the replicator for a node with peers; WAL truncation.
 //! - [`node`]: wiring them into one running node.
 //!
 //! The `meridian` binary (`main.rs`) adds the CLI: `serve`, `cluster init`, `dev`, client
@@ -19,4 +20,5 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod replication;
 pub mod storage;

@@ -78,17 +78,42 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meridian");
         let http_requests = Family::<RequestLabels, Counter>::default();
-        let http_latency: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
+        let http_latency: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
         let commit_batch_ops = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let commit_seconds = latency_histogram();
         let commit_failures = Counter::default();
         let checkpoint_seconds = latency_histogram();
-        registry.register("http_requests", "HTTP requests by route, method and status", http_requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", http_latency.clone());
-        registry.register("group_commit_ops", "Operations made durable by one journal fsync (group commit size)", commit_batch_ops.clone());
-        registry.register("storage_commit_duration_seconds", "Journal fsync time per group commit", commit_seconds.clone());
-        registry.register("storage_checkpoint_duration_seconds", "Durable redb checkpoint time", checkpoint_seconds.clone());
-        registry.register("storage_commit_failures", "Write transactions that failed to commit", commit_failures.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            http_latency.clone(),
+        );
+        registry.register(
+            "group_commit_ops",
+            "Operations made durable by one journal fsync (group commit size)",
+            commit_batch_ops.clone(),
+        );
+        registry.register(
+            "storage_commit_duration_seconds",
+            "Journal fsync time per group commit",
+            commit_seconds.clone(),
+        );
+        registry.register(
+            "storage_checkpoint_duration_seconds",
+            "Durable redb checkpoint time",
+            checkpoint_seconds.clone(),
+        );
+        registry.register(
+            "storage_commit_failures",
+            "Write transactions that failed to commit",
+            commit_failures.clone(),
+        );
         let metrics = Self {
             registry: Mutex::new(registry),
             http_requests,
@@ -112,19 +137,67 @@ impl Metrics {
             refused_stamps: Gauge::default(),
         };
         if let Ok(mut registry) = metrics.registry.lock() {
-            registry.register("applied_sequence", "Highest contiguous op sequence applied, per origin", metrics.applied_seq.clone());
+            registry.register(
+                "applied_sequence",
+                "Highest contiguous op sequence applied, per origin",
+                metrics.applied_seq.clone(),
+            );
             registry.register("wal_ops", "Ops held in the WAL", metrics.wal_ops.clone());
-            registry.register("peer_connected", "1 while a connection to the peer is up", metrics.peer_connected.clone());
-            registry.register("peer_reachable", "1 while the failure detector considers the peer reachable", metrics.peer_reachable.clone());
-            registry.register("replication_lag_ops", "This node's ops the peer has not acknowledged", metrics.peer_lag_ops.clone());
-            registry.register("replication_lag_milliseconds", "Now minus the HLC time of the oldest op the peer has not acknowledged", metrics.peer_lag_ms.clone());
-            registry.register("peer_clock_skew_milliseconds", "Peer HLC minus local clock, RTT-corrected", metrics.peer_skew_ms.clone());
-            registry.register("peer_rtt_milliseconds", "QUIC round-trip time to the peer", metrics.peer_rtt_ms.clone());
-            registry.register("replication_ops_sent", "Ops shipped to the peer", metrics.peer_ops_sent.clone());
-            registry.register("replication_bytes_sent", "Compressed batch bytes shipped to the peer", metrics.peer_bytes_sent.clone());
-            registry.register("replication_batches_sent", "Batches shipped to the peer", metrics.peer_batches_sent.clone());
-            registry.register("replication_ops_received", "Ops received from the peer", metrics.peer_ops_received.clone());
-            registry.register("clock_refused_stamps", "Remote HLC stamps refused for exceeding the maximum skew", metrics.refused_stamps.clone());
+            registry.register(
+                "peer_connected",
+                "1 while a connection to the peer is up",
+                metrics.peer_connected.clone(),
+            );
+            registry.register(
+                "peer_reachable",
+                "1 while the failure detector considers the peer reachable",
+                metrics.peer_reachable.clone(),
+            );
+            registry.register(
+                "replication_lag_ops",
+                "This node's ops the peer has not acknowledged",
+                metrics.peer_lag_ops.clone(),
+            );
+            registry.register(
+                "replication_lag_milliseconds",
+                "Now minus the HLC time of the oldest op the peer has not acknowledged",
+                metrics.peer_lag_ms.clone(),
+            );
+            registry.register(
+                "peer_clock_skew_milliseconds",
+                "Peer HLC minus local clock, RTT-corrected",
+                metrics.peer_skew_ms.clone(),
+            );
+            registry.register(
+                "peer_rtt_milliseconds",
+                "QUIC round-trip time to the peer",
+                metrics.peer_rtt_ms.clone(),
+            );
+            registry.register(
+                "replication_ops_sent",
+                "Ops shipped to the peer",
+                metrics.peer_ops_sent.clone(),
+            );
+            registry.register(
+                "replication_bytes_sent",
+                "Compressed batch bytes shipped to the peer",
+                metrics.peer_bytes_sent.clone(),
+            );
+            registry.register(
+                "replication_batches_sent",
+                "Batches shipped to the peer",
+                metrics.peer_batches_sent.clone(),
+            );
+            registry.register(
+                "replication_ops_received",
+                "Ops received from the peer",
+                metrics.peer_ops_received.clone(),
+            );
+            registry.register(
+                "clock_refused_stamps",
+                "Remote HLC stamps refused for exceeding the maximum skew",
+                metrics.refused_stamps.clone(),
+            );
         }
         metrics
     }
@@ -144,10 +217,17 @@ impl Metrics {
 
     pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
         self.http_requests
-            .get_or_create(&RequestLabels { route: route.to_owned(), method: method.to_owned(), status })
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                method: method.to_owned(),
+                status,
+            })
             .inc();
         self.http_latency
-            .get_or_create(&RouteLabels { route: route.to_owned(), method: method.to_owned() })
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+                method: method.to_owned(),
+            })
             .observe(elapsed.as_secs_f64());
     }
 

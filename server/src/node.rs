@@ -22,7 +22,19 @@ pub enum NodeError {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot resolve peer address {address}: {detail}")]
+    Resolve { address: String, detail: String },
+    #[error(transparent)]
+    Replication(#[from] meridian_replication::ReplicationError),
 }
 
 /// Runs the node until `shutdown` is cancelled, then drains HTTP, commits what is queued and
@@ -47,16 +59,41 @@ pub async fn run(
     )?;
     let listener = TcpListener::bind(config.http.listen)
         .await
-        .map_err(|source| NodeError::Bind { addr: config.http.listen, source })?;
-    let local = listener.local_addr().map_err(|source| NodeError::Bind { addr: config.http.listen, source })?;
+        .map_err(|source| NodeError::Bind {
+            addr: config.http.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: config.http.listen,
+        source,
+    })?;
 
+    let replicator = if config.peers.is_empty() {
+        None
+    } else {
+        let replicator =
+            Arc::new(crate::replication::start(&config, &storage, shutdown.child_token()).await?);
+        let peers = config
+            .peers
+            .iter()
+            .filter_map(|p| meridian_crdt::NodeId::new(p.id))
+            .collect();
+        tokio::spawn(crate::replication::truncate_wal(
+            storage.clone(),
+            peers,
+            config.replication.wal_retention_ops,
+            shutdown.child_token(),
+        ));
+        tracing::info!(peer_listen = %replicator.local_addr(), peers = config.peers.len(), "replication started");
+        Some(replicator)
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
         storage: storage.clone(),
         limits: Arc::new(config.limits.clone()),
         timeouts: Arc::new(config.timeouts.clone()),
         metrics,
-        cluster: Arc::new(ClusterView::new(&config)),
+        cluster: Arc::new(ClusterView::new(&config, replicator.clone())),
         ready: ready.clone(),
         in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
     };
@@ -68,6 +105,9 @@ pub async fn run(
     let http_shutdown = shutdown.clone();
     crate::http::serve(listener, app, &config.timeouts, http_shutdown).await;
     ready.store(false, Ordering::Release);
+    if let Some(replicator) = &replicator {
+        replicator.shutdown().await;
+    }
     storage.shutdown().await;
     tracing::info!("node stopped");
     Ok(())

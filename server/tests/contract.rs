@@ -7,7 +7,12 @@ use common::Node;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
-async fn call(client: &Client, method: reqwest::Method, url: String, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    client: &Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut request = client.request(method, url);
     if let Some(body) = body {
         request = request.json(&body);
@@ -15,39 +20,87 @@ async fn call(client: &Client, method: reqwest::Method, url: String, body: Optio
     let response = request.send().await.unwrap();
     let status = response.status();
     let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 #[tokio::test]
 async fn registers_write_read_delete_and_revive() {
     let node = Node::start("").await;
     let c = Client::new();
-    let (status, body) = call(&c, reqwest::Method::GET, node.url("/v1/registers/greeting"), None).await;
+    let (status, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/registers/greeting"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["status"], 404);
 
-    let (status, body) =
-        call(&c, reqwest::Method::PUT, node.url("/v1/registers/greeting"), Some(json!({"b": 2, "a": [1, "x"]}))).await;
+    let (status, body) = call(
+        &c,
+        reqwest::Method::PUT,
+        node.url("/v1/registers/greeting"),
+        Some(json!({"b": 2, "a": [1, "x"]})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["value"], json!({"a": [1, "x"], "b": 2}));
     assert_eq!(body["origin"], 1);
     assert_eq!(body["meta"]["seq"], 1);
 
-    let (status, body) = call(&c, reqwest::Method::GET, node.url("/v1/registers/greeting"), None).await;
+    let (status, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/registers/greeting"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["key"], "greeting");
     assert_eq!(body["value"], json!({"a": [1, "x"], "b": 2}));
     assert!(body["timestamp"].as_str().unwrap().contains('T'));
 
-    let (status, _) = call(&c, reqwest::Method::DELETE, node.url("/v1/registers/greeting"), None).await;
+    let (status, _) = call(
+        &c,
+        reqwest::Method::DELETE,
+        node.url("/v1/registers/greeting"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = call(&c, reqwest::Method::GET, node.url("/v1/registers/greeting"), None).await;
+    let (status, _) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/registers/greeting"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let (status, _) = call(&c, reqwest::Method::PUT, node.url("/v1/registers/greeting"), Some(json!(null))).await;
+    let (status, _) = call(
+        &c,
+        reqwest::Method::PUT,
+        node.url("/v1/registers/greeting"),
+        Some(json!(null)),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, body) = call(&c, reqwest::Method::GET, node.url("/v1/registers/greeting"), None).await;
-    assert_eq!(status, StatusCode::OK, "a register holding JSON null exists");
+    let (status, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/registers/greeting"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a register holding JSON null exists"
+    );
     assert_eq!(body["value"], Value::Null);
 }
 
@@ -55,9 +108,21 @@ async fn registers_write_read_delete_and_revive() {
 async fn keys_with_reserved_characters_round_trip() {
     let node = Node::start("").await;
     let c = Client::new();
-    let (status, _) = call(&c, reqwest::Method::PUT, node.url("/v1/registers/a%2Fb%20c%3F%C3%A9"), Some(json!(1))).await;
+    let (status, _) = call(
+        &c,
+        reqwest::Method::PUT,
+        node.url("/v1/registers/a%2Fb%20c%3F%C3%A9"),
+        Some(json!(1)),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/registers/a%2Fb%20c%3F%C3%A9"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/registers/a%2Fb%20c%3F%C3%A9"),
+        None,
+    )
+    .await;
     assert_eq!(body["key"], "a/b c?é");
 }
 
@@ -65,19 +130,54 @@ async fn keys_with_reserved_characters_round_trip() {
 async fn counters_sum_and_reset() {
     let node = Node::start("").await;
     let c = Client::new();
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/counters/hits"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/counters/hits"),
+        None,
+    )
+    .await;
     assert_eq!(body["value"], 0);
     for by in [5, -2, 10] {
-        let (status, _) =
-            call(&c, reqwest::Method::POST, node.url("/v1/counters/hits"), Some(json!({"increment": by}))).await;
+        let (status, _) = call(
+            &c,
+            reqwest::Method::POST,
+            node.url("/v1/counters/hits"),
+            Some(json!({"increment": by})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
     }
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/counters/hits"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/counters/hits"),
+        None,
+    )
+    .await;
     assert_eq!(body, json!({"key": "hits", "value": 13}));
-    let (_, body) = call(&c, reqwest::Method::DELETE, node.url("/v1/counters/hits"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::DELETE,
+        node.url("/v1/counters/hits"),
+        None,
+    )
+    .await;
     assert_eq!(body["value"], 0);
-    call(&c, reqwest::Method::POST, node.url("/v1/counters/hits"), Some(json!({"increment": 4}))).await;
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/counters/hits"), None).await;
+    call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/counters/hits"),
+        Some(json!({"increment": 4})),
+    )
+    .await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/counters/hits"),
+        None,
+    )
+    .await;
     assert_eq!(body["value"], 4);
 }
 
@@ -85,17 +185,33 @@ async fn counters_sum_and_reset() {
 async fn gcounters_only_grow() {
     let node = Node::start("").await;
     let c = Client::new();
-    let (status, body) =
-        call(&c, reqwest::Method::POST, node.url("/v1/gcounters/g"), Some(json!({"increment": 7}))).await;
+    let (status, body) = call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/gcounters/g"),
+        Some(json!({"increment": 7})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["value"], 7);
-    let (status, body) =
-        call(&c, reqwest::Method::POST, node.url("/v1/gcounters/g"), Some(json!({"increment": -1}))).await;
+    let (status, body) = call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/gcounters/g"),
+        Some(json!({"increment": -1})),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["type"], "urn:meridian:problem:negative-increment");
     let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/gcounters/g"), None).await;
     assert_eq!(body["value"], 7, "the refused decrement changed nothing");
-    let (_, body) = call(&c, reqwest::Method::DELETE, node.url("/v1/gcounters/g"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::DELETE,
+        node.url("/v1/gcounters/g"),
+        None,
+    )
+    .await;
     assert_eq!(body["value"], 0);
 }
 
@@ -122,13 +238,35 @@ async fn sets_add_remove_contains_clear_in_canonical_order() {
         Some(json!({"add": [{"x": 2, "y": 1}], "remove": ["a", "missing"]})),
     )
     .await;
-    assert_eq!(body["elements"], json!(["b", 3, {"x": 2, "y": 1}]), "same object in another key order is one element");
+    assert_eq!(
+        body["elements"],
+        json!(["b", 3, {"x": 2, "y": 1}]),
+        "same object in another key order is one element"
+    );
 
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/sets/s/contains?element=b"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/sets/s/contains?element=b"),
+        None,
+    )
+    .await;
     assert_eq!(body["contains"], true);
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/sets/s/contains?element=%22a%22"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/sets/s/contains?element=%22a%22"),
+        None,
+    )
+    .await;
     assert_eq!(body["contains"], false);
-    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/sets/s/contains?element=3"), None).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::GET,
+        node.url("/v1/sets/s/contains?element=3"),
+        None,
+    )
+    .await;
     assert_eq!(body["contains"], true);
 
     let (_, body) = call(&c, reqwest::Method::DELETE, node.url("/v1/sets/s"), None).await;
@@ -142,11 +280,35 @@ async fn listing_paginates_by_prefix_and_hides_deleted_registers() {
     let node = Node::start("").await;
     let c = Client::new();
     for i in 0..25 {
-        call(&c, reqwest::Method::PUT, node.url(&format!("/v1/registers/user:{i:02}")), Some(json!(i))).await;
+        call(
+            &c,
+            reqwest::Method::PUT,
+            node.url(&format!("/v1/registers/user:{i:02}")),
+            Some(json!(i)),
+        )
+        .await;
     }
-    call(&c, reqwest::Method::PUT, node.url("/v1/registers/other"), Some(json!(0))).await;
-    call(&c, reqwest::Method::DELETE, node.url("/v1/registers/user:03"), None).await;
-    call(&c, reqwest::Method::POST, node.url("/v1/counters/user:99"), Some(json!({"increment": 1}))).await;
+    call(
+        &c,
+        reqwest::Method::PUT,
+        node.url("/v1/registers/other"),
+        Some(json!(0)),
+    )
+    .await;
+    call(
+        &c,
+        reqwest::Method::DELETE,
+        node.url("/v1/registers/user:03"),
+        None,
+    )
+    .await;
+    call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/counters/user:99"),
+        Some(json!({"increment": 1})),
+    )
+    .await;
 
     let mut keys = Vec::new();
     let mut cursor: Option<String> = None;
@@ -157,13 +319,22 @@ async fn listing_paginates_by_prefix_and_hides_deleted_registers() {
         }
         let (status, body) = call(&c, reqwest::Method::GET, url, None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        keys.extend(body["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_owned()));
+        keys.extend(
+            body["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap().to_owned()),
+        );
         match body.get("next_cursor").and_then(Value::as_str) {
             Some(next) => cursor = Some(next.to_owned()),
             None => break,
         }
     }
-    let expected: Vec<String> = (0..25).filter(|i| *i != 3).map(|i| format!("user:{i:02}")).collect();
+    let expected: Vec<String> = (0..25)
+        .filter(|i| *i != 3)
+        .map(|i| format!("user:{i:02}"))
+        .collect();
     assert_eq!(keys, expected);
 
     let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/counters"), None).await;
@@ -181,13 +352,38 @@ async fn operations_endpoints_answer() {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = call(&c, reqwest::Method::GET, node.url("/readyz"), None).await;
     assert_eq!(status, StatusCode::OK);
-    call(&c, reqwest::Method::PUT, node.url("/v1/registers/m"), Some(json!(1))).await;
+    call(
+        &c,
+        reqwest::Method::PUT,
+        node.url("/v1/registers/m"),
+        Some(json!(1)),
+    )
+    .await;
 
-    let metrics = c.get(node.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("meridian_http_requests_total{"), "{metrics}");
-    assert!(metrics.contains("route=\"/v1/registers/{key}\""), "{metrics}");
-    assert!(metrics.contains("meridian_group_commit_ops_bucket"), "{metrics}");
-    assert!(metrics.contains("meridian_storage_commit_duration_seconds_count"), "{metrics}");
+    let metrics = c
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meridian_http_requests_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("route=\"/v1/registers/{key}\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meridian_group_commit_ops_bucket"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meridian_storage_commit_duration_seconds_count"),
+        "{metrics}"
+    );
 
     let (status, body) = call(&c, reqwest::Method::GET, node.url("/v1/cluster"), None).await;
     assert_eq!(status, StatusCode::OK);
@@ -196,7 +392,13 @@ async fn operations_endpoints_answer() {
 
     let (status, spec) = call(&c, reqwest::Method::GET, node.url("/openapi.json"), None).await;
     assert_eq!(status, StatusCode::OK);
-    for path in ["/v1/registers/{key}", "/v1/counters/{key}", "/v1/gcounters/{key}", "/v1/sets/{key}", "/v1/{type}"] {
+    for path in [
+        "/v1/registers/{key}",
+        "/v1/counters/{key}",
+        "/v1/gcounters/{key}",
+        "/v1/sets/{key}",
+        "/v1/{type}",
+    ] {
         assert!(spec["paths"].get(path).is_some(), "openapi lacks {path}");
     }
 }
@@ -217,22 +419,44 @@ async fn consistency_levels_are_parsed_and_served_on_a_single_node() {
             assert_eq!(response.status(), StatusCode::OK, "{header}: {level}");
         }
     }
-    let response = c.get(node.url("/v1/registers/k")).header("Consistency-Level", "QUORUM").send().await.unwrap();
+    let response = c
+        .get(node.url("/v1/registers/k"))
+        .header("Consistency-Level", "QUORUM")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value = response.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("LOCAL_ONE, LOCAL_QUORUM, GLOBAL_QUORUM, ALL"));
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("LOCAL_ONE, LOCAL_QUORUM, GLOBAL_QUORUM, ALL")
+    );
 }
 
 #[tokio::test]
 async fn data_survives_a_graceful_restart() {
     let mut node = Node::start("").await;
     let c = Client::new();
-    call(&c, reqwest::Method::POST, node.url("/v1/counters/c"), Some(json!({"increment": 42}))).await;
+    call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/counters/c"),
+        Some(json!({"increment": 42})),
+    )
+    .await;
     assert!(node.terminate(), "SIGTERM exits cleanly: {}", node.log());
     node.spawn().await;
     let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/counters/c"), None).await;
     assert_eq!(body["value"], 42);
-    let (_, body) = call(&c, reqwest::Method::POST, node.url("/v1/counters/c"), Some(json!({"increment": 1}))).await;
+    let (_, body) = call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/counters/c"),
+        Some(json!({"increment": 1})),
+    )
+    .await;
     assert_eq!(body["meta"]["seq"], 2, "sequences continue after a restart");
 }
 
@@ -240,7 +464,9 @@ async fn data_survives_a_graceful_restart() {
 async fn a_data_directory_refuses_another_node_id() {
     let mut node = Node::start("").await;
     node.terminate();
-    let text = std::fs::read_to_string(&node.config).unwrap().replace("id = 1", "id = 2");
+    let text = std::fs::read_to_string(&node.config)
+        .unwrap()
+        .replace("id = 1", "id = 2");
     std::fs::write(&node.config, text).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["serve", "--config"])

@@ -81,9 +81,24 @@ async fn acknowledged_writes_survive_kill_9() {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, ledger) in ledgers.iter().enumerate() {
             let c = Client::new();
-            tasks.spawn(counter_client(c.clone(), node.url(&format!("/v1/counters/c{i}")), ledger.clone(), round * 7 + i as u64 + 1));
-            tasks.spawn(set_client(c.clone(), node.url(&format!("/v1/sets/s{i}")), ledger.clone(), round * 1_000_000 + i as u64 * 100_000));
-            tasks.spawn(register_client(c, node.url(&format!("/v1/registers/r{i}")), ledger.clone(), round * 1_000_000));
+            tasks.spawn(counter_client(
+                c.clone(),
+                node.url(&format!("/v1/counters/c{i}")),
+                ledger.clone(),
+                round * 7 + i as u64 + 1,
+            ));
+            tasks.spawn(set_client(
+                c.clone(),
+                node.url(&format!("/v1/sets/s{i}")),
+                ledger.clone(),
+                round * 1_000_000 + i as u64 * 100_000,
+            ));
+            tasks.spawn(register_client(
+                c,
+                node.url(&format!("/v1/registers/r{i}")),
+                ledger.clone(),
+                round * 1_000_000,
+            ));
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
         node.kill();
@@ -93,7 +108,14 @@ async fn acknowledged_writes_survive_kill_9() {
         let c = Client::new();
         for (i, ledger) in ledgers.iter().enumerate() {
             let mut l = ledger.lock().await;
-            let counter: Value = c.get(node.url(&format!("/v1/counters/c{i}"))).send().await.unwrap().json().await.unwrap();
+            let counter: Value = c
+                .get(node.url(&format!("/v1/counters/c{i}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             let value = counter["value"].as_i64().unwrap();
             let with_in_flight = l.acked_sum + l.in_flight.unwrap_or(0);
             assert!(
@@ -106,10 +128,25 @@ async fn acknowledged_writes_survive_kill_9() {
             l.acked_sum = value;
             l.in_flight = None;
 
-            let set: Value = c.get(node.url(&format!("/v1/sets/s{i}"))).send().await.unwrap().json().await.unwrap();
-            let elements: BTreeSet<u64> = set["elements"].as_array().unwrap().iter().map(|e| e.as_u64().unwrap()).collect();
+            let set: Value = c
+                .get(node.url(&format!("/v1/sets/s{i}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let elements: BTreeSet<u64> = set["elements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_u64().unwrap())
+                .collect();
             let missing: Vec<_> = l.acked_elements.difference(&elements).collect();
-            assert!(missing.is_empty(), "round {round} set s{i} lost acknowledged elements {missing:?}");
+            assert!(
+                missing.is_empty(),
+                "round {round} set s{i} lost acknowledged elements {missing:?}"
+            );
             let extra: Vec<u64> = elements.difference(&l.acked_elements).copied().collect();
             assert!(
                 extra.is_empty() || (extra.len() == 1 && Some(extra[0]) == l.in_flight_element),
@@ -118,7 +155,11 @@ async fn acknowledged_writes_survive_kill_9() {
             l.acked_elements = elements;
             l.in_flight_element = None;
 
-            let register = c.get(node.url(&format!("/v1/registers/r{i}"))).send().await.unwrap();
+            let register = c
+                .get(node.url(&format!("/v1/registers/r{i}")))
+                .send()
+                .await
+                .unwrap();
             if let Some(last) = l.last_acked_register {
                 let body: Value = register.json().await.unwrap();
                 let value = body["value"].as_u64().unwrap();

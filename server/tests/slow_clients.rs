@@ -36,7 +36,10 @@ async fn trickled_headers_are_cut_off() {
     let node = Node::start(CONFIG).await;
     let mut stream = TcpStream::connect(node.addr).await.unwrap();
     let trickle = async {
-        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().chain(b"a".repeat(200).iter()) {
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .chain(b"a".repeat(200).iter())
+        {
             if stream.write_all(&[*byte]).await.is_err() {
                 return;
             }
@@ -51,7 +54,10 @@ async fn trickled_headers_are_cut_off() {
         }
     });
     let rest = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert!(rest.is_some(), "the server must close a connection whose head never completes");
+    assert!(
+        rest.is_some(),
+        "the server must close a connection whose head never completes"
+    );
 }
 
 #[tokio::test]
@@ -59,7 +65,10 @@ async fn idle_connections_that_send_nothing_are_closed() {
     let node = Node::start(CONFIG).await;
     let mut stream = TcpStream::connect(node.addr).await.unwrap();
     let closed = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert!(closed.is_some(), "a silent connection must not be held forever");
+    assert!(
+        closed.is_some(),
+        "a silent connection must not be held forever"
+    );
 }
 
 #[tokio::test]
@@ -79,12 +88,21 @@ async fn an_endless_chunked_body_is_cut_off() {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(4), feeder).await;
-    let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await.expect("connection must be closed");
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("connection must be closed");
     let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 503") || text.starts_with("HTTP/1.1 408") || text.is_empty(), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 503") || text.starts_with("HTTP/1.1 408") || text.is_empty(),
+        "{text}"
+    );
     healthy(&node).await;
     let r = reqwest::get(node.url("/v1/registers/slow")).await.unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND, "the cut-off write must not be applied");
+    assert_eq!(
+        r.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "the cut-off write must not be applied"
+    );
 }
 
 #[tokio::test]
@@ -101,7 +119,9 @@ async fn an_oversized_streamed_body_is_refused_without_reading_it_all() {
             break;
         }
     }
-    let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await.unwrap_or_default();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("application/problem+json"), "{text}");

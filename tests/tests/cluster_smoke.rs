@@ -8,7 +8,7 @@ use std::time::Duration;
 use meridian_tests::{Cluster, ClusterSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the meridian binary with replication"]
+
 async fn cluster_smoke() {
     let cluster =
         Cluster::start(ClusterSpec::new(&["us-east", "eu-west", "ap-south"]).relays(true))

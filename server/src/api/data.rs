@@ -29,7 +29,11 @@ pub struct WriteMeta {
 
 impl From<&Committed> for WriteMeta {
     fn from(c: &Committed) -> Self {
-        Self { origin: c.dot.node.get(), seq: c.dot.seq, timestamp: c.stamp.to_rfc3339() }
+        Self {
+            origin: c.dot.node.get(),
+            seq: c.dot.seq,
+            timestamp: c.stamp.to_rfc3339(),
+        }
     }
 }
 
@@ -140,13 +144,22 @@ fn canonical(app: &AppState, value: &Value, what: &str) -> ApiResult<CanonicalJs
     Ok(json)
 }
 
-fn register_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<RegisterView> {
+fn register_view(
+    key: String,
+    state: &CrdtState,
+    meta: Option<WriteMeta>,
+) -> ApiResult<RegisterView> {
     let CrdtState::Register(register) = state else {
         return Err(Problem::internal("state of the wrong type"));
     };
-    let entry = register.entry().ok_or_else(|| Problem::not_found(format!("register {key:?} does not exist")))?;
+    let entry = register
+        .entry()
+        .ok_or_else(|| Problem::not_found(format!("register {key:?} does not exist")))?;
     Ok(RegisterView {
-        value: entry.value.as_ref().map_or(Value::Null, CanonicalJson::to_value),
+        value: entry
+            .value
+            .as_ref()
+            .map_or(Value::Null, CanonicalJson::to_value),
         timestamp: entry.stamp.to_rfc3339(),
         origin: entry.stamp.node.get(),
         key,
@@ -155,28 +168,60 @@ fn register_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> Api
 }
 
 fn set_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<SetView> {
-    let CrdtState::Set(set) = state else { return Err(Problem::internal("state of the wrong type")) };
-    Ok(SetView { elements: set.elements().map(CanonicalJson::to_value).collect(), size: set.len(), key, meta })
+    let CrdtState::Set(set) = state else {
+        return Err(Problem::internal("state of the wrong type"));
+    };
+    Ok(SetView {
+        elements: set.elements().map(CanonicalJson::to_value).collect(),
+        size: set.len(),
+        key,
+        meta,
+    })
 }
 
 fn counter_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<CounterView> {
-    let CrdtState::Counter(c) = state else { return Err(Problem::internal("state of the wrong type")) };
-    Ok(CounterView { key, value: c.value(), meta })
+    let CrdtState::Counter(c) = state else {
+        return Err(Problem::internal("state of the wrong type"));
+    };
+    Ok(CounterView {
+        key,
+        value: c.value(),
+        meta,
+    })
 }
 
-fn gcounter_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResult<GCounterView> {
-    let CrdtState::GCounter(c) = state else { return Err(Problem::internal("state of the wrong type")) };
-    Ok(GCounterView { key, value: c.value(), meta })
+fn gcounter_view(
+    key: String,
+    state: &CrdtState,
+    meta: Option<WriteMeta>,
+) -> ApiResult<GCounterView> {
+    let CrdtState::GCounter(c) = state else {
+        return Err(Problem::internal("state of the wrong type"));
+    };
+    Ok(GCounterView {
+        key,
+        value: c.value(),
+        meta,
+    })
 }
 
-async fn write(app: &AppState, headers: &HeaderMap, kind: Kind, key: String, intent: Intent) -> ApiResult<Committed> {
+async fn write(
+    app: &AppState,
+    headers: &HeaderMap,
+    kind: Kind,
+    key: String,
+    intent: Intent,
+) -> ApiResult<Committed> {
     app.check_consistency(headers)?;
     Ok(app.storage.write(kind, key, intent).await?)
 }
 
 fn read(app: &AppState, headers: &HeaderMap, kind: Kind, key: &str) -> ApiResult<CrdtState> {
     app.check_consistency(headers)?;
-    Ok(app.storage.get(kind, key)?.unwrap_or_else(|| CrdtState::bottom(kind)))
+    Ok(app
+        .storage
+        .get(kind, key)?
+        .unwrap_or_else(|| CrdtState::bottom(kind)))
 }
 
 // ---- registers ----
@@ -212,8 +257,19 @@ pub async fn put_register(
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
     let value = canonical(&app, &value, "value")?;
-    let committed = write(&app, &headers, Kind::Register, key.clone(), Intent::PutRegister(value)).await?;
-    Ok(Json(register_view(key, &committed.state, Some((&committed).into()))?))
+    let committed = write(
+        &app,
+        &headers,
+        Kind::Register,
+        key.clone(),
+        Intent::PutRegister(value),
+    )
+    .await?;
+    Ok(Json(register_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 /// Delete a register: an LWW tombstone that a later write revives.
@@ -226,8 +282,19 @@ pub async fn delete_register(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(&app, &headers, Kind::Register, key.clone(), Intent::DeleteRegister).await?;
-    Ok(Json(register_view(key, &committed.state, Some((&committed).into()))?))
+    let committed = write(
+        &app,
+        &headers,
+        Kind::Register,
+        key.clone(),
+        Intent::DeleteRegister,
+    )
+    .await?;
+    Ok(Json(register_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 // ---- PN-counters ----
@@ -258,8 +325,19 @@ pub async fn incr_counter(
     JsonBody(body): JsonBody<IncrementBody>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(&app, &headers, Kind::Counter, key.clone(), Intent::Increment(body.increment)).await?;
-    Ok(Json(counter_view(key, &committed.state, Some((&committed).into()))?))
+    let committed = write(
+        &app,
+        &headers,
+        Kind::Counter,
+        key.clone(),
+        Intent::Increment(body.increment),
+    )
+    .await?;
+    Ok(Json(counter_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 /// Reset a counter: removes what this node has observed; concurrent increments elsewhere survive.
@@ -272,8 +350,19 @@ pub async fn reset_counter(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(&app, &headers, Kind::Counter, key.clone(), Intent::ResetCounter).await?;
-    Ok(Json(counter_view(key, &committed.state, Some((&committed).into()))?))
+    let committed = write(
+        &app,
+        &headers,
+        Kind::Counter,
+        key.clone(),
+        Intent::ResetCounter,
+    )
+    .await?;
+    Ok(Json(counter_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 // ---- G-counters ----
@@ -305,10 +394,24 @@ pub async fn incr_gcounter(
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
     let by = u64::try_from(body.increment).map_err(|_| {
-        Problem::bad_request("negative-increment", "a G-Counter only grows: the increment must be ≥ 0")
+        Problem::bad_request(
+            "negative-increment",
+            "a G-Counter only grows: the increment must be ≥ 0",
+        )
     })?;
-    let committed = write(&app, &headers, Kind::GCounter, key.clone(), Intent::IncrementG(by)).await?;
-    Ok(Json(gcounter_view(key, &committed.state, Some((&committed).into()))?))
+    let committed = write(
+        &app,
+        &headers,
+        Kind::GCounter,
+        key.clone(),
+        Intent::IncrementG(by),
+    )
+    .await?;
+    Ok(Json(gcounter_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 /// Reset a grow-only counter (observed-reset).
@@ -321,8 +424,19 @@ pub async fn reset_gcounter(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(&app, &headers, Kind::GCounter, key.clone(), Intent::ResetCounter).await?;
-    Ok(Json(gcounter_view(key, &committed.state, Some((&committed).into()))?))
+    let committed = write(
+        &app,
+        &headers,
+        Kind::GCounter,
+        key.clone(),
+        Intent::ResetCounter,
+    )
+    .await?;
+    Ok(Json(gcounter_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 // ---- sets ----
@@ -354,16 +468,40 @@ pub async fn update_set(
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
     if body.add.is_empty() && body.remove.is_empty() {
-        return Err(Problem::bad_request("empty-update", "give elements to \"add\" and/or \"remove\""));
+        return Err(Problem::bad_request(
+            "empty-update",
+            "give elements to \"add\" and/or \"remove\"",
+        ));
     }
     let max = app.limits.max_set_elements;
     if body.add.len() + body.remove.len() > max {
-        return Err(Problem::too_large(format!("more than {max} elements in one request")));
+        return Err(Problem::too_large(format!(
+            "more than {max} elements in one request"
+        )));
     }
-    let add = body.add.iter().map(|v| canonical(&app, v, "element")).collect::<ApiResult<Vec<_>>>()?;
-    let remove = body.remove.iter().map(|v| canonical(&app, v, "element")).collect::<ApiResult<Vec<_>>>()?;
-    let committed = write(&app, &headers, Kind::Set, key.clone(), Intent::UpdateSet { add, remove }).await?;
-    Ok(Json(set_view(key, &committed.state, Some((&committed).into()))?))
+    let add = body
+        .add
+        .iter()
+        .map(|v| canonical(&app, v, "element"))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let remove = body
+        .remove
+        .iter()
+        .map(|v| canonical(&app, v, "element"))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let committed = write(
+        &app,
+        &headers,
+        Kind::Set,
+        key.clone(),
+        Intent::UpdateSet { add, remove },
+    )
+    .await?;
+    Ok(Json(set_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 /// Remove every element this node has observed.
@@ -377,7 +515,11 @@ pub async fn clear_set(
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
     let committed = write(&app, &headers, Kind::Set, key.clone(), Intent::ClearSet).await?;
-    Ok(Json(set_view(key, &committed.state, Some((&committed).into()))?))
+    Ok(Json(set_view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
 }
 
 /// Whether the set holds an element.
@@ -392,11 +534,16 @@ pub async fn set_contains(
 ) -> ApiResult<Json<ContainsView>> {
     let key = path_key(&app, key)?;
     let Query(params) = params.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
-    let element: Value = serde_json::from_str(&params.element).unwrap_or(Value::String(params.element));
+    let element: Value =
+        serde_json::from_str(&params.element).unwrap_or(Value::String(params.element));
     let canonical = canonical(&app, &element, "element")?;
     let state = read(&app, &headers, Kind::Set, &key)?;
     let contains = matches!(&state, CrdtState::Set(s) if s.contains(&canonical));
-    Ok(Json(ContainsView { key, element, contains }))
+    Ok(Json(ContainsView {
+        key,
+        element,
+        contains,
+    }))
 }
 
 // ---- listing ----
@@ -413,14 +560,19 @@ pub async fn list_keys(
 ) -> ApiResult<Json<KeyList>> {
     let Path(kind) = kind.map_err(|e| Problem::bad_request("invalid-path", e.body_text()))?;
     let kind: Kind = kind.parse().map_err(|_| {
-        Problem::not_found(format!("unknown type {kind:?}; use registers, counters, gcounters or sets"))
+        Problem::not_found(format!(
+            "unknown type {kind:?}; use registers, counters, gcounters or sets"
+        ))
     })?;
     let Query(params) = params.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
     app.check_consistency(&headers)?;
     let max = app.limits.max_list_limit;
     let limit = params.limit.unwrap_or(100.min(max));
     if limit == 0 || limit > max {
-        return Err(Problem::bad_request("invalid-limit", format!("limit must be between 1 and {max}")));
+        return Err(Problem::bad_request(
+            "invalid-limit",
+            format!("limit must be between 1 and {max}"),
+        ));
     }
     let after = match &params.cursor {
         Some(cursor) => Some(
@@ -428,11 +580,15 @@ pub async fn list_keys(
                 .decode(cursor)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| Problem::bad_request("invalid-cursor", "the cursor is not one this API issued"))?,
+                .ok_or_else(|| {
+                    Problem::bad_request("invalid-cursor", "the cursor is not one this API issued")
+                })?,
         ),
         None => None,
     };
-    let (entries, next) = app.storage.list(kind, &params.prefix, after.as_deref(), limit)?;
+    let (entries, next) = app
+        .storage
+        .list(kind, &params.prefix, after.as_deref(), limit)?;
     Ok(Json(KeyList {
         keys: entries.into_iter().map(|(k, _)| k).collect(),
         next_cursor: next.map(|k| URL_SAFE_NO_PAD.encode(k)),

@@ -14,7 +14,10 @@ use super::problem::Problem;
 /// A key from the path, checked against the limits.
 pub fn validate_key(key: &str, max_bytes: usize) -> Result<(), Problem> {
     if key.is_empty() {
-        return Err(Problem::bad_request("invalid-key", "the key must not be empty"));
+        return Err(Problem::bad_request(
+            "invalid-key",
+            "the key must not be empty",
+        ));
     }
     if key.len() > max_bytes {
         return Err(Problem::bad_request(
@@ -23,7 +26,10 @@ pub fn validate_key(key: &str, max_bytes: usize) -> Result<(), Problem> {
         ));
     }
     if key.chars().any(char::is_control) {
-        return Err(Problem::bad_request("invalid-key", "the key must not contain control characters"));
+        return Err(Problem::bad_request(
+            "invalid-key",
+            "the key must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -40,7 +46,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let limit = state.limits.max_body_bytes;
         let bytes = read_body(request.into_body(), limit).await?;
         if bytes.is_empty() {
-            return Err(Problem::bad_request("invalid-json", "the request body is empty; JSON expected"));
+            return Err(Problem::bad_request(
+                "invalid-json",
+                "the request body is empty; JSON expected",
+            ));
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
@@ -62,7 +71,10 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
                 "the request body was not received in time",
             )
         } else {
-            Problem::bad_request("invalid-body", format!("could not read the request body: {inner}"))
+            Problem::bad_request(
+                "invalid-body",
+                format!("could not read the request body: {inner}"),
+            )
         }
     })
 }
@@ -72,9 +84,17 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
-    let media = value.to_str().unwrap_or_default().split(';').next().unwrap_or_default().trim();
+    let media = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim();
     let media = media.to_ascii_lowercase();
-    if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
+    if media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json"))
+    {
         Ok(())
     } else {
         Err(Problem::new(
@@ -100,18 +120,26 @@ impl ConsistencyLevel {
 
     /// From `Consistency-Level`, or `X-Consistency-Level`; absent means LOCAL_ONE.
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, Problem> {
-        let value = headers.get("consistency-level").or_else(|| headers.get("x-consistency-level"));
-        let Some(value) = value else { return Ok(Self::default()) };
-        value.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| {
-            Problem::bad_request(
-                "invalid-consistency-level",
-                format!(
-                    "Consistency-Level {:?} is not one of {}",
-                    String::from_utf8_lossy(value.as_bytes()),
-                    Self::NAMES.join(", ")
-                ),
-            )
-        })
+        let value = headers
+            .get("consistency-level")
+            .or_else(|| headers.get("x-consistency-level"));
+        let Some(value) = value else {
+            return Ok(Self::default());
+        };
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                Problem::bad_request(
+                    "invalid-consistency-level",
+                    format!(
+                        "Consistency-Level {:?} is not one of {}",
+                        String::from_utf8_lossy(value.as_bytes()),
+                        Self::NAMES.join(", ")
+                    ),
+                )
+            })
     }
 }
 

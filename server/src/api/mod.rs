@@ -53,21 +53,38 @@ impl AppState {
         Err(Problem::new(
             StatusCode::NOT_IMPLEMENTED,
             "consistency-level-not-implemented",
-            format!("Consistency-Level {level} is not served yet in a multi-node cluster; use LOCAL_ONE"),
+            format!(
+                "Consistency-Level {level} is not served yet in a multi-node cluster; use LOCAL_ONE"
+            ),
         ))
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Meridian", description = "Multi-region active-active CRDT datastore"),
+    info(
+        title = "Meridian",
+        description = "Multi-region active-active CRDT datastore"
+    ),
     paths(
-        data::get_register, data::put_register, data::delete_register,
-        data::get_counter, data::incr_counter, data::reset_counter,
-        data::get_gcounter, data::incr_gcounter, data::reset_gcounter,
-        data::get_set, data::update_set, data::clear_set, data::set_contains,
+        data::get_register,
+        data::put_register,
+        data::delete_register,
+        data::get_counter,
+        data::incr_counter,
+        data::reset_counter,
+        data::get_gcounter,
+        data::incr_gcounter,
+        data::reset_gcounter,
+        data::get_set,
+        data::update_set,
+        data::clear_set,
+        data::set_contains,
         data::list_keys,
-        ops::healthz, ops::readyz, ops::metrics, ops::cluster,
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
+        ops::cluster,
     ),
     components(schemas(Problem))
 )]
@@ -81,10 +98,30 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The complete application, limits and metrics included.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/v1/registers/{key}", get(data::get_register).put(data::put_register).delete(data::delete_register))
-        .route("/v1/counters/{key}", get(data::get_counter).post(data::incr_counter).delete(data::reset_counter))
-        .route("/v1/gcounters/{key}", get(data::get_gcounter).post(data::incr_gcounter).delete(data::reset_gcounter))
-        .route("/v1/sets/{key}", get(data::get_set).post(data::update_set).delete(data::clear_set))
+        .route(
+            "/v1/registers/{key}",
+            get(data::get_register)
+                .put(data::put_register)
+                .delete(data::delete_register),
+        )
+        .route(
+            "/v1/counters/{key}",
+            get(data::get_counter)
+                .post(data::incr_counter)
+                .delete(data::reset_counter),
+        )
+        .route(
+            "/v1/gcounters/{key}",
+            get(data::get_gcounter)
+                .post(data::incr_gcounter)
+                .delete(data::reset_gcounter),
+        )
+        .route(
+            "/v1/sets/{key}",
+            get(data::get_set)
+                .post(data::update_set)
+                .delete(data::clear_set),
+        )
         .route("/v1/sets/{key}/contains", get(data::set_contains))
         .route("/v1/{type}", get(data::list_keys))
         .route("/v1/cluster", get(ops::cluster));
@@ -97,19 +134,29 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.timeouts.request()))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.timeouts.request(),
+        ))
         .with_state(state)
 }
 
 async fn not_found(request: Request) -> Problem {
-    Problem::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+    Problem::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
 async fn method_not_allowed(request: Request) -> Problem {
     Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
-        format!("{} is not allowed on {}", request.method(), request.uri().path()),
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
     )
 }
 
@@ -122,19 +169,33 @@ async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Res
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().to_string();
     let response = match app.in_flight.clone().try_acquire_owned() {
-        Err(_) => Problem::unavailable("overloaded", "too many requests in flight; retry shortly", 1)
-            .into_response(),
-        Ok(_permit) => match tokio::time::timeout(app.timeouts.request(), next.run(request)).await {
-            Ok(response) => response,
-            // A write that was already queued still commits: the client only stops waiting.
-            Err(_) => Problem::unavailable(
-                "request-timeout",
-                format!("the request did not complete within {} ms", app.timeouts.request_ms),
-                1,
-            )
-            .into_response(),
-        },
+        Err(_) => Problem::unavailable(
+            "overloaded",
+            "too many requests in flight; retry shortly",
+            1,
+        )
+        .into_response(),
+        Ok(_permit) => {
+            match tokio::time::timeout(app.timeouts.request(), next.run(request)).await {
+                Ok(response) => response,
+                // A write that was already queued still commits: the client only stops waiting.
+                Err(_) => Problem::unavailable(
+                    "request-timeout",
+                    format!(
+                        "the request did not complete within {} ms",
+                        app.timeouts.request_ms
+                    ),
+                    1,
+                )
+                .into_response(),
+            }
+        }
     };
-    app.metrics.record_request(&route, &method, response.status().as_u16(), started.elapsed());
+    app.metrics.record_request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }

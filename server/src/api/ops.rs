@@ -24,7 +24,12 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     if app.ready.load(Ordering::Acquire) && app.storage.is_healthy() {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
-        Problem::unavailable("not-ready", "the node is starting, shutting down, or its storage failed", 1).into_response()
+        Problem::unavailable(
+            "not-ready",
+            "the node is starting, shutting down, or its storage failed",
+            1,
+        )
+        .into_response()
     }
 }
 
@@ -34,7 +39,10 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     app.cluster.refresh_metrics(&app.storage, &app.metrics);
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         app.metrics.render(),
     )
         .into_response()

@@ -44,7 +44,10 @@ impl Problem {
     }
 
     pub fn unavailable(slug: &str, detail: impl Into<String>, retry_after: u64) -> Self {
-        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, slug, detail) }
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, slug, detail)
+        }
     }
 
     pub fn internal(detail: impl Into<String>) -> Self {
@@ -63,7 +66,10 @@ impl IntoResponse for Problem {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Some(seconds) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -74,7 +80,9 @@ impl IntoResponse for Problem {
 impl From<StorageError> for Problem {
     fn from(error: StorageError) -> Self {
         match error {
-            StorageError::ShuttingDown => Self::unavailable("shutting-down", "the node is shutting down", 1),
+            StorageError::ShuttingDown => {
+                Self::unavailable("shutting-down", "the node is shutting down", 1)
+            }
             other => {
                 tracing::error!(error = %other, "storage error");
                 Self::internal(format!("storage error: {other}"))
@@ -86,7 +94,9 @@ impl From<StorageError> for Problem {
 impl From<WriteError> for Problem {
     fn from(error: WriteError) -> Self {
         match error {
-            WriteError::CounterOverflow => Self::new(StatusCode::CONFLICT, "counter-overflow", error.to_string()),
+            WriteError::CounterOverflow => {
+                Self::new(StatusCode::CONFLICT, "counter-overflow", error.to_string())
+            }
             WriteError::TooManyElements { .. } => Self::too_large(error.to_string()),
             WriteError::Storage(e) => e.into(),
         }

@@ -84,7 +84,9 @@ struct Target {
 }
 
 fn target(url: &str) -> Result<Target> {
-    let rest = url.strip_prefix("http://").context("bench speaks plain http:// URLs")?;
+    let rest = url
+        .strip_prefix("http://")
+        .context("bench speaks plain http:// URLs")?;
     let host = rest.trim_end_matches('/').to_owned();
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
         .with_context(|| format!("cannot resolve {host}"))?
@@ -102,14 +104,33 @@ struct Worker {
 fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Request<Full<Bytes>>> {
     let key = n % args.keys as u64;
     let (method, path, body) = match args.workload {
-        Workload::Put => ("PUT", format!("/v1/registers/k{key}"), Some(value.to_owned())),
+        Workload::Put => (
+            "PUT",
+            format!("/v1/registers/k{key}"),
+            Some(value.to_owned()),
+        ),
         Workload::Get => ("GET", format!("/v1/registers/k{key}"), None),
-        Workload::Incr => ("POST", format!("/v1/counters/k{key}"), Some(r#"{"increment":1}"#.to_owned())),
-        Workload::Sadd => ("POST", format!("/v1/sets/k{}", key % 100), Some(json!({"add": [n]}).to_string())),
+        Workload::Incr => (
+            "POST",
+            format!("/v1/counters/k{key}"),
+            Some(r#"{"increment":1}"#.to_owned()),
+        ),
+        Workload::Sadd => (
+            "POST",
+            format!("/v1/sets/k{}", key % 100),
+            Some(json!({"add": [n]}).to_string()),
+        ),
         Workload::Mixed if n % 2 == 0 => ("GET", format!("/v1/registers/k{key}"), None),
-        Workload::Mixed => ("PUT", format!("/v1/registers/k{key}"), Some(value.to_owned())),
+        Workload::Mixed => (
+            "PUT",
+            format!("/v1/registers/k{key}"),
+            Some(value.to_owned()),
+        ),
     };
-    let mut builder = Request::builder().method(method).uri(path).header("host", host);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
     if let Some(level) = &args.consistency {
         builder = builder.header("consistency-level", level);
     }
@@ -119,13 +140,26 @@ fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Requ
     Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
 }
 
-async fn connection(args: Arc<BenchArgs>, target: Arc<Target>, start: Instant, measure_from: Instant, stop: Arc<AtomicBool>, seed: u64) -> Result<Worker> {
-    let stream = TcpStream::connect(target.addr).await.with_context(|| format!("cannot connect to {}", target.host))?;
+async fn connection(
+    args: Arc<BenchArgs>,
+    target: Arc<Target>,
+    start: Instant,
+    measure_from: Instant,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) -> Result<Worker> {
+    let stream = TcpStream::connect(target.addr)
+        .await
+        .with_context(|| format!("cannot connect to {}", target.host))?;
     stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
-    let mut worker = Worker { latencies: Histogram::new_with_bounds(1, 60_000_000, 3)?, ok: 0, errors: 0 };
+    let mut worker = Worker {
+        latencies: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        ok: 0,
+        errors: 0,
+    };
     // xorshift: cheap, and each connection its own sequence.
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let _ = start;
@@ -142,7 +176,11 @@ async fn connection(args: Arc<BenchArgs>, target: Arc<Target>, start: Instant, m
         if sent >= measure_from {
             let micros = sent.elapsed().as_micros() as u64;
             worker.latencies.record(micros.max(1))?;
-            if status.is_success() { worker.ok += 1 } else { worker.errors += 1 }
+            if status.is_success() {
+                worker.ok += 1
+            } else {
+                worker.errors += 1
+            }
         }
     }
     Ok(worker)
@@ -190,7 +228,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let measure_from = start + Duration::from_secs(args.warmup);
         let mut tasks = tokio::task::JoinSet::new();
         for seed in 0..args.connections {
-            tasks.spawn(connection(args.clone(), target.clone(), start, measure_from, stop.clone(), seed as u64 + 1));
+            tasks.spawn(connection(
+                args.clone(),
+                target.clone(),
+                start,
+                measure_from,
+                stop.clone(),
+                seed as u64 + 1,
+            ));
         }
         tokio::time::sleep(Duration::from_secs(args.warmup + args.duration)).await;
         stop.store(true, Ordering::Relaxed);
@@ -243,13 +288,18 @@ fn report(args: &BenchArgs, h: &Histogram<u64>, ok: u64, errors: u64, seconds: f
 
 /// The HTTP ceiling: the same serving stack (hyper, axum router) with handlers that do no work.
 pub fn baseline(args: BaselineArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(args.workers.max(1)).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         async fn answer() -> &'static str {
             r#"{"key":"k","value":"x"}"#
         }
-        let app = Router::new()
-            .route("/v1/{collection}/{key}", get(answer).put(answer).post(answer).delete(answer));
+        let app = Router::new().route(
+            "/v1/{collection}/{key}",
+            get(answer).put(answer).post(answer).delete(answer),
+        );
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         eprintln!("baseline listening on http://{}", listener.local_addr()?);
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -258,7 +308,13 @@ pub fn baseline(args: BaselineArgs) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             token.cancel();
         });
-        meridian_server::http::serve(listener, app, &meridian_server::config::Timeouts::default(), shutdown).await;
+        meridian_server::http::serve(
+            listener,
+            app,
+            &meridian_server::config::Timeouts::default(),
+            shutdown,
+        )
+        .await;
         Ok(())
     })
 }

@@ -46,7 +46,11 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--region must be a URL such as http://127.0.0.1:7000, not {base:?}");
         }
-        Ok(Self { http, base, consistency: args.consistency.clone() })
+        Ok(Self {
+            http,
+            base,
+            consistency: args.consistency.clone(),
+        })
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
@@ -58,9 +62,15 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         let status = response.status();
-        let text = response.text().await.with_context(|| format!("reading the answer of {url}"))?;
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("reading the answer of {url}"))?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             return Ok(value);
@@ -70,17 +80,28 @@ impl Client {
 }
 
 fn problem_error(status: StatusCode, body: &Value) -> anyhow::Error {
-    let detail = body.get("detail").and_then(Value::as_str).map_or_else(|| body.to_string(), str::to_owned);
+    let detail = body
+        .get("detail")
+        .and_then(Value::as_str)
+        .map_or_else(|| body.to_string(), str::to_owned);
     let kind = body
         .get("type")
         .and_then(Value::as_str)
         .map(|t| t.rsplit(':').next().unwrap_or(t).to_owned())
         .unwrap_or_default();
-    anyhow!("{detail} (HTTP {}{}{kind})", status.as_u16(), if kind.is_empty() { "" } else { " " })
+    anyhow!(
+        "{detail} (HTTP {}{}{kind})",
+        status.as_u16(),
+        if kind.is_empty() { "" } else { " " }
+    )
 }
 
 fn show(args: &ClientArgs, answer: &Value, readable: impl FnOnce(&Value) -> String) {
-    let text = if args.json { answer.to_string() } else { readable(answer) };
+    let text = if args.json {
+        answer.to_string()
+    } else {
+        readable(answer)
+    };
     println!("{text}");
 }
 
@@ -92,7 +113,12 @@ fn elements_lines(answer: &Value) -> String {
     answer
         .get("elements")
         .and_then(Value::as_array)
-        .map(|els| els.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"))
+        .map(|els| {
+            els.iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .unwrap_or_default()
 }
 
@@ -108,8 +134,19 @@ pub async fn get(args: &ClientArgs, kind: KeyType, key: &str) -> Result<()> {
 
 pub async fn put(args: &ClientArgs, key: &str, value: &str) -> Result<()> {
     let client = Client::new(args)?;
-    let answer = client.call(Method::PUT, &path(KeyType::Registers, key), Some(json_arg(value))).await?;
-    show(args, &answer, |a| format!("OK {}", a.get("timestamp").and_then(Value::as_str).unwrap_or("")));
+    let answer = client
+        .call(
+            Method::PUT,
+            &path(KeyType::Registers, key),
+            Some(json_arg(value)),
+        )
+        .await?;
+    show(args, &answer, |a| {
+        format!(
+            "OK {}",
+            a.get("timestamp").and_then(Value::as_str).unwrap_or("")
+        )
+    });
     Ok(())
 }
 
@@ -122,22 +159,56 @@ pub async fn del(args: &ClientArgs, kind: KeyType, key: &str) -> Result<()> {
 
 pub async fn incr(args: &ClientArgs, gcounter: bool, key: &str, by: i64) -> Result<()> {
     let client = Client::new(args)?;
-    let kind = if gcounter { KeyType::Gcounters } else { KeyType::Counters };
-    let answer = client.call(Method::POST, &path(kind, key), Some(json!({"increment": by}))).await?;
-    show(args, &answer, |a| a.get("value").map(Value::to_string).unwrap_or_default());
+    let kind = if gcounter {
+        KeyType::Gcounters
+    } else {
+        KeyType::Counters
+    };
+    let answer = client
+        .call(
+            Method::POST,
+            &path(kind, key),
+            Some(json!({"increment": by})),
+        )
+        .await?;
+    show(args, &answer, |a| {
+        a.get("value").map(Value::to_string).unwrap_or_default()
+    });
     Ok(())
 }
 
-pub async fn set_update(args: &ClientArgs, key: &str, elements: &[String], add: bool) -> Result<()> {
+pub async fn set_update(
+    args: &ClientArgs,
+    key: &str,
+    elements: &[String],
+    add: bool,
+) -> Result<()> {
     let client = Client::new(args)?;
     let elements: Vec<Value> = elements.iter().map(|e| json_arg(e)).collect();
-    let body = if add { json!({"add": elements}) } else { json!({"remove": elements}) };
-    let answer = client.call(Method::POST, &path(KeyType::Sets, key), Some(body)).await?;
-    show(args, &answer, |a| format!("{} elements", a.get("size").map(Value::to_string).unwrap_or_default()));
+    let body = if add {
+        json!({"add": elements})
+    } else {
+        json!({"remove": elements})
+    };
+    let answer = client
+        .call(Method::POST, &path(KeyType::Sets, key), Some(body))
+        .await?;
+    show(args, &answer, |a| {
+        format!(
+            "{} elements",
+            a.get("size").map(Value::to_string).unwrap_or_default()
+        )
+    });
     Ok(())
 }
 
-pub async fn list(args: &ClientArgs, kind: KeyType, prefix: &str, limit: usize, all: bool) -> Result<()> {
+pub async fn list(
+    args: &ClientArgs,
+    kind: KeyType,
+    prefix: &str,
+    limit: usize,
+    all: bool,
+) -> Result<()> {
     let client = Client::new(args)?;
     let mut cursor: Option<String> = None;
     loop {
@@ -145,14 +216,28 @@ pub async fn list(args: &ClientArgs, kind: KeyType, prefix: &str, limit: usize, 
         if let Some(c) = &cursor {
             query.push_str(&format!("&cursor={}", encode_segment(c)));
         }
-        let answer = client.call(Method::GET, &format!("/v1/{}{query}", kind.collection()), None).await?;
+        let answer = client
+            .call(
+                Method::GET,
+                &format!("/v1/{}{query}", kind.collection()),
+                None,
+            )
+            .await?;
         show(args, &answer, |a| {
             a.get("keys")
                 .and_then(Value::as_array)
-                .map(|keys| keys.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n"))
+                .map(|keys| {
+                    keys.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
                 .unwrap_or_default()
         });
-        cursor = answer.get("next_cursor").and_then(Value::as_str).map(str::to_owned);
+        cursor = answer
+            .get("next_cursor")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         if !all || cursor.is_none() {
             return Ok(());
         }

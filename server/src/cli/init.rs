@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use meridian_server::config::Config;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
@@ -43,7 +45,11 @@ pub struct DevArgs {
     dir: PathBuf,
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
-    #[arg(long, value_delimiter = ',', default_value = "us-east,eu-west,ap-south")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "us-east,eu-west,ap-south"
+    )]
     regions: Vec<String>,
 }
 
@@ -57,12 +63,16 @@ struct NodePlan {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 40 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn write_secret(path: &Path, contents: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -70,7 +80,8 @@ fn write_secret(path: &Path, contents: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(contents.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<()> {
@@ -80,12 +91,21 @@ fn write_public(path: &Path, contents: &str) -> Result<()> {
 /// Writes the cluster and returns the config file of every node.
 pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
     ensure!(!args.regions.is_empty(), "give at least one region");
-    ensure!(args.nodes_per_region >= 1 && args.nodes_per_region <= 50, "--nodes-per-region must be 1..=50");
+    ensure!(
+        args.nodes_per_region >= 1 && args.nodes_per_region <= 50,
+        "--nodes-per-region must be 1..=50"
+    );
     for region in &args.regions {
-        ensure!(valid_name(region), "region {region:?}: use lowercase letters, digits and '-'");
+        ensure!(
+            valid_name(region),
+            "region {region:?}: use lowercase letters, digits and '-'"
+        );
     }
     let unique: std::collections::BTreeSet<_> = args.regions.iter().collect();
-    ensure!(unique.len() == args.regions.len(), "regions must be distinct");
+    ensure!(
+        unique.len() == args.regions.len(),
+        "regions must be distinct"
+    );
     let total = args.regions.len() * args.nodes_per_region;
     ensure!(total <= 100, "at most 100 nodes");
     ensure!(
@@ -93,9 +113,13 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         "--base-port leaves no room for {total} nodes (ports base..base+{total} and base+100..)"
     );
     if args.dir.join("ca.pem").exists() && !args.force {
-        bail!("{} already holds a cluster; pass --force to replace it", args.dir.display());
+        bail!(
+            "{} already holds a cluster; pass --force to replace it",
+            args.dir.display()
+        );
     }
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
 
     let mut plans = Vec::new();
     for region in &args.regions {
@@ -106,7 +130,11 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
             let peer_host = if args.peer_hosts == "name" {
                 format!("{name}:{}", peer.port())
             } else {
-                let ip = if args.bind.is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { args.bind };
+                let ip = if args.bind.is_unspecified() {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else {
+                    args.bind
+                };
                 SocketAddr::new(ip, peer.port()).to_string()
             };
             plans.push(NodePlan {
@@ -123,10 +151,18 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
     // The cluster CA signs every node certificate; peers accept only certificates it signed.
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-    ca_params.distinguished_name.push(DnType::CommonName, format!("{} cluster CA", args.cluster));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{} cluster CA", args.cluster));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .context("self-signing the CA")?;
     write_public(&args.dir.join("ca.pem"), &ca_cert.pem())?;
     write_secret(&args.dir.join("ca.key"), &ca_key.serialize_pem())?;
     let issuer = Issuer::new(ca_params, ca_key);
@@ -141,19 +177,31 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
     let mut configs = Vec::new();
     for plan in &plans {
         let node_dir = args.dir.join(&plan.name);
-        std::fs::create_dir_all(node_dir.join("data")).with_context(|| format!("cannot create {}", node_dir.display()))?;
+        std::fs::create_dir_all(node_dir.join("data"))
+            .with_context(|| format!("cannot create {}", node_dir.display()))?;
         let key = KeyPair::generate().context("generating a node key")?;
         let mut params = CertificateParams::new(vec![plan.name.clone(), "localhost".to_owned()])
             .context("node certificate parameters")?;
-        params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         if !args.bind.is_unspecified() && !args.bind.is_loopback() {
             params.subject_alt_names.push(SanType::IpAddress(args.bind));
         }
-        params.distinguished_name.push(DnType::CommonName, plan.name.clone());
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &issuer).context("signing a node certificate")?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, plan.name.clone());
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &issuer)
+            .context("signing a node certificate")?;
         write_public(&node_dir.join("node.pem"), &cert.pem())?;
         write_secret(&node_dir.join("node.key"), &key.serialize_pem())?;
 
@@ -174,7 +222,8 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         }
         let path = node_dir.join("config.toml");
         write_public(&path, &toml)?;
-        Config::load(&path).with_context(|| format!("the generated {} does not load", path.display()))?;
+        Config::load(&path)
+            .with_context(|| format!("the generated {} does not load", path.display()))?;
         configs.push(path);
     }
     Ok(configs)
@@ -203,7 +252,10 @@ pub fn dev(args: DevArgs) -> Result<()> {
             force: false,
         })?
     };
-    let configs = configs.iter().map(|p| Config::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let configs = configs
+        .iter()
+        .map(|p| Config::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -219,7 +271,10 @@ pub fn dev(args: DevArgs) -> Result<()> {
                 .await
             });
         }
-        println!("Meridian dev cluster in {} — Ctrl-C to stop", args.dir.display());
+        println!(
+            "Meridian dev cluster in {} — Ctrl-C to stop",
+            args.dir.display()
+        );
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             Some(result) = nodes.join_next() => {
@@ -229,7 +284,9 @@ pub fn dev(args: DevArgs) -> Result<()> {
         }
         shutdown.cancel();
         while let Some(result) = nodes.join_next().await {
-            result.context("a node task failed")?.context("a node failed")?;
+            result
+                .context("a node task failed")?
+                .context("a node failed")?;
         }
         Ok(())
     })

@@ -9,7 +9,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "meridian", version, about = "Multi-region active-active CRDT datastore")]
+#[command(
+    name = "meridian",
+    version,
+    about = "Multi-region active-active CRDT datastore"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -152,19 +156,32 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Get { client, kind, key } => client::block_on(client::get(&client, kind, &key)),
         Command::Put { client, key, value } => client::block_on(client::put(&client, &key, &value)),
         Command::Del { client, kind, key } => client::block_on(client::del(&client, kind, &key)),
-        Command::Incr { client, gcounter, key, by } => {
-            client::block_on(client::incr(&client, gcounter, &key, by))
+        Command::Incr {
+            client,
+            gcounter,
+            key,
+            by,
+        } => client::block_on(client::incr(&client, gcounter, &key, by)),
+        Command::Sadd {
+            client,
+            key,
+            elements,
+        } => client::block_on(client::set_update(&client, &key, &elements, true)),
+        Command::Srem {
+            client,
+            key,
+            elements,
+        } => client::block_on(client::set_update(&client, &key, &elements, false)),
+        Command::Smembers { client, key } => {
+            client::block_on(client::get(&client, KeyType::Sets, &key))
         }
-        Command::Sadd { client, key, elements } => {
-            client::block_on(client::set_update(&client, &key, &elements, true))
-        }
-        Command::Srem { client, key, elements } => {
-            client::block_on(client::set_update(&client, &key, &elements, false))
-        }
-        Command::Smembers { client, key } => client::block_on(client::get(&client, KeyType::Sets, &key)),
-        Command::Ls { client, kind, prefix, limit, all } => {
-            client::block_on(client::list(&client, kind, &prefix, limit, all))
-        }
+        Command::Ls {
+            client,
+            kind,
+            prefix,
+            limit,
+            all,
+        } => client::block_on(client::list(&client, kind, &prefix, limit, all)),
     }
 }
 

@@ -35,7 +35,9 @@ pub enum LogFormat {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -68,11 +70,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if config.http.workers > 0 {
         runtime.worker_threads(config.http.workers);
     }
-    let runtime = runtime.enable_all().thread_name("meridian").build().context("cannot start the runtime")?;
+    let runtime = runtime
+        .enable_all()
+        .thread_name("meridian")
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        meridian_server::node::run(config, shutdown, |_| {}).await.context("node failed")
+        meridian_server::node::run(config, shutdown, |_| {})
+            .await
+            .context("node failed")
     })
 }
 

@@ -14,7 +14,10 @@ pub enum Intent {
     IncrementG(u64),
     /// Observed-reset of a PN- or G-Counter.
     ResetCounter,
-    UpdateSet { add: Vec<CanonicalJson>, remove: Vec<CanonicalJson> },
+    UpdateSet {
+        add: Vec<CanonicalJson>,
+        remove: Vec<CanonicalJson>,
+    },
     ClearSet,
 }
 
@@ -45,19 +48,26 @@ impl Intent {
             (Self::PutRegister(value), State::Register(r)) => {
                 State::Register(r.write(stamp, dot, Some(value.clone())))
             }
-            (Self::DeleteRegister, State::Register(r)) => State::Register(r.write(stamp, dot, None)),
-            (Self::Increment(by), State::Counter(c)) => {
-                State::Counter(c.increment(node, *by).map_err(|_| WriteError::CounterOverflow)?)
+            (Self::DeleteRegister, State::Register(r)) => {
+                State::Register(r.write(stamp, dot, None))
             }
-            (Self::IncrementG(by), State::GCounter(c)) => {
-                State::GCounter(c.increment(node, *by).map_err(|_| WriteError::CounterOverflow)?)
-            }
+            (Self::Increment(by), State::Counter(c)) => State::Counter(
+                c.increment(node, *by)
+                    .map_err(|_| WriteError::CounterOverflow)?,
+            ),
+            (Self::IncrementG(by), State::GCounter(c)) => State::GCounter(
+                c.increment(node, *by)
+                    .map_err(|_| WriteError::CounterOverflow)?,
+            ),
             (Self::ResetCounter, State::Counter(c)) => State::Counter(c.reset()),
             (Self::ResetCounter, State::GCounter(c)) => State::GCounter(c.reset()),
             (Self::UpdateSet { add, remove }, State::Set(s)) => {
                 let size = projected_size(s, add, remove);
                 if size > max_set_elements {
-                    return Err(WriteError::TooManyElements { size, limit: max_set_elements });
+                    return Err(WriteError::TooManyElements {
+                        size,
+                        limit: max_set_elements,
+                    });
                 }
                 State::Set(s.update(node, add.iter().cloned(), remove))
             }
@@ -69,10 +79,16 @@ impl Intent {
 }
 
 /// The set's size after the update, computed without building it: adds win over removes.
-fn projected_size(set: &meridian_crdt::OrSet, add: &[CanonicalJson], remove: &[CanonicalJson]) -> usize {
+fn projected_size(
+    set: &meridian_crdt::OrSet,
+    add: &[CanonicalJson],
+    remove: &[CanonicalJson],
+) -> usize {
     let added: std::collections::BTreeSet<&CanonicalJson> = add.iter().collect();
     let new = added.iter().filter(|e| !set.contains(e)).count();
-    let removed: std::collections::BTreeSet<&CanonicalJson> =
-        remove.iter().filter(|e| set.contains(e) && !added.contains(e)).collect();
+    let removed: std::collections::BTreeSet<&CanonicalJson> = remove
+        .iter()
+        .filter(|e| set.contains(e) && !added.contains(e))
+        .collect();
     set.len() + new - removed.len()
 }

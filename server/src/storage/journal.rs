@@ -38,7 +38,10 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(n) = name.strip_prefix("journal-").and_then(|n| n.strip_suffix(".log")) {
+        if let Some(n) = name
+            .strip_prefix("journal-")
+            .and_then(|n| n.strip_suffix(".log"))
+        {
             if let Ok(n) = n.parse() {
                 found.push(n);
             }
@@ -141,8 +144,15 @@ impl Journal {
     }
 
     fn create(dir: &Path, segment: u64) -> io::Result<Self> {
-        let file = OpenOptions::new().create_new(true).append(true).open(segment_path(dir, segment))?;
-        Ok(Self { dir: dir.to_owned(), segment, file: BufWriter::with_capacity(1 << 20, file) })
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(segment_path(dir, segment))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            segment,
+            file: BufWriter::with_capacity(1 << 20, file),
+        })
     }
 
     pub(crate) fn append(&mut self, record: &[u8]) -> io::Result<()> {
@@ -180,16 +190,28 @@ mod tests {
 
     fn op(seq: u64) -> Op {
         let node = NodeId::new(1).unwrap();
-        Op { dot: Dot::new(node, seq), stamp: Stamp::new(seq, node), key: format!("k{seq}"), delta: State::bottom(meridian_crdt::Kind::Counter) }
+        Op {
+            dot: Dot::new(node, seq),
+            stamp: Stamp::new(seq, node),
+            key: format!("k{seq}"),
+            delta: State::bottom(meridian_crdt::Kind::Counter),
+        }
     }
 
     #[test]
     fn records_replay_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal.append(&encode_record(&[codec::encode_op(&op(1)), codec::encode_op(&op(2))])).unwrap();
+        journal
+            .append(&encode_record(&[
+                codec::encode_op(&op(1)),
+                codec::encode_op(&op(2)),
+            ]))
+            .unwrap();
         journal.rotate().unwrap();
-        journal.append(&encode_record(&[codec::encode_op(&op(3))])).unwrap();
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(3))]))
+            .unwrap();
         journal.sync().unwrap();
         let replay = Journal::replay(dir.path()).unwrap();
         assert_eq!(replay.ops, vec![op(1), op(2), op(3)]);
@@ -200,7 +222,9 @@ mod tests {
     fn a_torn_tail_stops_replay_without_losing_earlier_records() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal.append(&encode_record(&[codec::encode_op(&op(1))])).unwrap();
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(1))]))
+            .unwrap();
         let second = encode_record(&[codec::encode_op(&op(2))]);
         journal.append(&second[..second.len() - 3]).unwrap();
         journal.sync().unwrap();
@@ -225,7 +249,9 @@ mod tests {
     fn start_deletes_replayed_segments_and_prune_deletes_old_ones() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal.append(&encode_record(&[codec::encode_op(&op(1))])).unwrap();
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(1))]))
+            .unwrap();
         let next = journal.rotate().unwrap();
         journal.prune_before(next).unwrap();
         assert_eq!(segments(dir.path()).unwrap(), vec![next]);

@@ -27,9 +27,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use intent::Intent;
-pub(crate) use tables::split_state_key;
 use journal::Journal;
-use tables::{APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, PEER_APPLIED, SCHEMA_VERSION, STATES, WAL};
+pub(crate) use tables::split_state_key;
+use tables::{
+    APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, PEER_APPLIED, SCHEMA_VERSION,
+    STATES, WAL,
+};
 
 use crate::metrics::Metrics;
 
@@ -40,7 +43,10 @@ pub enum StorageError {
     #[error("database error: {0}")]
     Db(#[from] redb::Error),
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("corrupt data for {what}: {detail}")]
     Corrupt { what: String, detail: String },
     #[error("data directory belongs to node {found}, not node {expected}")]
@@ -103,10 +109,24 @@ pub struct StorageOptions {
 }
 
 pub(crate) enum Command {
-    Local { kind: Kind, key: String, intent: Intent, reply: oneshot::Sender<Result<Committed, WriteError>> },
-    Remote { ops: Vec<Op>, reply: oneshot::Sender<Result<VersionVector, replica::RemoteError>> },
-    Truncate { below: VersionVector, reply: oneshot::Sender<Result<u64, StorageError>> },
-    PeerApplied { peer: NodeId, applied: VersionVector },
+    Local {
+        kind: Kind,
+        key: String,
+        intent: Intent,
+        reply: oneshot::Sender<Result<Committed, WriteError>>,
+    },
+    Remote {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<VersionVector, replica::RemoteError>>,
+    },
+    Truncate {
+        below: VersionVector,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
+    PeerApplied {
+        peer: NodeId,
+        applied: VersionVector,
+    },
     /// Time for a checkpoint (sent by the checkpoint timer).
     Checkpoint,
     /// Commit what came before, then stop.
@@ -134,26 +154,42 @@ pub struct Storage {
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage").field("node", &self.inner.node).finish_non_exhaustive()
+        f.debug_struct("Storage")
+            .field("node", &self.inner.node)
+            .finish_non_exhaustive()
     }
 }
 
 fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> StorageError {
-    StorageError::Corrupt { what: what.into(), detail: detail.to_string() }
+    StorageError::Corrupt {
+        what: what.into(),
+        detail: detail.to_string(),
+    }
 }
 
 impl Storage {
     /// Opens (or creates) the database in `dir` and starts the writer thread.
-    pub fn open(dir: &Path, options: StorageOptions, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
-        let io = |source| StorageError::Io { path: dir.display().to_string(), source };
+    pub fn open(
+        dir: &Path,
+        options: StorageOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StorageError> {
+        let io = |source| StorageError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("meridian.redb");
         let created = !path.exists();
-        let db = Database::builder().set_cache_size(options.cache_bytes).create(&path)?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)?;
         if created {
             // redb fsyncs the file but not the directory entry naming it: without this a power
             // cut right after creation can lose the file, and every commit acknowledged in it.
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
         }
         let (applied, peer_applied, last_stamp) = Self::bootstrap(&db, options.node)?;
 
@@ -170,7 +206,10 @@ impl Storage {
         let journal_dir = dir.join("journal");
         let replay = Journal::replay(&journal_dir).map_err(io)?;
         if replay.torn_bytes > 0 {
-            tracing::warn!(bytes = replay.torn_bytes, "discarded a torn journal tail (writes that were never acknowledged)");
+            tracing::warn!(
+                bytes = replay.torn_bytes,
+                "discarded a torn journal tail (writes that were never acknowledged)"
+            );
         }
         let applied = Self::replay(&db, &hlc, options.node, applied, replay.ops)?;
         let journal = Journal::start(&journal_dir).map_err(io)?;
@@ -181,11 +220,17 @@ impl Storage {
         let (commands, queue) = mpsc::channel(options.max_batch.max(1024) * 4);
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.to_owned()).spawn(f).map_err(io)
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(f)
+                .map_err(io)
         };
         let syncer = {
             let (metrics, failed) = (metrics.clone(), failed.clone());
-            spawn("meridian-syncer", Box::new(move || writer::sync_loop(journal, sync_rx, applied_tx, metrics, failed)))?
+            spawn(
+                "meridian-syncer",
+                Box::new(move || writer::sync_loop(journal, sync_rx, applied_tx, metrics, failed)),
+            )?
         };
         let applier = writer::Writer {
             db: db.clone(),
@@ -205,7 +250,9 @@ impl Storage {
             Box::new(move || {
                 while !timer.is_closed() {
                     std::thread::sleep(writer::CHECKPOINT_INTERVAL);
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = timer.try_send(Command::Checkpoint) {
+                    if let Err(mpsc::error::TrySendError::Closed(_)) =
+                        timer.try_send(Command::Checkpoint)
+                    {
                         break;
                     }
                 }
@@ -237,12 +284,20 @@ impl Storage {
             return Ok(applied);
         }
         let count = ops.len();
-        if let Some(stamp) = ops.iter().filter(|op| op.dot.node == node).map(|op| op.stamp).max() {
+        if let Some(stamp) = ops
+            .iter()
+            .filter(|op| op.dot.node == node)
+            .map(|op| op.stamp)
+            .max()
+        {
             let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
         }
         let txn = db.begin_write()?;
         let mut batch = writer::Batch::open(&txn, applied.clone())?;
-        if let Some(gap) = batch.apply_ops(ops).map_err(|e| corrupt("journal replay", e))? {
+        if let Some(gap) = batch
+            .apply_ops(ops)
+            .map_err(|e| corrupt("journal replay", e))?
+        {
             return Err(corrupt("journal", gap));
         }
         let (replayed, _) = batch.finish(&txn, &applied)?;
@@ -256,7 +311,14 @@ impl Storage {
     fn bootstrap(
         db: &Database,
         node: NodeId,
-    ) -> Result<(VersionVector, BTreeMap<NodeId, VersionVector>, Option<Stamp>), StorageError> {
+    ) -> Result<
+        (
+            VersionVector,
+            BTreeMap<NodeId, VersionVector>,
+            Option<Stamp>,
+        ),
+        StorageError,
+    > {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -271,9 +333,14 @@ impl Storage {
                         .map(u64::from_be_bytes)
                         .map_err(|_| corrupt("meta node_id", "not 8 bytes"))?;
                     if id != node.get() {
-                        return Err(StorageError::WrongNode { expected: node, found: id });
+                        return Err(StorageError::WrongNode {
+                            expected: node,
+                            found: id,
+                        });
                     }
-                    let schema = meta.get(META_SCHEMA)?.and_then(|v| v.value().first().copied());
+                    let schema = meta
+                        .get(META_SCHEMA)?
+                        .and_then(|v| v.value().first().copied());
                     if schema != Some(SCHEMA_VERSION) {
                         return Err(StorageError::Schema(schema.unwrap_or(0)));
                     }
@@ -290,18 +357,22 @@ impl Storage {
         let mut applied = VersionVector::new();
         for entry in read.open_table(APPLIED)?.iter()? {
             let (origin, seq) = entry?;
-            let origin = NodeId::new(origin.value()).ok_or_else(|| corrupt("applied", "origin 0"))?;
+            let origin =
+                NodeId::new(origin.value()).ok_or_else(|| corrupt("applied", "origin 0"))?;
             applied.set(origin, seq.value());
         }
         let mut peers = BTreeMap::new();
         for entry in read.open_table(PEER_APPLIED)?.iter()? {
             let (peer, bytes) = entry?;
-            let peer = NodeId::new(peer.value()).ok_or_else(|| corrupt("peer_applied", "peer 0"))?;
+            let peer =
+                NodeId::new(peer.value()).ok_or_else(|| corrupt("peer_applied", "peer 0"))?;
             let vv = postcard::from_bytes(bytes.value()).map_err(|e| corrupt("peer_applied", e))?;
             peers.insert(peer, vv);
         }
         let last_stamp = match read.open_table(META)?.get(META_LAST_STAMP)? {
-            Some(bytes) => Some(postcard::from_bytes(bytes.value()).map_err(|e| corrupt("last_stamp", e))?),
+            Some(bytes) => {
+                Some(postcard::from_bytes(bytes.value()).map_err(|e| corrupt("last_stamp", e))?)
+            }
             None => None,
         };
         Ok((applied, peers, last_stamp))
@@ -312,14 +383,29 @@ impl Storage {
     }
 
     /// Queues a local write and waits until it is durable.
-    pub async fn write(&self, kind: Kind, key: String, intent: Intent) -> Result<Committed, WriteError> {
+    pub async fn write(
+        &self,
+        kind: Kind,
+        key: String,
+        intent: Intent,
+    ) -> Result<Committed, WriteError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Local { kind, key, intent, reply }).await?;
+        self.send(Command::Local {
+            kind,
+            key,
+            intent,
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
     async fn send(&self, command: Command) -> Result<(), StorageError> {
-        self.inner.commands.send(command).await.map_err(|_| StorageError::ShuttingDown)
+        self.inner
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| StorageError::ShuttingDown)
     }
 
     /// The state of one key, from a fresh snapshot; `None` if the key was never written.
@@ -329,7 +415,9 @@ impl Storage {
         let Some(bytes) = table.get(tables::state_key(kind, key).as_slice())? else {
             return Ok(None);
         };
-        codec::decode_state(bytes.value()).map(Some).map_err(|e| corrupt(format!("{kind}/{key}"), e))
+        codec::decode_state(bytes.value())
+            .map(Some)
+            .map_err(|e| corrupt(format!("{kind}/{key}"), e))
     }
 
     /// Up to `limit` keys of `kind` that start with `prefix` and sort after `after`, with their
@@ -405,7 +493,11 @@ impl Storage {
 
     /// Feeds a remote stamp to the HLC; false (and counted) when beyond the skew bound.
     pub fn observe_stamp(&self, stamp: Stamp) -> bool {
-        let ok = self.inner.hlc.update_with_timestamp(&stamp.to_uhlc()).is_ok();
+        let ok = self
+            .inner
+            .hlc
+            .update_with_timestamp(&stamp.to_uhlc())
+            .is_ok();
         if !ok {
             self.inner.refused_stamps.fetch_add(1, Ordering::Relaxed);
         }
@@ -428,7 +520,12 @@ impl Storage {
     /// Stops the writer after it has committed everything queued before this call, and
     /// checkpoints. Writes queued later fail with [`StorageError::ShuttingDown`].
     pub async fn shutdown(&self) {
-        let threads = self.inner.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let threads = self
+            .inner
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         if threads.is_empty() {
             return;
         }

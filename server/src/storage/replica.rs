@@ -15,7 +15,11 @@ use super::{Command, Storage, StorageError};
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RemoteError {
     #[error("gap in ops of node {origin}: expected {expected}, got {got}")]
-    Gap { origin: NodeId, expected: u64, got: u64 },
+    Gap {
+        origin: NodeId,
+        expected: u64,
+        got: u64,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -28,12 +32,20 @@ impl Storage {
     /// Applies ops shipped by a peer, durably, through the same group commit as local writes.
     pub async fn apply_remote_ops(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Remote { ops, reply }).await.map_err(unavailable)?;
+        self.send(Command::Remote { ops, reply })
+            .await
+            .map_err(unavailable)?;
         match answer.await {
             Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(RemoteError::Gap { origin, expected, got })) => {
-                Err(StoreError::Gap { origin, expected, got })
-            }
+            Ok(Err(RemoteError::Gap {
+                origin,
+                expected,
+                got,
+            })) => Err(StoreError::Gap {
+                origin,
+                expected,
+                got,
+            }),
             Ok(Err(RemoteError::Storage(e))) => Err(unavailable(e)),
             Err(_) => Err(unavailable(StorageError::ShuttingDown)),
         }
@@ -55,16 +67,23 @@ impl Storage {
         // The WAL table may hold ops applied but not yet durable in the journal; those must
         // not leave this node, or a crash could reissue their sequences with other contents.
         let durable = self.applied().get(origin);
-        for entry in table.range((origin.get(), start)..=(origin.get(), u64::MAX)).map_err(unavailable)? {
+        for entry in table
+            .range((origin.get(), start)..=(origin.get(), u64::MAX))
+            .map_err(unavailable)?
+        {
             let (key, value) = entry.map_err(unavailable)?;
             let (_, seq) = key.value();
             if seq > durable {
                 break;
             }
             if ops.is_empty() && seq != start {
-                return Err(StoreError::Truncated { origin, first_available: seq });
+                return Err(StoreError::Truncated {
+                    origin,
+                    first_available: seq,
+                });
             }
-            if ops.len() == max_ops || (!ops.is_empty() && bytes + value.value().len() > max_bytes) {
+            if ops.len() == max_ops || (!ops.is_empty() && bytes + value.value().len() > max_bytes)
+            {
                 break;
             }
             bytes += value.value().len();
@@ -88,11 +107,18 @@ impl Storage {
             peers.insert(peer, applied.clone());
         }
         // Best effort: a lost update only delays WAL truncation until the next ack.
-        let _ = self.inner.commands.try_send(Command::PeerApplied { peer, applied: applied.clone() });
+        let _ = self.inner.commands.try_send(Command::PeerApplied {
+            peer,
+            applied: applied.clone(),
+        });
     }
 
     pub fn peer_vectors(&self) -> BTreeMap<NodeId, VersionVector> {
-        self.inner.peer_applied.lock().map(|p| p.clone()).unwrap_or_default()
+        self.inner
+            .peer_applied
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
     }
 }
 

@@ -38,8 +38,14 @@ const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 /// A reply to send once the group's fate is known.
 pub(super) enum Pending {
-    Local(oneshot::Sender<Result<Committed, WriteError>>, Result<Committed, WriteError>),
-    Remote(oneshot::Sender<Result<VersionVector, RemoteError>>, Option<RemoteError>),
+    Local(
+        oneshot::Sender<Result<Committed, WriteError>>,
+        Result<Committed, WriteError>,
+    ),
+    Remote(
+        oneshot::Sender<Result<VersionVector, RemoteError>>,
+        Option<RemoteError>,
+    ),
     Truncate(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
 
@@ -84,7 +90,12 @@ impl Pending {
 pub(super) enum SyncJob {
     /// A group applied to redb: its journal record (empty when it logged no op), its replies,
     /// and the applied vector once it is durable.
-    Group { record: Vec<u8>, ops: usize, pending: Vec<Pending>, applied: VersionVector },
+    Group {
+        record: Vec<u8>,
+        ops: usize,
+        pending: Vec<Pending>,
+        applied: VersionVector,
+    },
     /// Sync, then continue in a new segment; answers the new segment's number.
     Rotate(sync_mpsc::Sender<std::io::Result<u64>>),
     /// A checkpoint covers every segment before this one.
@@ -104,7 +115,10 @@ pub(super) struct Batch<'t> {
 }
 
 impl<'t> Batch<'t> {
-    pub(super) fn open(txn: &'t WriteTransaction, applied: VersionVector) -> Result<Self, StorageError> {
+    pub(super) fn open(
+        txn: &'t WriteTransaction,
+        applied: VersionVector,
+    ) -> Result<Self, StorageError> {
         Ok(Self {
             states: txn.open_table(STATES)?,
             wal: txn.open_table(WAL)?,
@@ -125,12 +139,15 @@ impl<'t> Batch<'t> {
             };
             self.dirty.insert(storage_key.clone(), state);
         }
-        self.dirty.get_mut(&storage_key).ok_or_else(|| corrupt("batch cache", "entry vanished"))
+        self.dirty
+            .get_mut(&storage_key)
+            .ok_or_else(|| corrupt("batch cache", "entry vanished"))
     }
 
     fn append(&mut self, op: &Op) -> Result<(), StorageError> {
         let bytes = codec::encode_op(op);
-        self.wal.insert((op.dot.node.get(), op.dot.seq), bytes.as_slice())?;
+        self.wal
+            .insert((op.dot.node.get(), op.dot.seq), bytes.as_slice())?;
         self.records.push(bytes);
         self.applied.raise(op.dot.node, op.dot.seq);
         Ok(())
@@ -152,20 +169,37 @@ impl<'t> Batch<'t> {
             }
             if op.dot.seq != have + 1 {
                 stopped.push(origin);
-                error.get_or_insert(RemoteError::Gap { origin, expected: have + 1, got: op.dot.seq });
+                error.get_or_insert(RemoteError::Gap {
+                    origin,
+                    expected: have + 1,
+                    got: op.dot.seq,
+                });
                 continue;
             }
             let kind = op.kind();
             let state = self.state(kind, &op.key)?;
-            state.merge(&op.delta).map_err(|e| corrupt(format!("{kind}/{}", op.key), e))?;
+            state
+                .merge(&op.delta)
+                .map_err(|e| corrupt(format!("{kind}/{}", op.key), e))?;
             self.append(&op)?;
         }
         Ok(error)
     }
 
     /// Writes the touched states and the applied vector into `txn`'s tables.
-    pub(super) fn finish(self, txn: &WriteTransaction, before: &VersionVector) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
-        let Self { mut states, wal, dirty, applied, last_stamp, records } = self;
+    pub(super) fn finish(
+        self,
+        txn: &WriteTransaction,
+        before: &VersionVector,
+    ) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
+        let Self {
+            mut states,
+            wal,
+            dirty,
+            applied,
+            last_stamp,
+            records,
+        } = self;
         for (key, state) in &dirty {
             states.insert(key.as_slice(), codec::encode_state(state).as_slice())?;
         }
@@ -178,7 +212,8 @@ impl<'t> Batch<'t> {
         }
         if let Some(stamp) = last_stamp {
             let bytes = postcard::to_allocvec(&stamp).map_err(|e| corrupt("last_stamp", e))?;
-            txn.open_table(META)?.insert(META_LAST_STAMP, bytes.as_slice())?;
+            txn.open_table(META)?
+                .insert(META_LAST_STAMP, bytes.as_slice())?;
         }
         Ok((applied, records))
     }
@@ -244,13 +279,22 @@ impl Writer {
             Ok((applied, records)) => {
                 self.applied = applied.clone();
                 let ops = records.len();
-                let record = if records.is_empty() { Vec::new() } else { journal::encode_record(&records) };
+                let record = if records.is_empty() {
+                    Vec::new()
+                } else {
+                    journal::encode_record(&records)
+                };
                 let bytes = record.len() as u64;
-                if let Err(sync_mpsc::SendError(job)) =
-                    self.syncer.send(SyncJob::Group { record, ops, pending, applied })
-                {
+                if let Err(sync_mpsc::SendError(job)) = self.syncer.send(SyncJob::Group {
+                    record,
+                    ops,
+                    pending,
+                    applied,
+                }) {
                     if let SyncJob::Group { pending, .. } = job {
-                        pending.into_iter().for_each(|p| p.fail("the journal is gone"));
+                        pending
+                            .into_iter()
+                            .for_each(|p| p.fail("the journal is gone"));
                     }
                 }
                 bytes
@@ -271,11 +315,17 @@ impl Writer {
         pending: &mut Vec<Pending>,
     ) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None).map_err(|e| corrupt("durability", e))?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| corrupt("durability", e))?;
         let mut batch = Batch::open(&txn, self.applied.clone())?;
         for command in commands {
             match command {
-                Command::Local { kind, key, intent, reply } => {
+                Command::Local {
+                    kind,
+                    key,
+                    intent,
+                    reply,
+                } => {
                     let result = match self.local(&mut batch, kind, key, &intent) {
                         Err(WriteError::Storage(e)) => return Err(e),
                         other => other,
@@ -291,8 +341,10 @@ impl Writer {
                     pending.push(Pending::Truncate(reply, removed));
                 }
                 Command::PeerApplied { peer, applied } => {
-                    let bytes = postcard::to_allocvec(&applied).map_err(|e| corrupt("peer vector", e))?;
-                    txn.open_table(PEER_APPLIED)?.insert(peer.get(), bytes.as_slice())?;
+                    let bytes =
+                        postcard::to_allocvec(&applied).map_err(|e| corrupt("peer vector", e))?;
+                    txn.open_table(PEER_APPLIED)?
+                        .insert(peer.get(), bytes.as_slice())?;
                 }
                 Command::Shutdown | Command::Checkpoint => {}
             }
@@ -316,11 +368,23 @@ impl Writer {
         let max = self.options.max_set_elements;
         let state = batch.state(kind, &key)?;
         let delta = intent.delta(state, node, dot, stamp, max)?;
-        state.merge(&delta).map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
+        state
+            .merge(&delta)
+            .map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
         let state = state.clone();
-        batch.append(&Op { dot, stamp, key, delta })?;
+        batch.append(&Op {
+            dot,
+            stamp,
+            key,
+            delta,
+        })?;
         batch.last_stamp = Some(stamp);
-        Ok(Committed { state, dot, stamp, applied: VersionVector::new() })
+        Ok(Committed {
+            state,
+            dot,
+            stamp,
+            applied: VersionVector::new(),
+        })
     }
 
     /// Makes redb durable and drops the journal segments that this covers.
@@ -342,7 +406,10 @@ impl Writer {
             let txn = self.db.begin_write()?;
             // A durable commit makes every earlier non-durable one durable too; it must not be
             // empty, or redb may skip it.
-            txn.open_table(META)?.insert(super::tables::META_CHECKPOINT, segment.to_be_bytes().as_slice())?;
+            txn.open_table(META)?.insert(
+                super::tables::META_CHECKPOINT,
+                segment.to_be_bytes().as_slice(),
+            )?;
             txn.commit()?;
             Ok(())
         })();
@@ -366,41 +433,51 @@ pub(super) fn sync_loop(
 ) {
     let mut waiting: Vec<(Vec<Pending>, VersionVector)> = Vec::new();
     let mut ops_waiting = 0usize;
-    let flush = |journal: &mut Journal, waiting: &mut Vec<(Vec<Pending>, VersionVector)>, ops: usize| {
-        if waiting.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let synced = if failed.load(Ordering::Acquire) { Err(std::io::Error::other("journal failed earlier")) } else { journal.sync() };
-        match synced {
-            Ok(()) => {
-                metrics.record_commit(ops, started.elapsed());
-                if let Some((_, applied)) = waiting.last() {
-                    applied_tx.send_replace(applied.clone());
+    let flush =
+        |journal: &mut Journal, waiting: &mut Vec<(Vec<Pending>, VersionVector)>, ops: usize| {
+            if waiting.is_empty() {
+                return;
+            }
+            let started = Instant::now();
+            let synced = if failed.load(Ordering::Acquire) {
+                Err(std::io::Error::other("journal failed earlier"))
+            } else {
+                journal.sync()
+            };
+            match synced {
+                Ok(()) => {
+                    metrics.record_commit(ops, started.elapsed());
+                    if let Some((_, applied)) = waiting.last() {
+                        applied_tx.send_replace(applied.clone());
+                    }
+                    for (pending, applied) in waiting.drain(..) {
+                        pending.into_iter().for_each(|p| p.succeed(&applied));
+                    }
                 }
-                for (pending, applied) in waiting.drain(..) {
-                    pending.into_iter().for_each(|p| p.succeed(&applied));
+                Err(error) => {
+                    // After a failed fsync the kernel may have dropped the dirty pages: nothing
+                    // written since the last good sync can be trusted, so the node stops taking
+                    // writes rather than acknowledge what may be lost.
+                    tracing::error!(%error, "journal fsync failed; refusing further writes");
+                    failed.store(true, Ordering::Release);
+                    metrics.record_commit_failure();
+                    let detail = format!("journal fsync failed: {error}");
+                    for (pending, _) in waiting.drain(..) {
+                        pending.into_iter().for_each(|p| p.fail(&detail));
+                    }
                 }
             }
-            Err(error) => {
-                // After a failed fsync the kernel may have dropped the dirty pages: nothing
-                // written since the last good sync can be trusted, so the node stops taking
-                // writes rather than acknowledge what may be lost.
-                tracing::error!(%error, "journal fsync failed; refusing further writes");
-                failed.store(true, Ordering::Release);
-                metrics.record_commit_failure();
-                let detail = format!("journal fsync failed: {error}");
-                for (pending, _) in waiting.drain(..) {
-                    pending.into_iter().for_each(|p| p.fail(&detail));
-                }
-            }
-        }
-    };
+        };
     while let Ok(first) = jobs.recv() {
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                SyncJob::Group { record, ops, pending, applied } => {
+                SyncJob::Group {
+                    record,
+                    ops,
+                    pending,
+                    applied,
+                } => {
                     if !record.is_empty() {
                         if let Err(error) = journal.append(&record) {
                             tracing::error!(%error, "journal append failed; refusing further writes");
@@ -429,7 +506,10 @@ pub(super) fn sync_loop(
     tracing::debug!("syncer stopped");
 }
 
-fn truncate(wal: &mut Table<'_, (u64, u64), &'static [u8]>, below: &VersionVector) -> Result<u64, StorageError> {
+fn truncate(
+    wal: &mut Table<'_, (u64, u64), &'static [u8]>,
+    below: &VersionVector,
+) -> Result<u64, StorageError> {
     let before = wal.len()?;
     for (origin, seq) in below.iter() {
         wal.retain_in((origin.get(), 0)..=(origin.get(), seq), |_, _| false)?;

@@ -14,7 +14,11 @@ pub(crate) struct Node {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Node {
@@ -30,7 +34,12 @@ impl Node {
             ),
         )
         .unwrap();
-        let mut node = Self { dir, addr, config, child: None };
+        let mut node = Self {
+            dir,
+            addr,
+            config,
+            child: None,
+        };
         node.spawn().await;
         node
     }
@@ -68,9 +77,16 @@ impl Node {
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("meridian exited with {status} during start-up: {}", self.log());
+                panic!(
+                    "meridian exited with {status} during start-up: {}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "node not ready in time: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "node not ready in time: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -89,7 +105,9 @@ impl Node {
 
     /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
     pub(crate) fn terminate(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return false };
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
         let pid = child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
