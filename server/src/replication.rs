@@ -39,7 +39,7 @@ async fn resolve(address: &str) -> Result<std::net::SocketAddr, NodeError> {
                 });
             }
             Err(error) => {
-                tracing::info!(%address, %error, "peer address does not resolve yet; retrying")
+                tracing::info!(%address, %error, "peer address does not resolve yet; retrying");
             }
         }
         if tokio::time::Instant::now() >= deadline {

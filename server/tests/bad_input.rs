@@ -97,7 +97,7 @@ async fn every_bad_request_gets_a_problem_and_changes_nothing() {
             "increment missing",
             Method::POST,
             "/v1/counters/keep",
-            br#"{}"#,
+            b"{}",
             StatusCode::BAD_REQUEST,
         ),
         case(
@@ -111,7 +111,7 @@ async fn every_bad_request_gets_a_problem_and_changes_nothing() {
             "set body not an object",
             Method::POST,
             "/v1/sets/keep",
-            br#"[1,2]"#,
+            b"[1,2]",
             StatusCode::BAD_REQUEST,
         ),
         case(
@@ -125,7 +125,7 @@ async fn every_bad_request_gets_a_problem_and_changes_nothing() {
             "set update empty",
             Method::POST,
             "/v1/sets/keep",
-            br#"{}"#,
+            b"{}",
             StatusCode::BAD_REQUEST,
         ),
         case(

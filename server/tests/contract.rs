@@ -315,7 +315,7 @@ async fn listing_paginates_by_prefix_and_hides_deleted_registers() {
     loop {
         let mut url = node.url("/v1/registers?prefix=user:&limit=10");
         if let Some(c) = &cursor {
-            url.push_str(&format!("&cursor={c}"));
+            url = format!("{url}&cursor={c}");
         }
         let (status, body) = call(&c, reqwest::Method::GET, url, None).await;
         assert_eq!(status, StatusCode::OK, "{body}");

@@ -47,7 +47,7 @@ async fn trickled_headers_are_cut_off() {
         }
     };
     // Meanwhile normal requests keep being served.
-    let (_, ()) = tokio::join!(trickle, async {
+    let ((), ()) = tokio::join!(trickle, async {
         for _ in 0..5 {
             healthy(&node).await;
             tokio::time::sleep(Duration::from_millis(100)).await;

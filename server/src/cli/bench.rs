@@ -39,9 +39,23 @@ pub enum Workload {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The node to load (http://host:port).
-    #[arg(long, env = "MERIDIAN_URL", default_value = "http://127.0.0.1:7000")]
-    url: String,
+    /// The nodes to load (http://host:port, comma-separated); connections are spread over them.
+    #[arg(
+        long,
+        env = "MERIDIAN_URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7000"
+    )]
+    url: Vec<String>,
+    /// Fixed request rate per URL (open loop: latency counts from each request's scheduled
+    /// time, so a stall is not hidden). Without it, every connection sends back to back.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Measure replication lag to this node: a probe writes a register on the first --url
+    /// every millisecond and polls it here; lag is the time from sending a write to reading it
+    /// at this node.
+    #[arg(long)]
+    lag_url: Option<String>,
     #[arg(long, value_enum, default_value_t = Workload::Put)]
     workload: Workload,
     /// Concurrent connections, each with one request in flight.
@@ -103,13 +117,20 @@ struct Worker {
 
 fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Request<Full<Bytes>>> {
     let key = n % args.keys as u64;
+    let read = match args.workload {
+        Workload::Get => true,
+        Workload::Mixed => n % 2 == 0,
+        _ => false,
+    };
     let (method, path, body) = match args.workload {
-        Workload::Put => (
+        Workload::Put | Workload::Get | Workload::Mixed if read => {
+            ("GET", format!("/v1/registers/k{key}"), None)
+        }
+        Workload::Put | Workload::Get | Workload::Mixed => (
             "PUT",
             format!("/v1/registers/k{key}"),
             Some(value.to_owned()),
         ),
-        Workload::Get => ("GET", format!("/v1/registers/k{key}"), None),
         Workload::Incr => (
             "POST",
             format!("/v1/counters/k{key}"),
@@ -119,12 +140,6 @@ fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Requ
             "POST",
             format!("/v1/sets/k{}", key % 100),
             Some(json!({"add": [n]}).to_string()),
-        ),
-        Workload::Mixed if n % 2 == 0 => ("GET", format!("/v1/registers/k{key}"), None),
-        Workload::Mixed => (
-            "PUT",
-            format!("/v1/registers/k{key}"),
-            Some(value.to_owned()),
         ),
     };
     let mut builder = Request::builder()
@@ -143,17 +158,12 @@ fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Requ
 async fn connection(
     args: Arc<BenchArgs>,
     target: Arc<Target>,
-    start: Instant,
+    interval: Option<Duration>,
     measure_from: Instant,
     stop: Arc<AtomicBool>,
     seed: u64,
 ) -> Result<Worker> {
-    let stream = TcpStream::connect(target.addr)
-        .await
-        .with_context(|| format!("cannot connect to {}", target.host))?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = http1(&target).await?;
     let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
     let mut worker = Worker {
         latencies: Histogram::new_with_bounds(1, 60_000_000, 3)?,
@@ -162,14 +172,22 @@ async fn connection(
     };
     // xorshift: cheap, and each connection its own sequence.
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let _ = start;
+    let mut next_slot = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         let request = request_for(&args, &target.host, state, &value)?;
         sender.ready().await?;
-        let sent = Instant::now();
+        let sent = match interval {
+            Some(interval) => {
+                tokio::time::sleep_until(next_slot.into()).await;
+                let scheduled = next_slot;
+                next_slot += interval;
+                scheduled
+            }
+            None => Instant::now(),
+        };
         let response = sender.send_request(request).await?;
         let status = response.status();
         response.into_body().collect().await?;
@@ -177,9 +195,9 @@ async fn connection(
             let micros = sent.elapsed().as_micros() as u64;
             worker.latencies.record(micros.max(1))?;
             if status.is_success() {
-                worker.ok += 1
+                worker.ok += 1;
             } else {
-                worker.errors += 1
+                worker.errors += 1;
             }
         }
     }
@@ -188,9 +206,7 @@ async fn connection(
 
 /// Writes every key once so reads find values.
 async fn preload(args: &BenchArgs, target: &Target) -> Result<()> {
-    let stream = TcpStream::connect(target.addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = http1(target).await?;
     let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
     for key in 0..args.keys {
         let request = Request::builder()
@@ -210,33 +226,57 @@ async fn preload(args: &BenchArgs, target: &Target) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.connections == 0 || args.keys == 0 || args.duration == 0 {
-        bail!("--connections, --keys and --duration must be positive");
+    if args.connections == 0 || args.keys == 0 || args.duration == 0 || args.url.is_empty() {
+        bail!("--connections, --keys, --duration and --url must be given and positive");
+    }
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        bail!("--rate must be positive");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
+    let targets = args
+        .url
+        .iter()
+        .map(|u| target(u).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    let lag_target = args.lag_url.as_deref().map(target).transpose()?;
     let args = Arc::new(args);
-    let target = Arc::new(target(&args.url)?);
     runtime.block_on(async move {
         if matches!(args.workload, Workload::Get | Workload::Mixed) {
-            preload(&args, &target).await.context("preloading keys")?;
+            for target in &targets {
+                preload(&args, target).await.context("preloading keys")?;
+            }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let measure_from = start + Duration::from_secs(args.warmup);
         let mut tasks = tokio::task::JoinSet::new();
+        let per_url = args.connections.div_ceil(targets.len());
         for seed in 0..args.connections {
+            let target = targets[seed % targets.len()].clone();
+            // Each connection carries an equal share of its URL's rate.
+            let interval = args
+                .rate
+                .map(|rate| Duration::from_secs_f64(per_url as f64 / rate));
             tasks.spawn(connection(
                 args.clone(),
-                target.clone(),
-                start,
+                target,
+                interval,
                 measure_from,
                 stop.clone(),
                 seed as u64 + 1,
             ));
         }
+        let probe = lag_target.map(|to| {
+            tokio::spawn(lag_probe(
+                targets[0].clone(),
+                Arc::new(to),
+                measure_from,
+                stop.clone(),
+            ))
+        });
         tokio::time::sleep(Duration::from_secs(args.warmup + args.duration)).await;
         stop.store(true, Ordering::Relaxed);
         let measured = measure_from.elapsed().as_secs_f64();
@@ -248,13 +288,110 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ok += worker.ok;
             errors += worker.errors;
         }
-        report(&args, &total, ok, errors, measured);
+        let lag = match probe {
+            Some(probe) => Some(probe.await??),
+            None => None,
+        };
+        report(&args, &total, ok, errors, measured, lag.as_ref());
         Ok(())
     })
 }
 
-fn report(args: &BenchArgs, h: &Histogram<u64>, ok: u64, errors: u64, seconds: f64) {
+async fn http1(target: &Target) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(target.addr)
+        .await
+        .with_context(|| format!("cannot connect to {}", target.host))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+const PROBE_PATH: &str = "/v1/registers/meridian-bench-lag-probe";
+
+/// Writes an increasing sequence number to the probe register at `from` every millisecond
+/// and polls it at `to`; each number's lag is when `to` first shows it (or a later one) minus
+/// when it was sent.
+async fn lag_probe(
+    from: Arc<Target>,
+    to: Arc<Target>,
+    measure_from: Instant,
+    stop: Arc<AtomicBool>,
+) -> Result<Histogram<u64>> {
+    let sent_at = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<(
+        u64,
+        Instant,
+    )>::new()));
+    let writer = {
+        let (sent_at, stop, from) = (sent_at.clone(), stop.clone(), from.clone());
+        tokio::spawn(async move {
+            let mut sender = http1(&from).await?;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let request = Request::builder()
+                    .method("PUT")
+                    .uri(PROBE_PATH)
+                    .header("host", &from.host)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(n.to_string())))?;
+                sender.ready().await?;
+                if let Ok(mut q) = sent_at.lock() {
+                    q.push_back((n, Instant::now()));
+                }
+                let response = sender.send_request(request).await?;
+                response.into_body().collect().await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut lag = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut sender = http1(&to).await?;
+    while !stop.load(Ordering::Relaxed) {
+        let request = Request::builder()
+            .uri(PROBE_PATH)
+            .header("host", &to.host)
+            .body(Full::new(Bytes::new()))?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        let ok = response.status().is_success();
+        let body = response.into_body().collect().await?.to_bytes();
+        let seen = if ok {
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("value").and_then(serde_json::Value::as_u64))
+        } else {
+            None
+        };
+        let Some(seen) = seen else { continue };
+        let now = Instant::now();
+        if let Ok(mut q) = sent_at.lock() {
+            while q.front().is_some_and(|(n, _)| *n <= seen) {
+                if let Some((_, sent)) = q.pop_front() {
+                    if sent >= measure_from {
+                        lag.record((now - sent).as_micros().max(1) as u64)?;
+                    }
+                }
+            }
+        }
+    }
+    writer.await??;
+    Ok(lag)
+}
+
+fn report(
+    args: &BenchArgs,
+    h: &Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    seconds: f64,
+    lag: Option<&Histogram<u64>>,
+) {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let lag_ms = |q: f64| lag.map(|l| l.value_at_quantile(q) as f64 / 1000.0);
     let throughput = ok as f64 / seconds;
     if args.json {
         println!(
@@ -268,6 +405,9 @@ fn report(args: &BenchArgs, h: &Histogram<u64>, ok: u64, errors: u64, seconds: f
                 "throughput": throughput,
                 "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
                 "max_ms": h.max() as f64 / 1000.0,
+                "lag_p50_ms": lag_ms(0.5), "lag_p99_ms": lag_ms(0.99),
+                "lag_max_ms": lag.map(|l| l.max() as f64 / 1000.0),
+                "lag_samples": lag.map(Histogram::len),
             })
         );
     } else {
@@ -283,11 +423,20 @@ fn report(args: &BenchArgs, h: &Histogram<u64>, ok: u64, errors: u64, seconds: f
             ok,
             errors
         );
+        if let Some(l) = lag {
+            println!(
+                "replication lag ({} samples)  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms",
+                l.len(),
+                lag_ms(0.5).unwrap_or_default(),
+                lag_ms(0.99).unwrap_or_default(),
+                l.max() as f64 / 1000.0
+            );
+        }
     }
 }
 
 /// The HTTP ceiling: the same serving stack (hyper, axum router) with handlers that do no work.
-pub fn baseline(args: BaselineArgs) -> Result<()> {
+pub fn baseline(args: &BaselineArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))
         .enable_all()

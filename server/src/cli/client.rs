@@ -1,5 +1,6 @@
 //! Client commands: one HTTP request each, readable output, one-line errors.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ fn encode_segment(key: &str) -> String {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            let _ = write!(out, "%{byte:02X}");
         }
     }
     out
@@ -214,7 +215,7 @@ pub async fn list(
     loop {
         let mut query = format!("?limit={limit}&prefix={}", encode_segment(prefix));
         if let Some(c) = &cursor {
-            query.push_str(&format!("&cursor={}", encode_segment(c)));
+            let _ = write!(query, "&cursor={}", encode_segment(c));
         }
         let answer = client
             .call(

@@ -148,11 +148,11 @@ impl KeyType {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(&args),
         Command::Cluster(ClusterCommand::Init(args)) => init::init(&args).map(|_| ()),
         Command::Dev(args) => init::dev(args),
         Command::Bench(args) => bench::run(args),
-        Command::BenchBaseline(args) => bench::baseline(args),
+        Command::BenchBaseline(args) => bench::baseline(&args),
         Command::Get { client, kind, key } => client::block_on(client::get(&client, kind, &key)),
         Command::Put { client, key, value } => client::block_on(client::put(&client, &key, &value)),
         Command::Del { client, kind, key } => client::block_on(client::del(&client, kind, &key)),

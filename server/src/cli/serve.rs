@@ -54,7 +54,7 @@ pub fn load(args: &ServeArgs) -> Result<Config> {
         config.http.listen = listen;
     }
     if let (Some(_), Some(dir)) = (&args.config, &args.data_dir) {
-        config.node.data_dir = dir.clone();
+        config.node.data_dir.clone_from(dir);
     }
     if let Some(workers) = args.workers {
         config.http.workers = workers;
@@ -63,9 +63,9 @@ pub fn load(args: &ServeArgs) -> Result<Config> {
     Ok(config)
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: &ServeArgs) -> Result<()> {
     init_logging(args.log_format);
-    let config = load(&args)?;
+    let config = load(args)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.http.workers > 0 {
         runtime.worker_threads(config.http.workers);

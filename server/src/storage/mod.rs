@@ -191,6 +191,7 @@ impl Storage {
                 .and_then(|d| d.sync_all())
                 .map_err(io)?;
         }
+        let node = options.node;
         let (applied, peer_applied, last_stamp) = Self::bootstrap(&db, options.node)?;
 
         let hlc = uhlc::HLCBuilder::new()
@@ -225,16 +226,17 @@ impl Storage {
                 .spawn(f)
                 .map_err(io)
         };
-        let syncer = {
-            let (metrics, failed) = (metrics.clone(), failed.clone());
-            spawn(
-                "meridian-syncer",
-                Box::new(move || writer::sync_loop(journal, sync_rx, applied_tx, metrics, failed)),
-            )?
-        };
+        let syncer = writer::Syncer::new(
+            journal,
+            sync_rx,
+            applied_tx,
+            metrics.clone(),
+            failed.clone(),
+        );
+        let syncer = spawn("meridian-syncer", Box::new(move || syncer.run()))?;
         let applier = writer::Writer {
             db: db.clone(),
-            options: options.clone(),
+            options,
             hlc: hlc.clone(),
             applied,
             queue,
@@ -260,7 +262,7 @@ impl Storage {
         )?;
         let inner = Arc::new(Inner {
             db,
-            node: options.node,
+            node,
             hlc,
             commands,
             applied: applied_rx,
@@ -429,7 +431,7 @@ impl Storage {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<(String, State)>, Option<String>), StorageError> {
+    ) -> Result<Page, StorageError> {
         let read = self.inner.db.begin_read()?;
         let table = read.open_table(STATES)?;
         let start = match after {
@@ -543,6 +545,9 @@ impl Storage {
         !self.inner.failed.load(Ordering::Acquire)
     }
 }
+
+/// One page of a listing: keys with their states, and the key to continue after.
+pub type Page = (Vec<(String, State)>, Option<String>);
 
 /// Whether listing shows the key: deleted registers are hidden; counters and sets always show.
 fn is_visible(state: &State) -> bool {

@@ -285,16 +285,17 @@ impl Writer {
                     journal::encode_record(&records)
                 };
                 let bytes = record.len() as u64;
-                if let Err(sync_mpsc::SendError(job)) = self.syncer.send(SyncJob::Group {
+                let job = SyncJob::Group {
                     record,
                     ops,
                     pending,
                     applied,
-                }) {
-                    if let SyncJob::Group { pending, .. } = job {
-                        pending
-                            .into_iter()
-                            .for_each(|p| p.fail("the journal is gone"));
+                };
+                if let Err(sync_mpsc::SendError(SyncJob::Group { pending, .. })) =
+                    self.syncer.send(job)
+                {
+                    for p in pending {
+                        p.fail("the journal is gone");
                     }
                 }
                 bytes
@@ -303,7 +304,9 @@ impl Writer {
                 tracing::error!(%error, group = size, "applying a group failed; none of it was applied");
                 self.metrics.record_commit_failure();
                 let detail = error.to_string();
-                pending.into_iter().for_each(|p| p.fail(&detail));
+                for p in pending {
+                    p.fail(&detail);
+                }
                 0
             }
         }
@@ -424,86 +427,117 @@ impl Writer {
 }
 
 /// The syncer thread: journal appends, one fsync per group of groups, then replies.
-pub(super) fn sync_loop(
-    mut journal: Journal,
-    jobs: sync_mpsc::Receiver<SyncJob>,
-    applied_tx: watch::Sender<VersionVector>,
-    metrics: Arc<Metrics>,
-    failed: Arc<AtomicBool>,
-) {
-    let mut waiting: Vec<(Vec<Pending>, VersionVector)> = Vec::new();
-    let mut ops_waiting = 0usize;
-    let flush =
-        |journal: &mut Journal, waiting: &mut Vec<(Vec<Pending>, VersionVector)>, ops: usize| {
-            if waiting.is_empty() {
-                return;
-            }
-            let started = Instant::now();
-            let synced = if failed.load(Ordering::Acquire) {
-                Err(std::io::Error::other("journal failed earlier"))
-            } else {
-                journal.sync()
-            };
-            match synced {
-                Ok(()) => {
-                    metrics.record_commit(ops, started.elapsed());
-                    if let Some((_, applied)) = waiting.last() {
-                        applied_tx.send_replace(applied.clone());
-                    }
-                    for (pending, applied) in waiting.drain(..) {
-                        pending.into_iter().for_each(|p| p.succeed(&applied));
-                    }
-                }
-                Err(error) => {
-                    // After a failed fsync the kernel may have dropped the dirty pages: nothing
-                    // written since the last good sync can be trusted, so the node stops taking
-                    // writes rather than acknowledge what may be lost.
-                    tracing::error!(%error, "journal fsync failed; refusing further writes");
-                    failed.store(true, Ordering::Release);
-                    metrics.record_commit_failure();
-                    let detail = format!("journal fsync failed: {error}");
-                    for (pending, _) in waiting.drain(..) {
-                        pending.into_iter().for_each(|p| p.fail(&detail));
-                    }
-                }
-            }
-        };
-    while let Ok(first) = jobs.recv() {
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                SyncJob::Group {
-                    record,
-                    ops,
-                    pending,
-                    applied,
-                } => {
-                    if !record.is_empty() {
-                        if let Err(error) = journal.append(&record) {
-                            tracing::error!(%error, "journal append failed; refusing further writes");
-                            failed.store(true, Ordering::Release);
-                        }
-                    }
-                    ops_waiting += ops;
-                    waiting.push((pending, applied));
-                }
-                SyncJob::Rotate(reply) => {
-                    flush(&mut journal, &mut waiting, ops_waiting);
-                    ops_waiting = 0;
-                    let _ = reply.send(journal.rotate());
-                }
-                SyncJob::Prune(segment) => {
-                    if let Err(error) = journal.prune_before(segment) {
-                        tracing::warn!(%error, "cannot delete old journal segments");
-                    }
-                }
-            }
-            next = jobs.try_recv().ok();
+pub(super) struct Syncer {
+    pub(super) journal: Journal,
+    pub(super) jobs: sync_mpsc::Receiver<SyncJob>,
+    pub(super) applied_tx: watch::Sender<VersionVector>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) failed: Arc<AtomicBool>,
+    /// Groups appended but not yet synced, with the applied vector each makes durable.
+    waiting: Vec<(Vec<Pending>, VersionVector)>,
+    ops_waiting: usize,
+}
+
+impl Syncer {
+    pub(super) fn new(
+        journal: Journal,
+        jobs: sync_mpsc::Receiver<SyncJob>,
+        applied_tx: watch::Sender<VersionVector>,
+        metrics: Arc<Metrics>,
+        failed: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            journal,
+            jobs,
+            applied_tx,
+            metrics,
+            failed,
+            waiting: Vec::new(),
+            ops_waiting: 0,
         }
-        flush(&mut journal, &mut waiting, ops_waiting);
-        ops_waiting = 0;
     }
-    tracing::debug!("syncer stopped");
+
+    pub(super) fn run(mut self) {
+        while let Ok(first) = self.jobs.recv() {
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                self.handle(job);
+                next = self.jobs.try_recv().ok();
+            }
+            // Everything that queued while the last fsync ran shares this one.
+            self.flush();
+        }
+        tracing::debug!("syncer stopped");
+    }
+
+    fn handle(&mut self, job: SyncJob) {
+        match job {
+            SyncJob::Group {
+                record,
+                ops,
+                pending,
+                applied,
+            } => {
+                if !record.is_empty() {
+                    if let Err(error) = self.journal.append(&record) {
+                        tracing::error!(%error, "journal append failed; refusing further writes");
+                        self.failed.store(true, Ordering::Release);
+                    }
+                }
+                self.ops_waiting += ops;
+                self.waiting.push((pending, applied));
+            }
+            SyncJob::Rotate(reply) => {
+                self.flush();
+                let _ = reply.send(self.journal.rotate());
+            }
+            SyncJob::Prune(segment) => {
+                if let Err(error) = self.journal.prune_before(segment) {
+                    tracing::warn!(%error, "cannot delete old journal segments");
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let synced = if self.failed.load(Ordering::Acquire) {
+            Err(std::io::Error::other("the journal failed earlier"))
+        } else {
+            self.journal.sync()
+        };
+        let ops = std::mem::take(&mut self.ops_waiting);
+        match synced {
+            Ok(()) => {
+                self.metrics.record_commit(ops, started.elapsed());
+                if let Some((_, applied)) = self.waiting.last() {
+                    self.applied_tx.send_replace(applied.clone());
+                }
+                for (pending, applied) in self.waiting.drain(..) {
+                    for reply in pending {
+                        reply.succeed(&applied);
+                    }
+                }
+            }
+            Err(error) => {
+                // After a failed fsync the kernel may have dropped the dirty pages: nothing
+                // written since the last good sync can be trusted, so the node stops taking
+                // writes rather than acknowledge what may be lost.
+                tracing::error!(%error, "journal fsync failed; refusing further writes");
+                self.failed.store(true, Ordering::Release);
+                self.metrics.record_commit_failure();
+                let detail = format!("journal fsync failed: {error}");
+                for (pending, _) in self.waiting.drain(..) {
+                    for reply in pending {
+                        reply.fail(&detail);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn truncate(
