@@ -8,10 +8,18 @@
 //!
 //! # Format
 //! Segments `journal-{n:020}.log`, replayed in order. Each record is
-//! `[u32 LE payload length][u32 LE CRC-32 of payload][payload]`, the payload a sequence of
-//! `[u32 LE length][codec-encoded Op]`. A record whose length or checksum does not match is a
-//! torn write from a crash: replay stops there, and since that record's fsync never returned,
-//! none of its writes were acknowledged.
+//! `[u32 LE payload length][u32 LE CRC-32 of (segment number LE ‖ payload)][payload]`, the
+//! payload a sequence of `[u32 LE length][codec-encoded Op]`. A record whose length or checksum
+//! does not match ends its segment: it is a torn write from a crash (its fsync never returned,
+//! so none of its writes were acknowledged), or what follows the last record.
+//!
+//! # Recycling
+//! `fdatasync` on a file that grows must also persist the new size; overwriting space the
+//! file already has does not, and costs about half as much here. So segments are written in
+//! place over pre-allocated space: the first one is zero-filled to [`SEGMENT_BYTES`], and a
+//! pruned segment is renamed to be the next one, as PostgreSQL recycles WAL segments. The old
+//! records a recycled file still holds carry their old segment number in their checksum, so
+//! they never pass as records of the new one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -21,6 +29,11 @@ use meridian_crdt::{Op, codec};
 
 /// Refuse records larger than this on replay: no writer produces them, so they are corrupt.
 const MAX_RECORD: usize = 1 << 30;
+
+/// Space given to a fresh segment up front, so appends overwrite instead of growing the file.
+pub(crate) const SEGMENT_BYTES: u64 = 16 << 20;
+
+const SPARE: &str = "journal-spare.log";
 
 #[derive(Debug)]
 pub(crate) struct Journal {
@@ -55,7 +68,15 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Encodes one batch of ops as a journal record.
+fn checksum(segment: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&segment.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Encodes one batch of ops as a journal record; the checksum is filled in by
+/// [`Journal::append`], which knows the segment.
 pub(crate) fn encode_record(ops: &[Vec<u8>]) -> Vec<u8> {
     let payload_len: usize = ops.iter().map(|op| 4 + op.len()).sum();
     let mut record = Vec::with_capacity(8 + payload_len);
@@ -65,8 +86,6 @@ pub(crate) fn encode_record(ops: &[Vec<u8>]) -> Vec<u8> {
         record.extend_from_slice(&(op.len() as u32).to_le_bytes());
         record.extend_from_slice(op);
     }
-    let crc = crc32fast::hash(&record[8..]);
-    record[4..8].copy_from_slice(&crc.to_le_bytes());
     record
 }
 
@@ -86,7 +105,9 @@ fn decode_payload(mut payload: &[u8]) -> Option<Vec<Op>> {
 #[derive(Debug, Default)]
 pub(crate) struct Replay {
     pub(crate) ops: Vec<Op>,
-    pub(crate) torn_bytes: u64,
+    /// Segments that end in an invalid record rather than zeros: a write torn by a crash, or
+    /// the old records of a recycled file.
+    pub(crate) torn_segments: u64,
 }
 
 impl Journal {
@@ -107,10 +128,15 @@ impl Journal {
                         return None;
                     }
                     let payload = bytes.get(at + 8..at + 8 + len)?;
-                    (crc32fast::hash(payload) == crc).then_some((len, payload))
+                    (len > 0 && checksum(segment, payload) == crc).then_some((len, payload))
                 })();
                 let Some((len, payload)) = record else {
-                    replay.torn_bytes += (bytes.len() - at) as u64;
+                    // Zeros or old records of a recycled file are the normal end of a
+                    // segment; anything else was torn by a crash.
+                    let rest = &bytes[at..];
+                    if rest.get(..4).is_some_and(|l| l != [0; 4]) {
+                        replay.torn_segments += 1;
+                    }
                     break;
                 };
                 match decode_payload(payload) {
@@ -130,24 +156,37 @@ impl Journal {
         Ok(replay)
     }
 
-    /// Opens a fresh segment after every existing one, and deletes the existing ones: call it
-    /// only once their contents are durable elsewhere (replayed and checkpointed).
+    /// Opens a fresh segment after every existing one, and recycles or deletes the existing
+    /// ones: call it only once their contents are durable elsewhere (replayed and
+    /// checkpointed).
     pub(crate) fn start(dir: &Path) -> io::Result<Self> {
         let existing = segments(dir)?;
         let segment = existing.last().map_or(1, |last| last + 1);
         let journal = Self::create(dir, segment)?;
-        for old in existing {
-            std::fs::remove_file(segment_path(dir, old))?;
-        }
-        sync_dir(dir)?;
+        journal.prune_before(segment)?;
         Ok(journal)
     }
 
+    /// Opens segment `segment` over the spare file if there is one, else over a new zero-filled
+    /// file, positioned at its start.
     fn create(dir: &Path, segment: u64) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(segment_path(dir, segment))?;
+        let path = segment_path(dir, segment);
+        let spare = dir.join(SPARE);
+        if spare.exists() {
+            std::fs::rename(&spare, &path)?;
+        } else {
+            let mut file = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)?;
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..SEGMENT_BYTES / (1 << 20) {
+                file.write_all(&zeros)?;
+            }
+            file.sync_all()?;
+        }
+        sync_dir(dir)?;
+        let file = OpenOptions::new().write(true).open(&path)?;
         Ok(Self {
             dir: dir.to_owned(),
             segment,
@@ -156,7 +195,16 @@ impl Journal {
     }
 
     pub(crate) fn append(&mut self, record: &[u8]) -> io::Result<()> {
-        self.file.write_all(record)
+        if record.len() < 8 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a journal record",
+            ));
+        }
+        let crc = checksum(self.segment, &record[8..]);
+        self.file.write_all(&record[..4])?;
+        self.file.write_all(&crc.to_le_bytes())?;
+        self.file.write_all(&record[8..])
     }
 
     /// Makes everything appended so far durable.
@@ -166,18 +214,31 @@ impl Journal {
     }
 
     /// Continues in a new segment; returns the new segment's number. Records before it may be
-    /// deleted with [`Journal::prune_before`] once a checkpoint covers them.
+    /// dropped with [`Journal::prune_before`] once a checkpoint covers them.
     pub(crate) fn rotate(&mut self) -> io::Result<u64> {
         self.sync()?;
         let next = Self::create(&self.dir, self.segment + 1)?;
-        sync_dir(&self.dir)?;
         *self = next;
         Ok(self.segment)
     }
 
+    /// Drops segments before `segment`: the newest becomes the spare (if none is waiting), the
+    /// rest are deleted.
     pub(crate) fn prune_before(&self, segment: u64) -> io::Result<()> {
-        for old in segments(&self.dir)?.into_iter().filter(|&s| s < segment) {
-            std::fs::remove_file(segment_path(&self.dir, old))?;
+        let mut old: Vec<u64> = segments(&self.dir)?
+            .into_iter()
+            .filter(|&s| s < segment)
+            .collect();
+        let spare = self.dir.join(SPARE);
+        if let Some(newest) = old.pop() {
+            if spare.exists() {
+                std::fs::remove_file(segment_path(&self.dir, newest))?;
+            } else {
+                std::fs::rename(segment_path(&self.dir, newest), &spare)?;
+            }
+        }
+        for s in old {
+            std::fs::remove_file(segment_path(&self.dir, s))?;
         }
         Ok(())
     }
@@ -215,7 +276,7 @@ mod tests {
         journal.sync().unwrap();
         let replay = Journal::replay(dir.path()).unwrap();
         assert_eq!(replay.ops, vec![op(1), op(2), op(3)]);
-        assert_eq!(replay.torn_bytes, 0);
+        assert_eq!(replay.torn_segments, 0);
     }
 
     #[test]
@@ -230,23 +291,60 @@ mod tests {
         journal.sync().unwrap();
         let replay = Journal::replay(dir.path()).unwrap();
         assert_eq!(replay.ops, vec![op(1)]);
-        assert_eq!(replay.torn_bytes, second.len() as u64 - 3);
+        assert_eq!(replay.torn_segments, 1);
     }
 
     #[test]
     fn a_flipped_bit_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        let mut record = encode_record(&[codec::encode_op(&op(1))]);
-        let last = record.len() - 1;
-        record[last] ^= 1;
-        journal.append(&record).unwrap();
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(1))]))
+            .unwrap();
         journal.sync().unwrap();
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[12] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
         assert!(Journal::replay(dir.path()).unwrap().ops.is_empty());
     }
 
     #[test]
-    fn start_deletes_replayed_segments_and_prune_deletes_old_ones() {
+    fn recycled_segments_never_replay_their_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path()).unwrap();
+        let first: Vec<Op> = (1..=50).map(op).collect();
+        for o in &first {
+            journal
+                .append(&encode_record(&[codec::encode_op(o)]))
+                .unwrap();
+        }
+        let second = journal.rotate().unwrap();
+        journal.prune_before(second).unwrap();
+        assert!(
+            dir.path().join(SPARE).exists(),
+            "the pruned segment waits as the spare"
+        );
+        // The spare (full of segment 1's records) becomes segment 3; one new record goes in.
+        let third = journal.rotate().unwrap();
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(51))]))
+            .unwrap();
+        journal.sync().unwrap();
+        let replay = Journal::replay(dir.path()).unwrap();
+        assert_eq!(
+            replay.ops,
+            vec![op(51)],
+            "only segment {third}'s own record replays"
+        );
+        let size = std::fs::metadata(segment_path(dir.path(), third))
+            .unwrap()
+            .len();
+        assert!(size >= SEGMENT_BYTES, "a recycled segment keeps its space");
+    }
+
+    #[test]
+    fn start_recycles_replayed_segments() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
         journal

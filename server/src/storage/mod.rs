@@ -206,10 +206,11 @@ impl Storage {
 
         let journal_dir = dir.join("journal");
         let replay = Journal::replay(&journal_dir).map_err(io)?;
-        if replay.torn_bytes > 0 {
-            tracing::warn!(
-                bytes = replay.torn_bytes,
-                "discarded a torn journal tail (writes that were never acknowledged)"
+        if replay.torn_segments > 0 {
+            // A torn write from a crash, or simply the old records of a recycled segment.
+            tracing::info!(
+                segments = replay.torn_segments,
+                "journal replay stopped at an invalid record"
             );
         }
         let applied = Self::replay(&db, &hlc, options.node, applied, replay.ops)?;
@@ -420,6 +421,33 @@ impl Storage {
         codec::decode_state(bytes.value())
             .map(Some)
             .map_err(|e| corrupt(format!("{kind}/{key}"), e))
+    }
+
+    /// The state of one key and the applied vector of the same snapshot: the state reflects
+    /// every op that vector covers. The vector may run ahead of [`Self::applied`] by ops
+    /// applied but not yet durable in the journal.
+    pub fn get_with_applied(
+        &self,
+        kind: Kind,
+        key: &str,
+    ) -> Result<(Option<State>, VersionVector), StorageError> {
+        let read = self.inner.db.begin_read()?;
+        let table = read.open_table(STATES)?;
+        let state = match table.get(tables::state_key(kind, key).as_slice())? {
+            Some(bytes) => Some(
+                codec::decode_state(bytes.value())
+                    .map_err(|e| corrupt(format!("{kind}/{key}"), e))?,
+            ),
+            None => None,
+        };
+        let mut applied = VersionVector::new();
+        for entry in read.open_table(APPLIED)?.iter()? {
+            let (origin, seq) = entry?;
+            let origin =
+                NodeId::new(origin.value()).ok_or_else(|| corrupt("applied", "origin 0"))?;
+            applied.set(origin, seq.value());
+        }
+        Ok((state, applied))
     }
 
     /// Up to `limit` keys of `kind` that start with `prefix` and sort after `after`, with their

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use meridian_crdt::{NodeId, Op, Stamp, VersionVector, codec};
-use meridian_replication::store::{ReplicaStore, StoreError};
+use meridian_crdt::{Kind, NodeId, Op, Stamp, VersionVector, codec};
+use meridian_replication::store::{ReplicaStore, StateRead, StoreError};
 use redb::ReadableDatabase;
 use tokio::sync::{oneshot, watch};
 
@@ -168,5 +168,10 @@ impl ReplicaStore for Storage {
 
     fn now(&self) -> Stamp {
         Self::now(self)
+    }
+
+    fn read_state(&self, kind: Kind, key: &str) -> Result<StateRead, StoreError> {
+        let (state, applied) = self.get_with_applied(kind, key).map_err(unavailable)?;
+        Ok(StateRead { state, applied })
     }
 }
