@@ -44,8 +44,8 @@ use std::net::SocketAddr;
 
 pub use config::{PeerConfig, ReplicationConfig, TlsMaterial};
 pub use mem::MemStore;
-pub use node::{PeerStatus, Replicator, Truncation};
-pub use store::{ReplicaStore, StoreError};
+pub use node::{PeerLag, PeerStatus, ReadError, Replicator, Truncation};
+pub use store::{ReplicaStore, StateRead, StoreError};
 
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]

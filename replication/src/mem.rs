@@ -13,7 +13,7 @@ use std::time::Duration;
 use meridian_crdt::{CrdtError, Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use tokio::sync::watch;
 
-use crate::store::{ReplicaStore, StoreError};
+use crate::store::{ReplicaStore, StateRead, StoreError};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -162,6 +162,14 @@ impl MemStore {
 impl ReplicaStore for MemStore {
     fn node_id(&self) -> NodeId {
         self.node
+    }
+
+    fn read_state(&self, kind: Kind, key: &str) -> Result<StateRead, StoreError> {
+        let inner = self.lock();
+        Ok(StateRead {
+            state: inner.states.get(&(kind, key.to_owned())).cloned(),
+            applied: inner.applied.clone(),
+        })
     }
 
     fn applied(&self) -> VersionVector {

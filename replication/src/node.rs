@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meridian_crdt::{NodeId, Op, Stamp, VersionVector, codec};
+use meridian_crdt::{Kind, NodeId, Op, Stamp, VersionVector, codec};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -35,7 +35,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{PeerConfig, ReplicationConfig};
 use crate::outbound::{Action, Limits, Outbound};
 use crate::plan::{Backoff, Inbound, Liveness, SkewEstimator, plan_subscription};
-use crate::store::{ReplicaStore, StoreError};
+use crate::store::{ReplicaStore, StateRead, StoreError};
 use crate::wire::{self, Hello, Message, PROTOCOL_VERSION, WireError};
 use crate::{ReplicationError, tls};
 
@@ -48,6 +48,43 @@ const CLOSE_STORE: u32 = 4;
 
 /// Ops per WAL read: bytes bound batches; this only bounds the allocation of one read.
 const MAX_OPS_PER_READ: usize = 4096;
+
+/// Quorum-read requests one peer may have in flight on its connection to us.
+const MAX_CONCURRENT_READS: usize = 64;
+
+/// How long a read request stream may take to deliver its request.
+const READ_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long answering a read waits for the snapshot's ops to become durable here.
+const READ_DURABLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a quorum read from a peer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    #[error("node {0} is not a configured peer")]
+    UnknownPeer(NodeId),
+    #[error("no connection to node {0}")]
+    NotConnected(NodeId),
+    #[error("bad request: {0}")]
+    Request(#[from] WireError),
+    #[error("transport: {0}")]
+    Transport(String),
+    #[error("the peer could not answer: {0}")]
+    Failed(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("bad state from the peer: {0}")]
+    State(#[from] meridian_crdt::CrdtError),
+}
+
+/// How stale this node's copy of one peer's writes may be; see [`Replicator::lag`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerLag {
+    pub id: NodeId,
+    pub region: String,
+    pub lag_ms: u64,
+}
 
 /// Everything that ends a session. Sessions end on any error; the dialer then reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +180,20 @@ struct PeerState {
     their_applied: VersionVector,
     truncated: Option<Truncation>,
     last_error: Option<String>,
+    /// Our current outgoing connection, on which quorum reads are sent.
+    conn: Option<Connection>,
+    /// The last time we held every op of the peer's own origin that it had reported holding.
+    caught_up: Option<Instant>,
+}
+
+impl PeerState {
+    /// Notes that we hold `ours` of the peer's own ops; caught up when that covers what it
+    /// last acknowledged holding itself.
+    fn check_caught_up(&mut self, peer: NodeId, ours: u64, now: Instant) {
+        if ours >= self.their_applied.get(peer) {
+            self.caught_up = Some(now);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -189,6 +240,7 @@ struct Shared {
     refused_connections: AtomicU64,
     status: Arc<dyn StatusSource>,
     client_config: quinn::ClientConfig,
+    started: Instant,
 }
 
 impl Shared {
@@ -227,10 +279,18 @@ impl Shared {
     fn heard(&self, peer: NodeId, outgoing: bool) {
         if let Some(slot) = self.slot(peer) {
             let now = Instant::now();
+            let ours = if outgoing {
+                self.status.applied().get(peer)
+            } else {
+                0
+            };
             let mut state = slot.lock();
             state.last_heard = Some(now);
             if outgoing {
                 state.liveness.on_heard(now);
+                // On our subscription the peer serves its ops in order: hearing from it while
+                // holding all it reported holding means our copy is current as of now.
+                state.check_caught_up(peer, ours, now);
             }
         }
     }
@@ -389,6 +449,8 @@ impl Replicator {
                     their_applied: persisted.get(&peer.id).cloned().unwrap_or_default(),
                     truncated: None,
                     last_error: None,
+                    conn: None,
+                    caught_up: None,
                 };
                 (
                     peer.id,
@@ -414,6 +476,7 @@ impl Replicator {
             status,
             client_config,
             config,
+            started: now,
         }));
 
         let cancel = shutdown.child_token();
@@ -506,6 +569,72 @@ impl Replicator {
                 }
             })
             .collect()
+    }
+
+    /// How stale this node's copy of each peer's writes may be, in milliseconds: the time since
+    /// this node last held every op of the peer's own origin that the peer had reported (in its
+    /// acknowledgements) holding, checked whenever a message arrives from it on our subscription
+    /// and whenever its acknowledgement arrives. Since start when that never happened. Cheap: no
+    /// storage access besides the applied vector.
+    pub fn lag(&self) -> Vec<PeerLag> {
+        let now = Instant::now();
+        self.shared
+            .peers
+            .iter()
+            .map(|(&id, slot)| {
+                let since = slot.lock().caught_up.unwrap_or(self.shared.started);
+                PeerLag {
+                    id,
+                    region: slot.config.region.clone(),
+                    lag_ms: now.saturating_duration_since(since).as_millis() as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// Reads one key's state from `peer` over our connection to it (a quorum read). The caller
+    /// bounds the time it waits. The state is checked to be of `kind`.
+    pub async fn read_state(
+        &self,
+        peer: NodeId,
+        kind: Kind,
+        key: &str,
+    ) -> Result<StateRead, ReadError> {
+        let slot = self.shared.slot(peer).ok_or(ReadError::UnknownPeer(peer))?;
+        let request = wire::read_request(kind, key)?;
+        let conn = slot
+            .lock()
+            .conn
+            .clone()
+            .ok_or(ReadError::NotConnected(peer))?;
+        let transport = |e: SessionError| ReadError::Transport(e.to_string());
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ReadError::Transport(e.to_string()))?;
+        write_message(&mut send, &request)
+            .await
+            .map_err(transport)?;
+        let _ = send.finish();
+        match read_message(&mut recv).await.map_err(transport)? {
+            Message::ReadReply { state, applied } => {
+                let state = state.map(|bytes| codec::decode_state(&bytes)).transpose()?;
+                if let Some(state) = &state {
+                    if state.kind() != kind {
+                        return Err(ReadError::Protocol(format!(
+                            "asked for a {kind}, got a {}",
+                            state.kind()
+                        )));
+                    }
+                }
+                Ok(StateRead { state, applied })
+            }
+            Message::ReadFailed { reason } => Err(ReadError::Failed(reason)),
+            other => Err(ReadError::Protocol(format!(
+                "unexpected {} answering a read",
+                self::kind(&other)
+            ))),
+        }
     }
 
     /// Peers the failure detector currently considers reachable.
@@ -700,6 +829,9 @@ fn kind(message: &Message) -> &'static str {
         Message::Ack { .. } => "Ack",
         Message::Heartbeat { .. } => "Heartbeat",
         Message::Truncated { .. } => "Truncated",
+        Message::ReadRequest { .. } => "ReadRequest",
+        Message::ReadReply { .. } => "ReadReply",
+        Message::ReadFailed { .. } => "ReadFailed",
     }
 }
 
@@ -829,6 +961,12 @@ async fn serve<S: ReplicaStore>(
         state.inbound_generation
     };
     debug!(peer = %peer, %remote, "peer connected to pull our WAL");
+    tracker.spawn(serve_reads(
+        store.clone(),
+        conn.clone(),
+        tracker.clone(),
+        session.clone(),
+    ));
     let result = publish(
         &shared, &*store, &conn, &tracker, peer, send, recv, &session,
     )
@@ -855,6 +993,97 @@ async fn serve<S: ReplicaStore>(
             conn.close(VarInt::from_u32(close_code(&e)), e.to_string().as_bytes());
         }
     }
+}
+
+/// Answers the quorum-read streams a peer opens on its connection to us, at most
+/// [`MAX_CONCURRENT_READS`] at once, until the connection ends or the session is cancelled.
+async fn serve_reads<S: ReplicaStore>(
+    store: Arc<S>,
+    conn: Connection,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS));
+    loop {
+        let (send, recv) = tokio::select! {
+            () = cancel.cancelled() => return,
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+        };
+        let permit = tokio::select! {
+            () = cancel.cancelled() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let store = store.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = answer_read(&*store, send, recv).await {
+                debug!(error = %e, "quorum read request failed");
+            }
+        });
+    }
+}
+
+/// Answers one read stream: one `ReadRequest` in, one `ReadReply` or `ReadFailed` out.
+async fn answer_read<S: ReplicaStore>(
+    store: &S,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), SessionError> {
+    let request = timeout(READ_REQUEST_TIMEOUT, read_message(&mut recv))
+        .await
+        .map_err(|_| SessionError::Timeout("waiting for a read request"))??;
+    let reply = match request {
+        Message::ReadRequest { key, .. } if key.len() > wire::MAX_READ_KEY => Message::ReadFailed {
+            reason: format!("key of {} bytes is too long", key.len()),
+        },
+        Message::ReadRequest { kind, key } => match store.read_state(kind, &key) {
+            Ok(read) => {
+                // Answer only with what is durable here: wait (briefly) for the journal to
+                // cover the snapshot, which a group commit does within milliseconds.
+                let mut durable = store.watch_applied();
+                let covered = timeout(
+                    READ_DURABLE_WAIT,
+                    durable.wait_for(|applied| applied.dominates(&read.applied)),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if covered {
+                    Message::ReadReply {
+                        state: read.state.as_ref().map(codec::encode_state),
+                        applied: read.applied,
+                    }
+                } else {
+                    Message::ReadFailed {
+                        reason: "the state did not become durable in time".into(),
+                    }
+                }
+            }
+            Err(e) => Message::ReadFailed {
+                reason: e.to_string(),
+            },
+        },
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "unexpected {} on a read stream",
+                kind(&other)
+            )));
+        }
+    };
+    let frame = match wire::encode_frame(&reply) {
+        Ok(frame) => frame,
+        Err(e) => wire::encode_frame(&Message::ReadFailed {
+            reason: format!("the state cannot be sent: {e}"),
+        })?,
+    };
+    send.write_all(&frame).await?;
+    let _ = send.finish();
+    Ok(())
 }
 
 /// Serves one subscriber until the connection fails or we stop.
@@ -983,12 +1212,15 @@ fn record_ack(shared: &Shared, peer: NodeId, applied: &VersionVector) -> bool {
     let Some(slot) = shared.slot(peer) else {
         return false;
     };
+    let ours = shared.status.applied().get(peer);
     {
         let mut state = slot.lock();
         if state.their_applied == *applied {
+            state.check_caught_up(peer, ours, Instant::now());
             return false;
         }
         state.their_applied.clone_from(applied);
+        state.check_caught_up(peer, ours, Instant::now());
     }
     shared.acks.send_if_modified(|acks| {
         let entry = acks.entry(peer).or_default();
@@ -1092,12 +1324,23 @@ async fn subscribe<S: ReplicaStore>(
             let mut state = slot.lock();
             state.liveness.on_connected(Instant::now());
             state.last_error = None;
+            state.conn = Some(conn.clone());
         }
         shared.refresh(Instant::now());
         info!(peer = %peer, "replicating from peer");
         pull(shared, store, &conn, tracker, peer, control, recv, cancel).await
     }
     .await;
+    {
+        let mut state = slot.lock();
+        if state
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            state.conn = None;
+        }
+    }
     match &result {
         Ok(()) => conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown"),
         Err(e) => conn.close(VarInt::from_u32(close_code(e)), e.to_string().as_bytes()),
@@ -1209,6 +1452,7 @@ async fn pull<S: ReplicaStore>(
                             state.ops_received += count;
                             state.batches_received += 1;
                             state.last_batch_ops = count;
+                            state.check_caught_up(peer, applied.get(peer), Instant::now());
                         }
                         write_message(&mut control, &Message::Ack { applied: applied.clone() })
                             .await?;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use meridian_crdt::{NodeId, Op, Stamp, VersionVector};
+use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector};
 use tokio::sync::watch;
 
 /// Storage failures as replication sees them.
@@ -39,6 +39,16 @@ pub enum StoreError {
     /// The store is shutting down or failed; the caller should stop.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+}
+
+/// One key's state as a node holds it, for quorum reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateRead {
+    /// `None` when the key was never written here.
+    pub state: Option<State>,
+    /// The node's applied vector in the same snapshot as `state`: the state reflects every op
+    /// this vector covers (and possibly ops applied but not yet durable beyond it).
+    pub applied: VersionVector,
 }
 
 /// A node's durable state as replication uses it.
@@ -93,6 +103,10 @@ pub trait ReplicaStore: Send + Sync + 'static {
 
     /// A fresh reading of the local HLC.
     fn now(&self) -> Stamp;
+
+    /// One key's state and the applied vector of the same snapshot, answering a peer's quorum
+    /// read. Must not block for long: it runs on the replication endpoint's tasks.
+    fn read_state(&self, kind: Kind, key: &str) -> Result<StateRead, StoreError>;
 
     /// This node's physical clock in Unix milliseconds, used only to measure peers' clock skew
     /// (an HLC that observed a fast peer runs with it, so HLC readings would hide the skew).

@@ -84,7 +84,8 @@ fn transport(
         .map_err(|e| ReplicationError::Config(format!("window_bytes: {e}")))?;
     t.stream_receive_window(stream_window);
     t.send_window(u64::from(stream_window).saturating_mul(2));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
+    // The control stream plus short-lived quorum-read streams.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(68));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(4));
     Ok(t)
 }

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use meridian_crdt::{NodeId, Stamp, VersionVector};
+use meridian_crdt::{Kind, NodeId, Stamp, VersionVector};
 use serde::{Deserialize, Serialize};
 
 /// The protocol this build speaks, announced in [`Hello`].
@@ -28,6 +28,9 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// The ALPN token of the replication protocol: TLS refuses peers that do not speak it.
 pub const ALPN: &[u8] = b"meridian/1";
+
+/// The longest key a [`Message::ReadRequest`] may name; longer requests are refused unread.
+pub const MAX_READ_KEY: usize = 4096;
 
 /// Bodies shorter than this are sent uncompressed: lz4 cannot win much on a heartbeat.
 const COMPRESS_MIN: usize = 512;
@@ -50,6 +53,11 @@ pub struct Hello {
 ///
 /// On a connection from subscriber R to publisher S: R sends `Hello`, `Subscribe`, `Ack`,
 /// `Heartbeat`; S sends `Hello`, `Batch`, `Truncated`, `Heartbeat`.
+///
+/// Quorum reads use their own short-lived bidirectional stream on the same connection, beside
+/// the WAL streams: R sends one `ReadRequest` and finishes its side; S answers with exactly one
+/// `ReadReply` or `ReadFailed` and finishes. Variants are only ever appended, so the encodings
+/// (and golden vectors) of the earlier ones do not change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
@@ -82,6 +90,32 @@ pub enum Message {
         origin: NodeId,
         first_available: u64,
     },
+    /// R asks for one key's state (a quorum read). The key is at most [`MAX_READ_KEY`] bytes.
+    ReadRequest {
+        kind: Kind,
+        key: String,
+    },
+    /// The key's state in the `meridian_crdt::codec` encoding (`None`: never written there),
+    /// and S's applied vector in the same snapshot.
+    ReadReply {
+        state: Option<Vec<u8>>,
+        applied: VersionVector,
+    },
+    /// S could not answer a `ReadRequest`.
+    ReadFailed {
+        reason: String,
+    },
+}
+
+/// The request a quorum read sends, checked against [`MAX_READ_KEY`].
+pub fn read_request(kind: Kind, key: &str) -> Result<Message, WireError> {
+    if key.len() > MAX_READ_KEY {
+        return Err(WireError::TooLarge(key.len()));
+    }
+    Ok(Message::ReadRequest {
+        kind,
+        key: key.to_owned(),
+    })
 }
 
 /// Malformed or oversized bytes from a peer.
@@ -286,6 +320,20 @@ mod tests {
             decode_payload(&frame[4..]),
             Err(WireError::TrailingBytes(1))
         ));
+    }
+
+    #[test]
+    fn read_messages_round_trip_and_long_keys_are_refused() {
+        let request = read_request(Kind::Set, "cart").unwrap();
+        let frame = encode_frame(&request).unwrap();
+        assert_eq!(decode_frame(&frame).unwrap(), Some((request, frame.len())));
+        let reply = Message::ReadReply {
+            state: Some(vec![1, 2, 3]),
+            applied: [(n(1), 7)].into_iter().collect(),
+        };
+        let frame = encode_frame(&reply).unwrap();
+        assert_eq!(decode_frame(&frame).unwrap(), Some((reply, frame.len())));
+        assert!(read_request(Kind::Set, &"k".repeat(MAX_READ_KEY + 1)).is_err());
     }
 
     proptest! {

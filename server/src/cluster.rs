@@ -8,7 +8,10 @@ use utoipa::ToSchema;
 
 use std::sync::Arc;
 
+use meridian_crdt::NodeId;
 use meridian_replication::{PeerStatus, Replicator};
+
+use crate::api::ConsistencyLevel;
 
 use crate::config::{Config, PeerEntry};
 use crate::metrics::{Metrics, OriginLabels, PeerLabels};
@@ -65,6 +68,15 @@ pub struct PeerView {
     pub last_error: Option<String>,
 }
 
+/// The nodes a consistency level involves; see [`ClusterView::electorate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Electorate {
+    /// Nodes needed, this node included.
+    pub required: usize,
+    /// Peers that count towards `required`.
+    pub peers: Vec<NodeId>,
+}
+
 /// Static identity plus whatever live components report.
 #[derive(Debug)]
 pub struct ClusterView {
@@ -90,6 +102,57 @@ impl ClusterView {
 
     pub fn replicator(&self) -> Option<&Replicator> {
         self.replicator.as_deref()
+    }
+
+    /// The replicator, shared (for tasks that outlive a borrow).
+    pub fn replicator_arc(&self) -> Option<Arc<Replicator>> {
+        self.replicator.clone()
+    }
+
+    /// Who takes part at `level`: how many nodes (this one included) must hold a write or
+    /// answer a read, and the peers that count towards it. LOCAL_QUORUM counts the nodes of
+    /// this node's region, GLOBAL_QUORUM and ALL every node.
+    pub fn electorate(&self, level: ConsistencyLevel) -> Electorate {
+        let peers: Vec<NodeId> = match level {
+            ConsistencyLevel::LocalOne => Vec::new(),
+            ConsistencyLevel::LocalQuorum => self
+                .peers
+                .iter()
+                .filter(|p| p.region == self.node.region)
+                .filter_map(|p| NodeId::new(p.id))
+                .collect(),
+            ConsistencyLevel::GlobalQuorum | ConsistencyLevel::All => self
+                .peers
+                .iter()
+                .filter_map(|p| NodeId::new(p.id))
+                .collect(),
+        };
+        let nodes = 1 + peers.len();
+        let required = match level {
+            ConsistencyLevel::LocalOne => 1,
+            ConsistencyLevel::LocalQuorum | ConsistencyLevel::GlobalQuorum => nodes / 2 + 1,
+            ConsistencyLevel::All => nodes,
+        };
+        Electorate { required, peers }
+    }
+
+    /// The `Replication-Lag` header value: for each region with peers, the largest
+    /// [`Replicator::lag`] among its nodes, as `region=ms` pairs joined by `, `, in region order.
+    /// Empty on a node without peers.
+    pub fn replication_lag_header(&self) -> String {
+        let Some(replicator) = &self.replicator else {
+            return String::new();
+        };
+        let mut by_region: BTreeMap<String, u64> = BTreeMap::new();
+        for lag in replicator.lag() {
+            let entry = by_region.entry(lag.region).or_default();
+            *entry = (*entry).max(lag.lag_ms);
+        }
+        by_region
+            .iter()
+            .map(|(region, ms)| format!("{region}={ms}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn is_single_node(&self) -> bool {

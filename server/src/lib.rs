@@ -9,6 +9,7 @@
 //! - [`cluster`]: this node's view of its peers for `/v1/cluster` and `/metrics`.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`replication`]: starting the replicator for a node with peers; WAL truncation.
+//! - [`session`]: session tokens (HMAC-authenticated version vectors).
 //! - [`node`]: wiring them into one running node.
 //!
 //! The `meridian` binary (`main.rs`) adds the CLI: `serve`, `cluster init`, `dev`, client
@@ -21,4 +22,5 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod replication;
+pub mod session;
 pub mod storage;

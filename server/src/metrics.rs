@@ -25,6 +25,16 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabels {
+    /// LOCAL_ONE, LOCAL_QUORUM, GLOBAL_QUORUM or ALL.
+    pub level: String,
+    /// `read` or `write`.
+    pub op: String,
+    /// `ok`, `unavailable` (503 before acting), `timeout` (504), `session_behind`, `error`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
     pub region: String,
@@ -49,6 +59,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_latency: HistogramFamily<RouteLabels>,
+    pub consistency_latency: HistogramFamily<LevelLabels>,
     pub commit_batch_ops: Histogram,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
@@ -80,6 +91,8 @@ impl Metrics {
         let http_requests = Family::<RequestLabels, Counter>::default();
         let http_latency: HistogramFamily<RouteLabels> =
             Family::new_with_constructor(latency_histogram);
+        let consistency_latency: HistogramFamily<LevelLabels> =
+            Family::new_with_constructor(latency_histogram);
         let commit_batch_ops = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let commit_seconds = latency_histogram();
         let commit_failures = Counter::default();
@@ -93,6 +106,12 @@ impl Metrics {
             "http_request_duration_seconds",
             "HTTP request latency by route",
             http_latency.clone(),
+        );
+        registry.register(
+            "consistency_request_duration_seconds",
+            "Data reads and writes by consistency level, operation and outcome (session waits \
+             and quorum coordination included)",
+            consistency_latency.clone(),
         );
         registry.register(
             "group_commit_ops",
@@ -118,6 +137,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             http_requests,
             http_latency,
+            consistency_latency,
             commit_batch_ops,
             commit_seconds,
             commit_failures,
@@ -227,6 +247,17 @@ impl Metrics {
             .get_or_create(&RouteLabels {
                 route: route.to_owned(),
                 method: method.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One data read or write at a consistency level, with how it ended.
+    pub fn record_consistency(&self, level: &str, op: &str, outcome: &str, elapsed: Duration) {
+        self.consistency_latency
+            .get_or_create(&LevelLabels {
+                level: level.to_owned(),
+                op: op.to_owned(),
+                outcome: outcome.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
     }

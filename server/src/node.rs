@@ -12,6 +12,7 @@ use crate::api::{self, AppState};
 use crate::cluster::ClusterView;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::session::SessionKeys;
 use crate::storage::{Storage, StorageError, StorageOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum NodeError {
     Resolve { address: String, detail: String },
     #[error(transparent)]
     Replication(#[from] meridian_replication::ReplicationError),
+    #[error(transparent)]
+    Session(#[from] crate::session::SecretError),
 }
 
 /// Runs the node until `shutdown` is cancelled, then drains HTTP, commits what is queued and
@@ -87,8 +90,20 @@ pub async fn run(
         tracing::info!(peer_listen = %replicator.local_addr(), peers = config.peers.len(), "replication started");
         Some(replicator)
     };
+    let sessions = if let Some(section) = &config.session {
+        SessionKeys::load(&config.resolve(&section.secret_file), &config.node.cluster)?
+    } else {
+        if !config.peers.is_empty() {
+            tracing::warn!(
+                "no [session] secret_file: session tokens are signed with an ephemeral \
+                 secret, so other nodes refuse them and they die with this process"
+            );
+        }
+        SessionKeys::ephemeral(&config.node.cluster)
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        sessions: Arc::new(sessions),
         storage: storage.clone(),
         limits: Arc::new(config.limits.clone()),
         timeouts: Arc::new(config.timeouts.clone()),

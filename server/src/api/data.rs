@@ -15,7 +15,8 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::extract::{JsonBody, validate_key};
+use super::consistency::Session;
+use super::extract::{ConsistencyLevel, JsonBody, validate_key};
 use super::problem::{ApiResult, Problem};
 use crate::storage::{Committed, Intent};
 
@@ -205,23 +206,75 @@ fn gcounter_view(
     })
 }
 
+/// How a data request ended, for the per-level latency histogram.
+fn outcome(problem: &Problem) -> &'static str {
+    match problem.status {
+        503 if problem.kind.ends_with("session-not-caught-up") => "session_behind",
+        503 if problem.kind.ends_with(":unavailable") => "unavailable",
+        504 => "timeout",
+        _ => "error",
+    }
+}
+
+fn record(
+    app: &AppState,
+    level: ConsistencyLevel,
+    op: &str,
+    result: Result<(), &Problem>,
+    session: &Session,
+) {
+    let outcome = result.map_or_else(outcome, |()| "ok");
+    app.metrics
+        .record_consistency(&level.to_string(), op, outcome, session.0.started.elapsed());
+}
+
+/// A write at the request's consistency level; see [`super::consistency`].
 async fn write(
     app: &AppState,
     headers: &HeaderMap,
+    session: &Session,
     kind: Kind,
     key: String,
     intent: Intent,
 ) -> ApiResult<Committed> {
-    app.check_consistency(headers)?;
-    Ok(app.storage.write(kind, key, intent).await?)
+    let level = ConsistencyLevel::from_headers(headers)?;
+    let result: ApiResult<Committed> = async {
+        app.wait_session(&session.0).await?;
+        let electorate = app.check_reachable(level)?;
+        let committed = app.storage.write(kind, key, intent).await?;
+        // Even if the level is not reached, the client wrote this: its token says so.
+        session.0.saw(&committed.applied);
+        app.wait_acks(level, &electorate, committed.dot.seq, session.0.started)
+            .await?;
+        Ok(committed)
+    }
+    .await;
+    record(app, level, "write", result.as_ref().map(|_| ()), session);
+    result
 }
 
-fn read(app: &AppState, headers: &HeaderMap, kind: Kind, key: &str) -> ApiResult<CrdtState> {
-    app.check_consistency(headers)?;
-    Ok(app
-        .storage
-        .get(kind, key)?
-        .unwrap_or_else(|| CrdtState::bottom(kind)))
+/// A read at the request's consistency level, never older than the session's token.
+async fn read(
+    app: &AppState,
+    headers: &HeaderMap,
+    session: &Session,
+    kind: Kind,
+    key: &str,
+) -> ApiResult<CrdtState> {
+    let level = ConsistencyLevel::from_headers(headers)?;
+    let result: ApiResult<CrdtState> = async {
+        app.wait_session(&session.0).await?;
+        let electorate = app.check_reachable(level)?;
+        let local = app.read_local(kind, key).await?;
+        let (state, applied) = app
+            .quorum_read(level, &electorate, kind, key, local, session.0.started)
+            .await?;
+        session.0.saw(&applied);
+        Ok(state.unwrap_or_else(|| CrdtState::bottom(kind)))
+    }
+    .await;
+    record(app, level, "read", result.as_ref().map(|_| ()), session);
+    result
 }
 
 // ---- registers ----
@@ -233,10 +286,11 @@ fn read(app: &AppState, headers: &HeaderMap, kind: Kind, key: &str) -> ApiResult
 pub async fn get_register(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, Kind::Register, &key)?;
+    let state = read(&app, &headers, &session, Kind::Register, &key).await?;
     let view = register_view(key.clone(), &state, None)?;
     if view.value.is_null() && matches!(&state, CrdtState::Register(r) if r.value().is_none()) {
         return Err(Problem::not_found(format!("register {key:?} was deleted")));
@@ -252,6 +306,7 @@ pub async fn get_register(
 pub async fn put_register(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(value): JsonBody<Value>,
 ) -> ApiResult<Json<RegisterView>> {
@@ -260,6 +315,7 @@ pub async fn put_register(
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::Register,
         key.clone(),
         Intent::PutRegister(value),
@@ -279,12 +335,14 @@ pub async fn put_register(
 pub async fn delete_register(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::Register,
         key.clone(),
         Intent::DeleteRegister,
@@ -306,10 +364,11 @@ pub async fn delete_register(
 pub async fn get_counter(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, Kind::Counter, &key)?;
+    let state = read(&app, &headers, &session, Kind::Counter, &key).await?;
     Ok(Json(counter_view(key, &state, None)?))
 }
 
@@ -321,6 +380,7 @@ pub async fn get_counter(
 pub async fn incr_counter(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
 ) -> ApiResult<Json<CounterView>> {
@@ -328,6 +388,7 @@ pub async fn incr_counter(
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::Counter,
         key.clone(),
         Intent::Increment(body.increment),
@@ -347,12 +408,14 @@ pub async fn incr_counter(
 pub async fn reset_counter(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::Counter,
         key.clone(),
         Intent::ResetCounter,
@@ -374,10 +437,11 @@ pub async fn reset_counter(
 pub async fn get_gcounter(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, Kind::GCounter, &key)?;
+    let state = read(&app, &headers, &session, Kind::GCounter, &key).await?;
     Ok(Json(gcounter_view(key, &state, None)?))
 }
 
@@ -389,6 +453,7 @@ pub async fn get_gcounter(
 pub async fn incr_gcounter(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
 ) -> ApiResult<Json<GCounterView>> {
@@ -402,6 +467,7 @@ pub async fn incr_gcounter(
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::GCounter,
         key.clone(),
         Intent::IncrementG(by),
@@ -421,12 +487,14 @@ pub async fn incr_gcounter(
 pub async fn reset_gcounter(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::GCounter,
         key.clone(),
         Intent::ResetCounter,
@@ -448,10 +516,11 @@ pub async fn reset_gcounter(
 pub async fn get_set(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, Kind::Set, &key)?;
+    let state = read(&app, &headers, &session, Kind::Set, &key).await?;
     Ok(Json(set_view(key, &state, None)?))
 }
 
@@ -463,6 +532,7 @@ pub async fn get_set(
 pub async fn update_set(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<SetUpdateBody>,
 ) -> ApiResult<Json<SetView>> {
@@ -492,6 +562,7 @@ pub async fn update_set(
     let committed = write(
         &app,
         &headers,
+        &session,
         Kind::Set,
         key.clone(),
         Intent::UpdateSet { add, remove },
@@ -511,10 +582,19 @@ pub async fn update_set(
 pub async fn clear_set(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
-    let committed = write(&app, &headers, Kind::Set, key.clone(), Intent::ClearSet).await?;
+    let committed = write(
+        &app,
+        &headers,
+        &session,
+        Kind::Set,
+        key.clone(),
+        Intent::ClearSet,
+    )
+    .await?;
     Ok(Json(set_view(
         key,
         &committed.state,
@@ -529,6 +609,7 @@ pub async fn clear_set(
 pub async fn set_contains(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     key: Result<Path<String>, PathRejection>,
     params: Result<Query<ContainsParams>, QueryRejection>,
 ) -> ApiResult<Json<ContainsView>> {
@@ -537,7 +618,7 @@ pub async fn set_contains(
     let element: Value =
         serde_json::from_str(&params.element).unwrap_or(Value::String(params.element));
     let canonical = canonical(&app, &element, "element")?;
-    let state = read(&app, &headers, Kind::Set, &key)?;
+    let state = read(&app, &headers, &session, Kind::Set, &key).await?;
     let contains = matches!(&state, CrdtState::Set(s) if s.contains(&canonical));
     Ok(Json(ContainsView {
         key,
@@ -555,6 +636,7 @@ pub async fn set_contains(
 pub async fn list_keys(
     State(app): State<AppState>,
     headers: HeaderMap,
+    session: Session,
     kind: Result<Path<String>, PathRejection>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> ApiResult<Json<KeyList>> {
@@ -565,7 +647,9 @@ pub async fn list_keys(
         ))
     })?;
     let Query(params) = params.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
-    app.check_consistency(&headers)?;
+    // Listing reads this node only, whatever the level; it still honours the session.
+    ConsistencyLevel::from_headers(&headers)?;
+    app.wait_session(&session.0).await?;
     let max = app.limits.max_list_limit;
     let limit = params.limit.unwrap_or(100.min(max));
     if limit == 0 || limit > max {

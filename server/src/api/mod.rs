@@ -1,6 +1,7 @@
 //! The HTTP API (axum): data routes under `/v1`, operations endpoints, and the middleware that
 //! enforces limits and records metrics.
 
+pub mod consistency;
 pub mod data;
 pub mod extract;
 pub mod ops;
@@ -12,20 +13,28 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::Semaphore;
 use utoipa::OpenApi;
 
+use consistency::SessionCtx;
 pub use extract::ConsistencyLevel;
+use meridian_crdt::VersionVector;
 use problem::Problem;
 
 use crate::cluster::ClusterView;
 use crate::config::{Limits, Timeouts};
 use crate::metrics::Metrics;
+use crate::session::{SessionKeys, TokenError};
 use crate::storage::Storage;
+
+/// Request and response header carrying the session token.
+pub const SESSION_HEADER: &str = "session-token";
+/// Response header of reads: how stale this node's view of each peer region may be.
+pub const LAG_HEADER: &str = "replication-lag";
 
 /// Shared by every handler.
 #[derive(Clone, Debug)]
@@ -39,25 +48,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Permits for requests in flight; when none is left, requests are refused with 503.
     pub in_flight: Arc<Semaphore>,
-}
-
-impl AppState {
-    /// LOCAL_ONE is always served. Stronger levels need the replication-aware coordinator;
-    /// until the cluster has one, they are served only when this node is the whole cluster,
-    /// where every level means "this node".
-    pub fn check_consistency(&self, headers: &HeaderMap) -> Result<ConsistencyLevel, Problem> {
-        let level = ConsistencyLevel::from_headers(headers)?;
-        if level == ConsistencyLevel::LocalOne || self.cluster.is_single_node() {
-            return Ok(level);
-        }
-        Err(Problem::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "consistency-level-not-implemented",
-            format!(
-                "Consistency-Level {level} is not served yet in a multi-node cluster; use LOCAL_ONE"
-            ),
-        ))
-    }
+    /// Signs and checks session tokens.
+    pub sessions: Arc<SessionKeys>,
 }
 
 #[derive(OpenApi)]
@@ -160,15 +152,67 @@ async fn method_not_allowed(request: Request) -> Problem {
     )
 }
 
-/// Concurrency limit, request timeout and metrics, around every request.
-async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// The session token a request carries: an empty vector when it carries none.
+fn request_token(app: &AppState, request: &Request) -> Result<VersionVector, TokenError> {
+    match request.headers().get(SESSION_HEADER) {
+        None => Ok(VersionVector::new()),
+        Some(value) => {
+            if value.len() > crate::session::MAX_TOKEN_LEN {
+                return Err(TokenError::TooLong(value.len()));
+            }
+            let text = value.to_str().map_err(|_| TokenError::NotBase64)?;
+            app.sessions.decode(text)
+        }
+    }
+}
+
+/// Sessions, concurrency limit, request timeout and metrics, around every request.
+///
+/// Every response carries a `Session-Token` with the request's token joined with what the
+/// request saw or wrote, except the 400 answering a token that does not check out (this node
+/// cannot vouch for it). Reads (`GET /v1/...`) also carry `Replication-Lag`.
+async fn guard(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().to_string();
-    let response = match app.in_flight.clone().try_acquire_owned() {
+    let is_read = request.method() == Method::GET && route.starts_with("/v1/");
+    let (mut response, session) = match request_token(&app, &request) {
+        Err(error) => (Problem::from(error).into_response(), None),
+        Ok(token) => {
+            let session = Arc::new(SessionCtx::new(
+                token,
+                tokio::time::Instant::from_std(started),
+            ));
+            request.extensions_mut().insert(session.clone());
+            (limited(&app, request, next).await, Some(session))
+        }
+    };
+    let headers = response.headers_mut();
+    if let Some(session) = session {
+        if let Ok(value) = HeaderValue::from_str(&app.sessions.encode(&session.response_vector())) {
+            headers.insert(SESSION_HEADER, value);
+        }
+    }
+    if is_read {
+        if let Ok(value) = HeaderValue::from_str(&app.cluster.replication_lag_header()) {
+            headers.insert(LAG_HEADER, value);
+        }
+    }
+    app.metrics.record_request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// The concurrency limit and the request timeout.
+async fn limited(app: &AppState, request: Request, next: Next) -> Response {
+    match app.in_flight.clone().try_acquire_owned() {
         Err(_) => Problem::unavailable(
             "overloaded",
             "too many requests in flight; retry shortly",
@@ -190,12 +234,5 @@ async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Res
                 .into_response(),
             }
         }
-    };
-    app.metrics.record_request(
-        &route,
-        &method,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
-    response
+    }
 }

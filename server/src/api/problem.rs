@@ -4,6 +4,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::consistency::ConsistencyError;
+use crate::session::TokenError;
 use crate::storage::{StorageError, WriteError};
 
 /// Every error the API answers, as `application/problem+json`.
@@ -18,6 +20,45 @@ pub struct Problem {
     /// Seconds after which retrying may succeed (also sent as `Retry-After`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// For a 503/504 of a consistency level: which level, and how many nodes.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub coordination: Option<Box<Coordination>>,
+}
+
+/// How far a request at a consistency level got (extension members of a problem).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Coordination {
+    /// The consistency level of the request.
+    pub level: String,
+    /// Nodes the level needs, this one included.
+    pub required: usize,
+    /// Nodes the failure detector considered reachable, this one included (503).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<usize>,
+    /// Nodes known to hold the write durably (504 of a write), or that answered (a read),
+    /// this one included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<usize>,
+}
+
+impl Problem {
+    fn coordinated(
+        self,
+        level: super::ConsistencyLevel,
+        required: usize,
+        reachable: Option<usize>,
+        acknowledged: Option<usize>,
+    ) -> Self {
+        Self {
+            coordination: Some(Box::new(Coordination {
+                level: level.to_string(),
+                required,
+                reachable,
+                acknowledged,
+            })),
+            ..self
+        }
+    }
 }
 
 impl Problem {
@@ -28,6 +69,7 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             retry_after: None,
+            coordination: None,
         }
     }
 
@@ -99,6 +141,69 @@ impl From<WriteError> for Problem {
             }
             WriteError::TooManyElements { .. } => Self::too_large(error.to_string()),
             WriteError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<TokenError> for Problem {
+    fn from(error: TokenError) -> Self {
+        Self::bad_request("invalid-session-token", error.to_string())
+    }
+}
+
+impl From<ConsistencyError> for Problem {
+    fn from(error: ConsistencyError) -> Self {
+        let detail = error.to_string();
+        match error {
+            ConsistencyError::Unavailable {
+                level,
+                required,
+                reachable,
+            } => Self::unavailable("unavailable", detail, 1).coordinated(
+                level,
+                required,
+                Some(reachable),
+                None,
+            ),
+            ConsistencyError::WriteTimeout {
+                level,
+                required,
+                acknowledged,
+                ..
+            } => Self::new(StatusCode::GATEWAY_TIMEOUT, "write-timeout", detail).coordinated(
+                level,
+                required,
+                None,
+                Some(acknowledged),
+            ),
+            ConsistencyError::ReadTimeout {
+                level,
+                required,
+                answered,
+                ..
+            } => Self::new(StatusCode::GATEWAY_TIMEOUT, "read-timeout", detail).coordinated(
+                level,
+                required,
+                None,
+                Some(answered),
+            ),
+            ConsistencyError::ReadFailed {
+                level,
+                required,
+                answered,
+            } => Self::unavailable("unavailable", detail, 1).coordinated(
+                level,
+                required,
+                None,
+                Some(answered),
+            ),
+            ConsistencyError::SessionBehind { .. } => {
+                Self::unavailable("session-not-caught-up", detail, 1)
+            }
+            ConsistencyError::Merge(_) => {
+                tracing::error!(error = %detail, "merging states of a quorum read");
+                Self::internal(detail)
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -35,6 +36,31 @@ struct Client {
     http: reqwest::Client,
     base: String,
     consistency: Option<String>,
+    session: Option<std::path::PathBuf>,
+}
+
+/// The session token stored in `path`; none when the file does not exist yet.
+fn load_token(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim();
+            Ok((!token.is_empty()).then(|| token.to_owned()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot read the session file {}", path.display()))
+        }
+    }
+}
+
+/// Replaces the token in `path` atomically (write a sibling file, then rename).
+fn store_token(path: &Path, token: &str) -> Result<()> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = std::path::PathBuf::from(temp);
+    std::fs::write(&temp, format!("{token}\n"))
+        .and_then(|()| std::fs::rename(&temp, path))
+        .with_context(|| format!("cannot write the session file {}", path.display()))
 }
 
 impl Client {
@@ -51,6 +77,7 @@ impl Client {
             http,
             base,
             consistency: args.consistency.clone(),
+            session: args.session.clone(),
         })
     }
 
@@ -60,6 +87,11 @@ impl Client {
         if let Some(level) = &self.consistency {
             request = request.header("Consistency-Level", level);
         }
+        if let Some(path) = &self.session {
+            if let Some(token) = load_token(path)? {
+                request = request.header("Session-Token", token);
+            }
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -68,6 +100,12 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
         let status = response.status();
+        if let (Some(path), Some(token)) = (&self.session, response.headers().get("session-token"))
+        {
+            if let Ok(token) = token.to_str() {
+                store_token(path, token)?;
+            }
+        }
         let text = response
             .text()
             .await

@@ -125,6 +125,11 @@ pub struct ClientArgs {
     /// Request timeout in milliseconds.
     #[arg(long, default_value_t = 15_000)]
     timeout_ms: u64,
+    /// A file keeping the session token between invocations: sent with each request and
+    /// replaced by the token of each answer, so a write in one region is visible to a read in
+    /// another (read-your-writes, monotonic reads).
+    #[arg(long, env = "MERIDIAN_SESSION")]
+    session: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
