@@ -73,7 +73,9 @@ pub enum SecretError {
 /// The key that signs and checks tokens, bound to one cluster name.
 #[derive(Clone)]
 pub struct SessionKeys {
-    secret: Vec<u8>,
+    /// HMAC already keyed and fed the domain and cluster name: cloning it per token skips
+    /// the key schedule, which otherwise costs more than the rest of a token.
+    keyed: Hmac<Sha256>,
     cluster: String,
 }
 
@@ -87,8 +89,14 @@ impl std::fmt::Debug for SessionKeys {
 
 impl SessionKeys {
     pub fn new(secret: &[u8], cluster: &str) -> Self {
+        // HMAC takes keys of any length; this cannot fail.
+        let mut keyed = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        keyed.update(DOMAIN);
+        keyed.update(&(cluster.len() as u32).to_be_bytes());
+        keyed.update(cluster.as_bytes());
         Self {
-            secret: secret.to_vec(),
+            keyed,
             cluster: cluster.to_owned(),
         }
     }
@@ -113,12 +121,7 @@ impl SessionKeys {
     }
 
     fn mac(&self, signed: &[u8]) -> Hmac<Sha256> {
-        // HMAC takes keys of any length; this cannot fail.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(DOMAIN);
-        mac.update(&(self.cluster.len() as u32).to_be_bytes());
-        mac.update(self.cluster.as_bytes());
+        let mut mac = self.keyed.clone();
         mac.update(signed);
         mac
     }
