@@ -277,6 +277,35 @@ async fn read(
     result
 }
 
+/// A write answered with `view` of the key's new state and the write's metadata.
+async fn write_view<V>(
+    app: &AppState,
+    headers: &HeaderMap,
+    session: &Session,
+    (kind, key): (Kind, String),
+    intent: Intent,
+    view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
+) -> ApiResult<Json<V>> {
+    let committed = write(app, headers, session, kind, key.clone(), intent).await?;
+    Ok(Json(view(
+        key,
+        &committed.state,
+        Some((&committed).into()),
+    )?))
+}
+
+/// A read answered with `view` of the key's state.
+async fn read_view<V>(
+    app: &AppState,
+    headers: &HeaderMap,
+    session: &Session,
+    (kind, key): (Kind, String),
+    view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
+) -> ApiResult<Json<V>> {
+    let state = read(app, headers, session, kind, &key).await?;
+    Ok(Json(view(key, &state, None)?))
+}
+
 // ---- registers ----
 
 /// Read a register.
@@ -312,20 +341,15 @@ pub async fn put_register(
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
     let value = canonical(&app, &value, "value")?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::Register,
-        key.clone(),
+        (Kind::Register, key),
         Intent::PutRegister(value),
+        register_view,
     )
-    .await?;
-    Ok(Json(register_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 /// Delete a register: an LWW tombstone that a later write revives.
@@ -339,20 +363,15 @@ pub async fn delete_register(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::Register,
-        key.clone(),
+        (Kind::Register, key),
         Intent::DeleteRegister,
+        register_view,
     )
-    .await?;
-    Ok(Json(register_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 // ---- PN-counters ----
@@ -368,8 +387,7 @@ pub async fn get_counter(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, &session, Kind::Counter, &key).await?;
-    Ok(Json(counter_view(key, &state, None)?))
+    read_view(&app, &headers, &session, (Kind::Counter, key), counter_view).await
 }
 
 /// Add to a counter; negative increments subtract.
@@ -385,20 +403,15 @@ pub async fn incr_counter(
     JsonBody(body): JsonBody<IncrementBody>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::Counter,
-        key.clone(),
+        (Kind::Counter, key),
         Intent::Increment(body.increment),
+        counter_view,
     )
-    .await?;
-    Ok(Json(counter_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 /// Reset a counter: removes what this node has observed; concurrent increments elsewhere survive.
@@ -412,20 +425,15 @@ pub async fn reset_counter(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::Counter,
-        key.clone(),
+        (Kind::Counter, key),
         Intent::ResetCounter,
+        counter_view,
     )
-    .await?;
-    Ok(Json(counter_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 // ---- G-counters ----
@@ -441,8 +449,14 @@ pub async fn get_gcounter(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, &session, Kind::GCounter, &key).await?;
-    Ok(Json(gcounter_view(key, &state, None)?))
+    read_view(
+        &app,
+        &headers,
+        &session,
+        (Kind::GCounter, key),
+        gcounter_view,
+    )
+    .await
 }
 
 /// Add a non-negative amount to a grow-only counter.
@@ -464,20 +478,15 @@ pub async fn incr_gcounter(
             "a G-Counter only grows: the increment must be ≥ 0",
         )
     })?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::GCounter,
-        key.clone(),
+        (Kind::GCounter, key),
         Intent::IncrementG(by),
+        gcounter_view,
     )
-    .await?;
-    Ok(Json(gcounter_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 /// Reset a grow-only counter (observed-reset).
@@ -491,20 +500,15 @@ pub async fn reset_gcounter(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::GCounter,
-        key.clone(),
+        (Kind::GCounter, key),
         Intent::ResetCounter,
+        gcounter_view,
     )
-    .await?;
-    Ok(Json(gcounter_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 // ---- sets ----
@@ -520,8 +524,7 @@ pub async fn get_set(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, &session, Kind::Set, &key).await?;
-    Ok(Json(set_view(key, &state, None)?))
+    read_view(&app, &headers, &session, (Kind::Set, key), set_view).await
 }
 
 /// Add and remove elements; an element both added and removed ends up present (add wins).
@@ -559,20 +562,15 @@ pub async fn update_set(
         .iter()
         .map(|v| canonical(&app, v, "element"))
         .collect::<ApiResult<Vec<_>>>()?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::Set,
-        key.clone(),
+        (Kind::Set, key),
         Intent::UpdateSet { add, remove },
+        set_view,
     )
-    .await?;
-    Ok(Json(set_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 /// Remove every element this node has observed.
@@ -586,20 +584,15 @@ pub async fn clear_set(
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
-    let committed = write(
+    write_view(
         &app,
         &headers,
         &session,
-        Kind::Set,
-        key.clone(),
+        (Kind::Set, key),
         Intent::ClearSet,
+        set_view,
     )
-    .await?;
-    Ok(Json(set_view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    .await
 }
 
 /// Whether the set holds an element.
