@@ -9,6 +9,7 @@ use meridian_crdt::NodeId;
 use rustls_pki_types::ServerName;
 
 use crate::ReplicationError;
+use crate::ae::AeLimits;
 
 /// One other node of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +77,31 @@ pub struct ReplicationConfig {
     pub reconnect_max: Duration,
     /// How long `shutdown` waits for tasks and for the endpoint to drain.
     pub shutdown_timeout: Duration,
+    /// The anti-entropy worker's schedule and budget.
+    pub anti_entropy: AntiEntropyConfig,
+}
+
+/// When and how hard anti-entropy works.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AntiEntropyConfig {
+    /// Whether rounds run on a schedule (a round can always be triggered by hand).
+    pub enabled: bool,
+    /// Time between the end of one pass over every peer and the start of the next...
+    pub interval: Duration,
+    /// ...plus a random delay up to this, so nodes do not all sync at once.
+    pub jitter: Duration,
+    pub limits: AeLimits,
+}
+
+impl Default for AntiEntropyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(30),
+            jitter: Duration::from_secs(5),
+            limits: AeLimits::default(),
+        }
+    }
 }
 
 impl ReplicationConfig {
@@ -107,6 +133,7 @@ impl ReplicationConfig {
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(3),
+            anti_entropy: AntiEntropyConfig::default(),
         }
     }
 

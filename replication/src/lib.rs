@@ -29,10 +29,14 @@
 //! - [`plan`] and [`outbound`]: the sans-IO decisions — failure detector, subscription
 //!   planner, reconnect backoff, skew estimate; batching, window and ack handling.
 //! - `node`: the tokio/quinn driver running them; [`Replicator`] is its handle.
+//! - [`merkle`] and [`ae`]: the anti-entropy Merkle tree and the sync dialogue (sans-IO
+//!   round logic over an [`ae::AeTransport`]); `node` runs it on a schedule over QUIC.
 //! - [`mem`]: [`MemStore`], the in-memory [`ReplicaStore`] used by tests and simulation.
 
+pub mod ae;
 mod config;
 pub mod mem;
+pub mod merkle;
 mod node;
 pub mod outbound;
 pub mod plan;
@@ -42,9 +46,12 @@ pub mod wire;
 
 use std::net::SocketAddr;
 
-pub use config::{PeerConfig, ReplicationConfig, TlsMaterial};
+pub use ae::{AeError, AeLimits, RoundReport};
+pub use config::{AntiEntropyConfig, PeerConfig, ReplicationConfig, TlsMaterial};
 pub use mem::MemStore;
-pub use node::{PeerLag, PeerStatus, ReadError, Replicator, Truncation};
+pub use node::{
+    AntiEntropyStatus, PeerAntiEntropy, PeerLag, PeerStatus, ReadError, Replicator, Truncation,
+};
 pub use store::{ReplicaStore, StateRead, StoreError};
 
 /// Why replication could not start.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use meridian_crdt::{CrdtError, Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use tokio::sync::watch;
 
+use crate::merkle::{self, Hash, MerkleTree};
 use crate::store::{ReplicaStore, StateRead, StoreError};
 
 #[derive(Debug, Default)]
@@ -23,6 +24,7 @@ struct Inner {
     peers: BTreeMap<NodeId, VersionVector>,
     /// First sequence of each origin still in the WAL, once truncated.
     wal_start: BTreeMap<NodeId, u64>,
+    tree: MerkleTree,
 }
 
 impl Inner {
@@ -33,6 +35,9 @@ impl Inner {
             .entry((op.kind(), op.key.clone()))
             .or_insert_with(|| State::bottom(op.kind()));
         slot.merge(&op.delta)?;
+        let hash = merkle::state_hash(&codec::encode_state(slot));
+        self.tree
+            .insert(&merkle::storage_key(op.kind(), &op.key), hash);
         self.applied.raise(op.dot.node, op.dot.seq);
         self.wal.insert((op.dot.node, op.dot.seq), op);
         Ok(())
@@ -276,6 +281,81 @@ impl ReplicaStore for MemStore {
 
     fn wall_clock_ms(&self) -> u64 {
         (self.clock)().as_nanos() / 1_000_000
+    }
+
+    fn tree_children(&self, depth: u8, prefixes: &[u32]) -> Result<Vec<Hash>, StoreError> {
+        Ok(merkle::children_of(&self.lock().tree, depth, prefixes))
+    }
+
+    fn bucket_items(
+        &self,
+        buckets: &[u32],
+        max_items: usize,
+    ) -> Result<Vec<(Vec<u8>, Hash)>, StoreError> {
+        merkle::items_of(&self.lock().tree, buckets, max_items)
+    }
+
+    async fn read_states(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        let inner = self.lock();
+        Ok(keys
+            .into_iter()
+            .map(|key| {
+                let state = merkle::split_storage_key(&key)
+                    .and_then(|(kind, k)| inner.states.get(&(kind, k.to_owned())))
+                    .map(codec::encode_state);
+                (key, state)
+            })
+            .collect())
+    }
+
+    async fn merge_states(&self, states: Vec<(Vec<u8>, State)>) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let mut changed = 0;
+        for (key, state) in states {
+            let Some((kind, k)) = merkle::split_storage_key(&key) else {
+                continue;
+            };
+            if state.kind() != kind {
+                continue;
+            }
+            let slot = inner
+                .states
+                .entry((kind, k.to_owned()))
+                .or_insert_with(|| State::bottom(kind));
+            let before = slot.clone();
+            slot.merge(&state)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            if *slot != before {
+                changed += 1;
+                let hash = merkle::state_hash(&codec::encode_state(slot));
+                inner.tree.insert(&key, hash);
+            }
+        }
+        Ok(changed)
+    }
+}
+
+impl MemStore {
+    /// Joins `state` into `key` without logging an op: a replica restored from elsewhere, or a
+    /// corrupted one, as anti-entropy tests need.
+    pub fn merge_unlogged(&self, kind: Kind, key: &str, state: &State) -> Result<(), CrdtError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .states
+            .entry((kind, key.to_owned()))
+            .or_insert_with(|| State::bottom(kind));
+        slot.merge(state)?;
+        let hash = merkle::state_hash(&codec::encode_state(slot));
+        inner.tree.insert(&merkle::storage_key(kind, key), hash);
+        Ok(())
+    }
+
+    /// The Merkle root, for comparing replicas.
+    pub fn merkle_root(&self) -> Hash {
+        self.lock().tree.root()
     }
 }
 

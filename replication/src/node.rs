@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::ae::{AeError, AeTransport, RoundReport};
 use crate::config::{PeerConfig, ReplicationConfig};
 use crate::outbound::{Action, Limits, Outbound};
 use crate::plan::{Backoff, Inbound, Liveness, SkewEstimator, plan_subscription};
@@ -241,6 +242,163 @@ struct Shared {
     status: Arc<dyn StatusSource>,
     client_config: quinn::ClientConfig,
     started: Instant,
+    /// Anti-entropy counters and each peer's last round.
+    ae: Mutex<AeBook>,
+}
+
+/// What anti-entropy has done, for `/v1/cluster` and metrics.
+#[derive(Debug, Default)]
+struct AeBook {
+    totals: AntiEntropyStatus,
+    peers: BTreeMap<NodeId, PeerAeBook>,
+}
+
+#[derive(Debug, Default)]
+struct PeerAeBook {
+    rounds: u64,
+    failed_rounds: u64,
+    last_round: Option<Instant>,
+    last_report: Option<RoundReport>,
+    last_error: Option<String>,
+}
+
+/// Anti-entropy totals since start-up, and per peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AntiEntropyStatus {
+    pub rounds: u64,
+    pub failed_rounds: u64,
+    pub keys_compared: u64,
+    /// Keys whose state changed here or at the peer.
+    pub keys_repaired: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub peers: Vec<PeerAntiEntropy>,
+}
+
+/// One peer's anti-entropy rounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerAntiEntropy {
+    pub id: NodeId,
+    pub name: String,
+    pub rounds: u64,
+    pub failed_rounds: u64,
+    pub last_round_ms_ago: Option<u64>,
+    pub last_report: Option<RoundReport>,
+    pub last_error: Option<String>,
+}
+
+/// A round asked for by hand: the peer, and where to send the report.
+type AeJob = (
+    NodeId,
+    tokio::sync::oneshot::Sender<Result<RoundReport, AeError>>,
+);
+
+/// Anti-entropy over our outgoing QUIC connection to a peer: one bidirectional stream per
+/// request, served by the peer's `answer_read`.
+struct QuicPeer(Connection);
+
+impl AeTransport for QuicPeer {
+    async fn call(&self, request: Message) -> Result<(Message, u64, u64), AeError> {
+        let transport = |e: SessionError| AeError::Transport(e.to_string());
+        let (mut send, mut recv) = self
+            .0
+            .open_bi()
+            .await
+            .map_err(|e| AeError::Transport(e.to_string()))?;
+        let sent = write_message(&mut send, &request)
+            .await
+            .map_err(transport)?;
+        let _ = send.finish();
+        let (reply, received) = read_message_sized(&mut recv).await.map_err(transport)?;
+        Ok((reply, sent as u64, received as u64))
+    }
+}
+
+/// Runs one round with `peer` and books its outcome.
+async fn ae_round<S: ReplicaStore>(
+    shared: &Shared,
+    store: &S,
+    peer: NodeId,
+) -> Result<RoundReport, AeError> {
+    let slot = shared
+        .slot(peer)
+        .ok_or_else(|| AeError::UnknownPeer(peer.to_string()))?;
+    let conn = slot.lock().conn.clone();
+    let result = match conn {
+        Some(conn) => {
+            crate::ae::run_round(store, &QuicPeer(conn), &shared.config.anti_entropy.limits).await
+        }
+        None => Err(AeError::NotConnected(slot.config.name.clone())),
+    };
+    let mut book = shared.ae.lock().unwrap_or_else(PoisonError::into_inner);
+    let entry = book.peers.entry(peer).or_default();
+    entry.last_round = Some(Instant::now());
+    match &result {
+        Ok(report) => {
+            entry.rounds += 1;
+            entry.last_report = Some(report.clone());
+            entry.last_error = None;
+            let totals = &mut book.totals;
+            totals.rounds += 1;
+            totals.keys_compared += report.keys_compared;
+            totals.keys_repaired += report.keys_repaired_here + report.keys_repaired_there;
+            totals.bytes_sent += report.bytes_sent;
+            totals.bytes_received += report.bytes_received;
+            if report.keys_repaired_here + report.keys_repaired_there > 0 {
+                info!(peer = %peer, ?report, "anti-entropy repaired keys");
+            }
+        }
+        Err(e) => {
+            entry.failed_rounds += 1;
+            entry.last_error = Some(e.to_string());
+            book.totals.failed_rounds += 1;
+            debug!(peer = %peer, error = %e, "anti-entropy round failed; retried next round");
+        }
+    }
+    result
+}
+
+/// The anti-entropy worker: every interval (plus jitter) one round with each peer, in a
+/// shuffled order; rounds asked for by hand run in between. A failed round is simply retried
+/// at the next pass.
+async fn anti_entropy_loop<S: ReplicaStore>(
+    shared: Arc<SharedHandle>,
+    store: Arc<S>,
+    mut jobs: mpsc::Receiver<AeJob>,
+    cancel: CancellationToken,
+) {
+    let config = shared.config.anti_entropy.clone();
+    let next_pass = || {
+        let jitter = config.jitter.as_millis() as u64;
+        let extra = if jitter == 0 { 0 } else { random() % jitter };
+        tokio::time::Instant::now() + config.interval + Duration::from_millis(extra)
+    };
+    let mut due = next_pass();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            job = jobs.recv() => {
+                let Some((peer, reply)) = job else { return };
+                let _ = reply.send(ae_round(&shared, &*store, peer).await);
+            }
+            () = sleep_until(due), if config.enabled => {
+                let mut peers: Vec<NodeId> = shared.peers.keys().copied().collect();
+                for i in (1..peers.len()).rev() {
+                    let j = (random() % (i as u64 + 1)) as usize;
+                    peers.swap(i, j);
+                }
+                for peer in peers {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    let _ = ae_round(&shared, &*store, peer).await;
+                }
+                due = next_pass();
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -371,6 +529,8 @@ pub struct Replicator {
     /// Ours, a child of `external`, so that [`Self::shutdown`] and drop stop only us.
     cancel: CancellationToken,
     supervisor: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Rounds asked for by hand, run by the anti-entropy worker.
+    ae_jobs: mpsc::Sender<AeJob>,
 }
 
 /// `Shared` without its non-Debug parts in the way of `#[derive(Debug)]`.
@@ -477,6 +637,7 @@ impl Replicator {
             client_config,
             config,
             started: now,
+            ae: Mutex::new(AeBook::default()),
         }));
 
         let cancel = shutdown.child_token();
@@ -499,6 +660,13 @@ impl Replicator {
             ));
         }
         tracker.spawn(monitor(shared.clone(), cancel.clone()));
+        let (ae_jobs, ae_queue) = mpsc::channel(16);
+        tracker.spawn(anti_entropy_loop(
+            shared.clone(),
+            store.clone(),
+            ae_queue,
+            cancel.clone(),
+        ));
         drop(store);
         let supervisor = tokio::spawn(supervise(shared.clone(), endpoint, tracker, cancel.clone()));
         info!(node = %shared.config.node, addr = %local_addr, "replication endpoint listening");
@@ -508,7 +676,59 @@ impl Replicator {
             external: shutdown,
             cancel,
             supervisor: tokio::sync::Mutex::new(Some(supervisor)),
+            ae_jobs,
         })
+    }
+
+    /// Runs an anti-entropy round with the peer named `name` (its certificate name, or its
+    /// node id) now, and reports what it repaired.
+    pub async fn sync_peer(&self, name: &str) -> Result<RoundReport, AeError> {
+        let peer = self
+            .shared
+            .peers
+            .values()
+            .find(|slot| slot.config.name == name || slot.config.id.to_string() == name)
+            .map(|slot| slot.config.id)
+            .ok_or_else(|| AeError::UnknownPeer(name.to_owned()))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.ae_jobs
+            .send((peer, reply))
+            .await
+            .map_err(|_| AeError::Transport("replication is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| AeError::Transport("replication is shutting down".into()))?
+    }
+
+    /// Anti-entropy totals and each peer's last round.
+    pub fn anti_entropy(&self) -> AntiEntropyStatus {
+        let now = Instant::now();
+        let book = self
+            .shared
+            .ae
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut status = book.totals.clone();
+        status.peers = self
+            .shared
+            .peers
+            .values()
+            .map(|slot| {
+                let entry = book.peers.get(&slot.config.id);
+                PeerAntiEntropy {
+                    id: slot.config.id,
+                    name: slot.config.name.clone(),
+                    rounds: entry.map_or(0, |e| e.rounds),
+                    failed_rounds: entry.map_or(0, |e| e.failed_rounds),
+                    last_round_ms_ago: entry
+                        .and_then(|e| e.last_round)
+                        .map(|t| now.duration_since(t).as_millis() as u64),
+                    last_report: entry.and_then(|e| e.last_report.clone()),
+                    last_error: entry.and_then(|e| e.last_error.clone()),
+                }
+            })
+            .collect();
+        status
     }
 
     /// The bound address (useful when `listen` had port 0).
@@ -728,6 +948,11 @@ async fn monitor(shared: Arc<SharedHandle>, cancel: CancellationToken) {
 // Frames on streams
 
 async fn read_message(recv: &mut RecvStream) -> Result<Message, SessionError> {
+    read_message_sized(recv).await.map(|(message, _)| message)
+}
+
+/// [`read_message`], also returning the frame's size.
+async fn read_message_sized(recv: &mut RecvStream) -> Result<(Message, usize), SessionError> {
     let mut header = [0; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -737,7 +962,7 @@ async fn read_message(recv: &mut RecvStream) -> Result<Message, SessionError> {
     let len = wire::payload_len(header)?;
     let mut payload = vec![0; len];
     recv.read_exact(&mut payload).await.map_err(read_error)?;
-    Ok(wire::decode_payload(&payload)?)
+    Ok((wire::decode_payload(&payload)?, len + 4))
 }
 
 /// Surfaces why the connection went away (closed by the peer, timed out...), which quinn's
@@ -832,6 +1057,14 @@ fn kind(message: &Message) -> &'static str {
         Message::ReadRequest { .. } => "ReadRequest",
         Message::ReadReply { .. } => "ReadReply",
         Message::ReadFailed { .. } => "ReadFailed",
+        Message::TreeRequest { .. } => "TreeRequest",
+        Message::TreeReply { .. } => "TreeReply",
+        Message::BucketRequest { .. } => "BucketRequest",
+        Message::BucketReply { .. } => "BucketReply",
+        Message::StatesRequest { .. } => "StatesRequest",
+        Message::StatesReply { .. } => "StatesReply",
+        Message::PushStates { .. } => "PushStates",
+        Message::PushReply { .. } => "PushReply",
     }
 }
 
@@ -1069,10 +1302,15 @@ async fn answer_read<S: ReplicaStore>(
             },
         },
         other => {
-            return Err(SessionError::Protocol(format!(
-                "unexpected {} on a read stream",
-                kind(&other)
-            )));
+            let name = kind(&other);
+            match crate::ae::answer(store, other).await {
+                Some(reply) => reply,
+                None => {
+                    return Err(SessionError::Protocol(format!(
+                        "unexpected {name} on a read stream"
+                    )));
+                }
+            }
         }
     };
     let frame = match wire::encode_frame(&reply) {

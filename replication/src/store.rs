@@ -9,6 +9,8 @@ use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector};
+
+use crate::merkle::Hash;
 use tokio::sync::watch;
 
 /// Storage failures as replication sees them.
@@ -40,6 +42,9 @@ pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(String),
 }
+
+/// Storage keys with their encoded states (`None`: absent), as anti-entropy exchanges them.
+pub type EncodedStates = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// One key's state as a node holds it, for quorum reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +112,34 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// One key's state and the applied vector of the same snapshot, answering a peer's quorum
     /// read. Must not block for long: it runs on the replication endpoint's tasks.
     fn read_state(&self, kind: Kind, key: &str) -> Result<StateRead, StoreError>;
+
+    /// Anti-entropy: the [`crate::merkle::FANOUT`] children hashes of each Merkle node
+    /// `(depth, prefix)`, concatenated in order (see [`crate::merkle::MerkleTree::children`]).
+    fn tree_children(&self, depth: u8, prefixes: &[u32]) -> Result<Vec<Hash>, StoreError>;
+
+    /// Anti-entropy: every (storage key, state hash) of the listed buckets, in bucket then key
+    /// order. Fails with [`StoreError::Rejected`] rather than return more than `max_items`.
+    fn bucket_items(
+        &self,
+        buckets: &[u32],
+        max_items: usize,
+    ) -> Result<Vec<(Vec<u8>, Hash)>, StoreError>;
+
+    /// Anti-entropy: the encoded states of storage keys (`None`: absent), in order. Returns
+    /// only durable states: it waits until the applied vector of the snapshot it read is
+    /// durable, so no op that a crash could lose (and its dot be reissued) leaves the node.
+    fn read_states(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<EncodedStates, StoreError>> + Send;
+
+    /// Anti-entropy: joins full states into storage keys (each state's kind matches its key's,
+    /// checked by the caller) through the node's write pipeline, updating the Merkle tree and
+    /// logging no op. Returns how many keys changed.
+    fn merge_states(
+        &self,
+        states: Vec<(Vec<u8>, State)>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// This node's physical clock in Unix milliseconds, used only to measure peers' clock skew
     /// (an HLC that observed a fast peer runs with it, so HLC readings would hide the skew).

@@ -101,11 +101,57 @@ pub enum Message {
         state: Option<Vec<u8>>,
         applied: VersionVector,
     },
-    /// S could not answer a `ReadRequest`.
+    /// S could not answer a `ReadRequest` (or an anti-entropy request).
     ReadFailed {
         reason: String,
     },
+    // Anti-entropy. Each request travels on its own bidirectional stream, like `ReadRequest`,
+    // and gets exactly one reply (or `ReadFailed`).
+    /// R asks for the [`crate::merkle::FANOUT`] children hashes of each listed node at
+    /// `depth` (0 = root). At most [`MAX_AE_PREFIXES`] prefixes.
+    TreeRequest {
+        depth: u8,
+        prefixes: Vec<u32>,
+    },
+    /// The children hashes, `FANOUT` per requested prefix, in request order.
+    TreeReply {
+        hashes: Vec<[u8; 32]>,
+    },
+    /// R asks for the (storage key, state hash) lists of leaf buckets. At most
+    /// [`MAX_AE_BUCKETS`] buckets.
+    BucketRequest {
+        buckets: Vec<u32>,
+    },
+    /// Every key of the requested buckets with its state hash; at most [`MAX_AE_ITEMS`].
+    BucketReply {
+        items: Vec<(Vec<u8>, [u8; 32])>,
+    },
+    /// R asks for the full encoded states of storage keys. At most [`MAX_AE_KEYS`].
+    StatesRequest {
+        keys: Vec<Vec<u8>>,
+    },
+    /// The states (codec encoding; `None`: absent there), in request order.
+    StatesReply {
+        states: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    },
+    /// R pushes its states of storage keys for S to merge. At most [`MAX_AE_KEYS`].
+    PushStates {
+        states: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// How many of the pushed keys changed S's state.
+    PushReply {
+        merged: u64,
+    },
 }
+
+/// Most tree nodes one [`Message::TreeRequest`] may name.
+pub const MAX_AE_PREFIXES: usize = 4096;
+/// Most buckets one [`Message::BucketRequest`] may name.
+pub const MAX_AE_BUCKETS: usize = 1024;
+/// Most items one [`Message::BucketReply`] may carry.
+pub const MAX_AE_ITEMS: usize = 100_000;
+/// Most keys one [`Message::StatesRequest`] or [`Message::PushStates`] may carry.
+pub const MAX_AE_KEYS: usize = 4096;
 
 /// The request a quorum read sends, checked against [`MAX_READ_KEY`].
 pub fn read_request(kind: Kind, key: &str) -> Result<Message, WireError> {
@@ -334,6 +380,46 @@ mod tests {
         let frame = encode_frame(&reply).unwrap();
         assert_eq!(decode_frame(&frame).unwrap(), Some((reply, frame.len())));
         assert!(read_request(Kind::Set, &"k".repeat(MAX_READ_KEY + 1)).is_err());
+    }
+
+    #[test]
+    fn anti_entropy_messages_round_trip_and_keep_earlier_variants() {
+        let msgs = [
+            Message::TreeRequest {
+                depth: 1,
+                prefixes: vec![3, 15],
+            },
+            Message::TreeReply {
+                hashes: vec![[7; 32]; 16],
+            },
+            Message::BucketRequest {
+                buckets: vec![65535],
+            },
+            Message::BucketReply {
+                items: vec![(b"\x01k".to_vec(), [1; 32])],
+            },
+            Message::StatesRequest {
+                keys: vec![b"\x01k".to_vec()],
+            },
+            Message::StatesReply {
+                states: vec![(b"\x01k".to_vec(), None)],
+            },
+            Message::PushStates {
+                states: vec![(b"\x01k".to_vec(), vec![1, 2])],
+            },
+            Message::PushReply { merged: 1 },
+        ];
+        for msg in msgs {
+            let frame = encode_frame(&msg).unwrap();
+            assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+        }
+        // Appended variants: TreeRequest is variant 9, after ReadFailed (8).
+        let frame = encode_frame(&Message::TreeRequest {
+            depth: 0,
+            prefixes: vec![0],
+        })
+        .unwrap();
+        assert_eq!(hex(&frame), "000000050009000100");
     }
 
     proptest! {

@@ -14,7 +14,7 @@ use meridian_replication::{PeerStatus, Replicator};
 use crate::api::ConsistencyLevel;
 
 use crate::config::{Config, PeerEntry};
-use crate::metrics::{Metrics, OriginLabels, PeerLabels};
+use crate::metrics::{AeLabels, Metrics, OriginLabels, PeerLabels};
 use crate::storage::Storage;
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -33,6 +33,34 @@ pub struct ClusterStatus {
     pub wal_ops: u64,
     pub refused_clock_stamps: u64,
     pub peers: Vec<PeerView>,
+    pub anti_entropy: AntiEntropyView,
+}
+
+/// Anti-entropy: this node's Merkle tree and the rounds since start-up.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct AntiEntropyView {
+    /// Hex of the Merkle root: equal on replicas holding equal states.
+    pub merkle_root: String,
+    pub keys: u64,
+    pub rounds: u64,
+    pub failed_rounds: u64,
+    pub keys_compared: u64,
+    pub keys_repaired: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub peers: Vec<PeerAntiEntropyView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PeerAntiEntropyView {
+    pub name: String,
+    pub rounds: u64,
+    pub failed_rounds: u64,
+    pub last_round_ms_ago: Option<u64>,
+    /// What the last successful round did.
+    #[schema(value_type = Option<Object>)]
+    pub last_round: Option<meridian_replication::RoundReport>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -175,7 +203,40 @@ impl ClusterView {
             wal_ops: storage.wal_len().unwrap_or(0),
             refused_clock_stamps: storage.refused_stamps(),
             peers: self.peer_views(),
+            anti_entropy: self.anti_entropy(storage),
         }
+    }
+
+    /// The Merkle tree's summary and the anti-entropy counters.
+    pub fn anti_entropy(&self, storage: &Storage) -> AntiEntropyView {
+        let (root, keys) = storage.with_tree(|t| (t.root(), t.len() as u64));
+        let mut view = AntiEntropyView {
+            merkle_root: meridian_replication::merkle::hex(&root),
+            keys,
+            ..AntiEntropyView::default()
+        };
+        if let Some(replicator) = &self.replicator {
+            let status = replicator.anti_entropy();
+            view.rounds = status.rounds;
+            view.failed_rounds = status.failed_rounds;
+            view.keys_compared = status.keys_compared;
+            view.keys_repaired = status.keys_repaired;
+            view.bytes_sent = status.bytes_sent;
+            view.bytes_received = status.bytes_received;
+            view.peers = status
+                .peers
+                .into_iter()
+                .map(|p| PeerAntiEntropyView {
+                    name: p.name,
+                    rounds: p.rounds,
+                    failed_rounds: p.failed_rounds,
+                    last_round_ms_ago: p.last_round_ms_ago,
+                    last_round: p.last_report,
+                    last_error: p.last_error,
+                })
+                .collect();
+        }
+        view
     }
 
     fn peer_views(&self) -> Vec<PeerView> {
@@ -244,6 +305,44 @@ impl ClusterView {
             .refused_stamps
             .set(i64::try_from(storage.refused_stamps()).unwrap_or(i64::MAX));
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let ae = self.anti_entropy(storage);
+        metrics.merkle_keys.set(gauge(ae.keys));
+        for (what, value) in [
+            ("rounds", ae.rounds),
+            ("failed_rounds", ae.failed_rounds),
+            ("keys_compared", ae.keys_compared),
+            ("keys_repaired", ae.keys_repaired),
+            ("bytes_sent", ae.bytes_sent),
+            ("bytes_received", ae.bytes_received),
+        ] {
+            metrics
+                .ae_totals
+                .get_or_create(&AeLabels { what })
+                .set(gauge(value));
+        }
+        let regions: BTreeMap<&str, &str> = self
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), p.region.as_str()))
+            .collect();
+        for peer in &ae.peers {
+            let labels = PeerLabels {
+                peer: peer.name.clone(),
+                region: regions
+                    .get(peer.name.as_str())
+                    .copied()
+                    .unwrap_or("")
+                    .to_owned(),
+            };
+            metrics
+                .ae_peer_rounds
+                .get_or_create(&labels)
+                .set(gauge(peer.rounds));
+            metrics
+                .ae_peer_last_round_ms
+                .get_or_create(&labels)
+                .set(peer.last_round_ms_ago.map_or(-1, gauge));
+        }
         for peer in self.peer_views() {
             let labels = PeerLabels {
                 peer: peer.name.clone(),

@@ -47,6 +47,10 @@ pub struct Config {
     pub storage: StorageSection,
     #[serde(default)]
     pub replication: ReplicationSection,
+    #[serde(default)]
+    pub anti_entropy: AntiEntropySection,
+    #[serde(default)]
+    pub debug: DebugSection,
     /// The directory relative paths are resolved against: the config file's own.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -213,6 +217,48 @@ impl Default for ReplicationSection {
     }
 }
 
+/// The anti-entropy worker: schedule and budget.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropySection {
+    /// Run rounds on a schedule (a round can always be triggered with `meridian admin sync`).
+    pub enabled: bool,
+    /// Pause between two passes over every peer...
+    pub interval_ms: u64,
+    /// ...plus a random delay up to this.
+    pub jitter_ms: u64,
+    /// Keys exchanged (fetched plus pushed) per round with one peer; the rest waits.
+    pub max_keys_per_round: usize,
+    /// Keys per states request or push.
+    pub batch_keys: usize,
+    /// Pacing: keys per second, and bytes (sent plus received) per second; 0 is unlimited.
+    pub keys_per_sec: u64,
+    pub bytes_per_sec: u64,
+}
+
+impl Default for AntiEntropySection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 30_000,
+            jitter_ms: 5_000,
+            max_keys_per_round: 100_000,
+            batch_keys: 512,
+            keys_per_sec: 100_000,
+            bytes_per_sec: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Test-only switches; never enable them in production.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugSection {
+    /// Enables `POST /v1/admin/debug/merge-unlogged/...`, which joins a fabricated state into a
+    /// key without logging an op: a stand-in for on-disk corruption in anti-entropy tests.
+    pub allow_state_overwrite: bool,
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -304,6 +350,8 @@ impl Config {
             timeouts: Timeouts::default(),
             storage: StorageSection::default(),
             replication: ReplicationSection::default(),
+            anti_entropy: AntiEntropySection::default(),
+            debug: DebugSection::default(),
             base_dir: PathBuf::new(),
         }
     }

@@ -45,6 +45,11 @@ pub struct OriginLabels {
     pub origin: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AeLabels {
+    pub what: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -77,6 +82,13 @@ pub struct Metrics {
     pub peer_batches_sent: Family<PeerLabels, Gauge>,
     pub peer_ops_received: Family<PeerLabels, Gauge>,
     pub refused_stamps: Gauge,
+    /// Anti-entropy totals: rounds, keys compared, keys repaired, bytes sent/received.
+    pub ae_totals: Family<AeLabels, Gauge>,
+    /// Anti-entropy rounds per peer, and milliseconds since the last.
+    pub ae_peer_rounds: Family<PeerLabels, Gauge>,
+    pub ae_peer_last_round_ms: Family<PeerLabels, Gauge>,
+    /// Keys in the Merkle tree.
+    pub merkle_keys: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,6 +167,10 @@ impl Metrics {
             peer_batches_sent: Family::default(),
             peer_ops_received: Family::default(),
             refused_stamps: Gauge::default(),
+            ae_totals: Family::default(),
+            ae_peer_rounds: Family::default(),
+            ae_peer_last_round_ms: Family::default(),
+            merkle_keys: Gauge::default(),
         };
         if let Ok(mut registry) = metrics.registry.lock() {
             registry.register(
@@ -212,6 +228,27 @@ impl Metrics {
                 "replication_ops_received",
                 "Ops received from the peer",
                 metrics.peer_ops_received.clone(),
+            );
+            registry.register(
+                "anti_entropy",
+                "Anti-entropy totals since start-up, by what (rounds, failed_rounds, \
+                 keys_compared, keys_repaired, bytes_sent, bytes_received)",
+                metrics.ae_totals.clone(),
+            );
+            registry.register(
+                "anti_entropy_peer_rounds",
+                "Successful anti-entropy rounds with the peer",
+                metrics.ae_peer_rounds.clone(),
+            );
+            registry.register(
+                "anti_entropy_peer_last_round_milliseconds",
+                "Milliseconds since the last anti-entropy round with the peer (-1: never)",
+                metrics.ae_peer_last_round_ms.clone(),
+            );
+            registry.register(
+                "merkle_keys",
+                "Keys in the anti-entropy Merkle tree",
+                metrics.merkle_keys.clone(),
             );
             registry.register(
                 "clock_refused_stamps",

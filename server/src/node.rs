@@ -111,6 +111,7 @@ pub async fn run(
         cluster: Arc::new(ClusterView::new(&config, replicator.clone())),
         ready: ready.clone(),
         in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+        debug_overwrite: config.debug.allow_state_overwrite,
     };
     let app = api::router(state);
     tracing::info!(node = %node, name = %config.node.name, region = %config.node.region, http = %local, "node serving");

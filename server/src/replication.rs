@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_crdt::{NodeId, VersionVector};
-use meridian_replication::{PeerConfig, ReplicationConfig, Replicator, TlsMaterial};
+use meridian_replication::{
+    AeLimits, AntiEntropyConfig, PeerConfig, ReplicationConfig, Replicator, TlsMaterial,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -94,6 +96,18 @@ pub async fn start(
     replication.batch_max_delay = Duration::from_millis(knobs.batch_max_delay_ms);
     replication.heartbeat_interval = Duration::from_millis(knobs.heartbeat_ms);
     replication.peer_timeout = Duration::from_millis(knobs.peer_timeout_ms);
+    let ae = &config.anti_entropy;
+    replication.anti_entropy = AntiEntropyConfig {
+        enabled: ae.enabled,
+        interval: Duration::from_millis(ae.interval_ms),
+        jitter: Duration::from_millis(ae.jitter_ms),
+        limits: AeLimits {
+            max_keys_per_round: ae.max_keys_per_round,
+            batch_keys: ae.batch_keys,
+            keys_per_sec: ae.keys_per_sec,
+            bytes_per_sec: ae.bytes_per_sec,
+        },
+    };
     Ok(Replicator::start(
         replication,
         Arc::new(storage.clone()),

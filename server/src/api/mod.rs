@@ -1,6 +1,7 @@
 //! The HTTP API (axum): data routes under `/v1`, operations endpoints, and the middleware that
 //! enforces limits and records metrics.
 
+pub mod admin;
 pub mod consistency;
 pub mod data;
 pub mod extract;
@@ -16,7 +17,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 use utoipa::OpenApi;
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     /// Signs and checks session tokens.
     pub sessions: Arc<SessionKeys>,
+    /// `[debug] allow_state_overwrite`: enables the state-corrupting test endpoint.
+    pub debug_overwrite: bool,
 }
 
 #[derive(OpenApi)]
@@ -116,7 +119,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/sets/{key}/contains", get(data::set_contains))
         .route("/v1/{type}", get(data::list_keys))
-        .route("/v1/cluster", get(ops::cluster));
+        .route("/v1/cluster", get(ops::cluster))
+        .route("/v1/admin/anti-entropy", post(admin::anti_entropy))
+        .route("/v1/admin/tree", get(admin::tree))
+        .route(
+            "/v1/admin/debug/merge-unlogged/sets/{key}",
+            post(admin::merge_unlogged),
+        );
     Router::new()
         .merge(v1)
         .route("/healthz", get(ops::healthz))

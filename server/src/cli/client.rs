@@ -20,7 +20,7 @@ pub fn block_on(future: impl Future<Output = Result<()>>) -> Result<()> {
 }
 
 /// Percent-encodes a key for one path segment (so `/`, `?`, `%` and spaces are safe).
-fn encode_segment(key: &str) -> String {
+pub(super) fn encode_segment(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     for byte in key.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
@@ -32,7 +32,7 @@ fn encode_segment(key: &str) -> String {
     out
 }
 
-struct Client {
+pub(super) struct Client {
     http: reqwest::Client,
     base: String,
     consistency: Option<String>,
@@ -64,7 +64,7 @@ fn store_token(path: &Path, token: &str) -> Result<()> {
 }
 
 impl Client {
-    fn new(args: &ClientArgs) -> Result<Self> {
+    pub(super) fn new(args: &ClientArgs) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(args.timeout_ms))
             .build()
@@ -81,7 +81,12 @@ impl Client {
         })
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+    pub(super) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method.clone(), &url);
         if let Some(level) = &self.consistency {

@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+mod admin;
 mod bench;
 mod client;
 mod init;
@@ -97,6 +98,9 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Operator commands: anti-entropy on demand, the Merkle tree.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Load generator: throughput and latency percentiles against a node.
     Bench(bench::BenchArgs),
     /// A bare HTTP handler doing no work, as the ceiling `bench` compares against.
@@ -156,6 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::Cluster(ClusterCommand::Init(args)) => init::init(&args).map(|_| ()),
         Command::Dev(args) => init::dev(args),
+        Command::Admin(command) => client::block_on(admin::run(command)),
         Command::Bench(args) => bench::run(args),
         Command::BenchBaseline(args) => bench::baseline(&args),
         Command::Get { client, kind, key } => client::block_on(client::get(&client, kind, &key)),

@@ -19,10 +19,11 @@ mod writer;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use meridian_crdt::{Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
+use meridian_replication::merkle::{self, MerkleTree};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -127,6 +128,11 @@ pub(crate) enum Command {
         peer: NodeId,
         applied: VersionVector,
     },
+    /// Anti-entropy: join full states into storage keys, logging no op.
+    Merge {
+        states: Vec<(Vec<u8>, State)>,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
     /// Time for a checkpoint (sent by the checkpoint timer).
     Checkpoint,
     /// Commit what came before, then stop.
@@ -144,6 +150,9 @@ struct Inner {
     /// Set when the journal could not be made durable: writes are refused from then on.
     failed: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The anti-entropy Merkle tree: written by the applier after each commit, read by the
+    /// sync dialogue. Rebuilt from the states table at open.
+    tree: Arc<RwLock<MerkleTree>>,
 }
 
 /// A handle to the node's storage; cheap to clone.
@@ -214,6 +223,7 @@ impl Storage {
             );
         }
         let applied = Self::replay(&db, &hlc, options.node, applied, replay.ops)?;
+        let tree = Arc::new(RwLock::new(Self::build_tree(&db)?));
         let journal = Journal::start(&journal_dir).map_err(io)?;
 
         let db = Arc::new(db);
@@ -244,6 +254,7 @@ impl Storage {
             metrics,
             syncer: sync_tx,
             failed: failed.clone(),
+            tree: tree.clone(),
         };
         let applier = spawn("meridian-writer", Box::new(move || applier.run()))?;
         let timer = commands.clone();
@@ -271,6 +282,7 @@ impl Storage {
             refused_stamps: AtomicU64::new(0),
             failed,
             threads: Mutex::new(vec![applier, syncer]),
+            tree,
         });
         Ok(Self { inner })
     }
@@ -303,10 +315,37 @@ impl Storage {
         {
             return Err(corrupt("journal", gap));
         }
-        let (replayed, _) = batch.finish(&txn, &applied)?;
+        let (replayed, _, _) = batch.finish(&txn, &applied)?;
         txn.commit()?;
         tracing::info!(ops = count, "replayed the journal");
         Ok(replayed)
+    }
+
+    /// Builds the anti-entropy tree by scanning every state.
+    fn build_tree(db: &Database) -> Result<MerkleTree, StorageError> {
+        let started = std::time::Instant::now();
+        let mut tree = MerkleTree::new();
+        let read = db.begin_read()?;
+        for entry in read.open_table(STATES)?.iter()? {
+            let (key, value) = entry?;
+            tree.insert(key.value(), merkle::state_hash(value.value()));
+        }
+        tracing::info!(
+            keys = tree.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "built the anti-entropy Merkle tree"
+        );
+        Ok(tree)
+    }
+
+    /// Reads the Merkle tree (for the sync dialogue and the admin endpoint).
+    pub fn with_tree<R>(&self, f: impl FnOnce(&MerkleTree) -> R) -> R {
+        let tree = self
+            .inner
+            .tree
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&tree)
     }
 
     /// Creates the tables on first open, checks identity and schema, loads the vectors.

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use meridian_crdt::{Kind, NodeId, Op, Stamp, VersionVector, codec};
+use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector, codec};
+use meridian_replication::merkle::{self, Hash};
 use meridian_replication::store::{ReplicaStore, StateRead, StoreError};
-use redb::ReadableDatabase;
+use redb::{ReadableDatabase, ReadableTable};
 use tokio::sync::{oneshot, watch};
 
-use super::tables::WAL;
+use super::tables::{APPLIED, STATES, WAL};
 use super::{Command, Storage, StorageError};
 
 /// Why a batch of remote ops was not (wholly) applied.
@@ -173,5 +174,96 @@ impl ReplicaStore for Storage {
     fn read_state(&self, kind: Kind, key: &str) -> Result<StateRead, StoreError> {
         let (state, applied) = self.get_with_applied(kind, key).map_err(unavailable)?;
         Ok(StateRead { state, applied })
+    }
+
+    fn tree_children(&self, depth: u8, prefixes: &[u32]) -> Result<Vec<Hash>, StoreError> {
+        Ok(self.with_tree(|tree| merkle::children_of(tree, depth, prefixes)))
+    }
+
+    fn bucket_items(
+        &self,
+        buckets: &[u32],
+        max_items: usize,
+    ) -> Result<Vec<(Vec<u8>, Hash)>, StoreError> {
+        self.with_tree(|tree| merkle::items_of(tree, buckets, max_items))
+    }
+
+    fn read_states(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError>> + Send {
+        let this = self.clone();
+        async move { this.read_encoded_states(keys).await }
+    }
+
+    fn merge_states(
+        &self,
+        states: Vec<(Vec<u8>, State)>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let this = self.clone();
+        async move { this.merge_full_states(states).await.map_err(unavailable) }
+    }
+}
+
+/// How long serving states waits for the snapshot's ops to become durable here.
+const DURABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Storage {
+    /// Joins full states into storage keys through the group commit, logging no op (see
+    /// ARCHITECTURE.md, "Anti-entropy path", for why that is correct). Returns how many keys
+    /// changed.
+    pub async fn merge_full_states(
+        &self,
+        states: Vec<(Vec<u8>, State)>,
+    ) -> Result<u64, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Merge { states, reply }).await?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    /// The encoded states of storage keys from one snapshot, once every op that snapshot
+    /// covers is durable: an op a crash could still lose (and whose dot would then be
+    /// reissued with other contents) never leaves the node.
+    pub async fn read_encoded_states(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        let (states, snapshot) = {
+            let read = self.inner.db.begin_read().map_err(unavailable)?;
+            let table = read.open_table(STATES).map_err(unavailable)?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                let state = table
+                    .get(key.as_slice())
+                    .map_err(unavailable)?
+                    .map(|v| v.value().to_vec());
+                out.push((key, state));
+            }
+            let mut applied = VersionVector::new();
+            for entry in read
+                .open_table(APPLIED)
+                .map_err(unavailable)?
+                .iter()
+                .map_err(unavailable)?
+            {
+                let (origin, seq) = entry.map_err(unavailable)?;
+                if let Some(origin) = NodeId::new(origin.value()) {
+                    applied.set(origin, seq.value());
+                }
+            }
+            (out, applied)
+        };
+        let mut durable = self.watch_applied();
+        let covered = tokio::time::timeout(
+            DURABLE_WAIT,
+            durable.wait_for(|applied| applied.dominates(&snapshot)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if covered {
+            Ok(states)
+        } else {
+            Err(unavailable("the states did not become durable in time"))
+        }
     }
 }

@@ -17,12 +17,14 @@
 //! unanswered write.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as sync_mpsc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use meridian_crdt::{Dot, NodeId, Op, Stamp, State, VersionVector, codec};
+use meridian_replication::merkle::{self, MerkleTree};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -47,6 +49,8 @@ pub(super) enum Pending {
         Option<RemoteError>,
     ),
     Truncate(oneshot::Sender<Result<u64, StorageError>>, u64),
+    /// Full states merged (anti-entropy): how many keys changed.
+    Merge(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
 
 impl Pending {
@@ -59,7 +63,7 @@ impl Pending {
             Self::Remote(tx, _) => {
                 let _ = tx.send(Err(RemoteError::Storage(failed())));
             }
-            Self::Truncate(tx, _) => {
+            Self::Truncate(tx, _) | Self::Merge(tx, _) => {
                 let _ = tx.send(Err(failed()));
             }
         }
@@ -79,7 +83,7 @@ impl Pending {
             Self::Remote(tx, Some(error)) => {
                 let _ = tx.send(Err(error));
             }
-            Self::Truncate(tx, removed) => {
+            Self::Truncate(tx, removed) | Self::Merge(tx, removed) => {
                 let _ = tx.send(Ok(removed));
             }
         }
@@ -130,18 +134,26 @@ impl<'t> Batch<'t> {
     }
 
     fn state(&mut self, kind: meridian_crdt::Kind, key: &str) -> Result<&mut State, StorageError> {
-        let storage_key = state_key(kind, key);
-        if !self.dirty.contains_key(&storage_key) {
-            let state = match self.states.get(storage_key.as_slice())? {
-                Some(bytes) => codec::decode_state(bytes.value())
-                    .map_err(|e| corrupt(format!("{kind}/{key}"), e))?,
-                None => State::bottom(kind),
-            };
-            self.dirty.insert(storage_key.clone(), state);
+        self.state_at(state_key(kind, key), kind, key)
+    }
+
+    fn state_at(
+        &mut self,
+        storage_key: Vec<u8>,
+        kind: meridian_crdt::Kind,
+        key: &str,
+    ) -> Result<&mut State, StorageError> {
+        match self.dirty.entry(storage_key) {
+            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Vacant(entry) => {
+                let state = match self.states.get(entry.key().as_slice())? {
+                    Some(bytes) => codec::decode_state(bytes.value())
+                        .map_err(|e| corrupt(format!("{kind}/{key}"), e))?,
+                    None => State::bottom(kind),
+                };
+                Ok(entry.insert(state))
+            }
         }
-        self.dirty
-            .get_mut(&storage_key)
-            .ok_or_else(|| corrupt("batch cache", "entry vanished"))
     }
 
     fn append(&mut self, op: &Op) -> Result<(), StorageError> {
@@ -186,12 +198,40 @@ impl<'t> Batch<'t> {
         Ok(error)
     }
 
-    /// Writes the touched states and the applied vector into `txn`'s tables.
+    /// Joins full states into their keys (anti-entropy), logging no op; returns how many
+    /// keys changed. Each state's kind matches its key's (checked by the caller).
+    pub(super) fn merge_states(
+        &mut self,
+        states: Vec<(Vec<u8>, State)>,
+    ) -> Result<u64, StorageError> {
+        let mut changed = 0;
+        for (storage_key, incoming) in states {
+            let Some((kind, key)) = super::tables::split_state_key(&storage_key) else {
+                continue;
+            };
+            if incoming.kind() != kind {
+                continue;
+            }
+            let key = key.to_owned();
+            let state = self.state_at(storage_key, kind, &key)?;
+            let before = state.clone();
+            state
+                .merge(&incoming)
+                .map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
+            if *state != before {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Writes the touched states and the applied vector into `txn`'s tables. Also returns the
+    /// Merkle updates (bucket, storage key, state hash) to apply once the commit succeeded.
     pub(super) fn finish(
         self,
         txn: &WriteTransaction,
         before: &VersionVector,
-    ) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
+    ) -> Result<Finished, StorageError> {
         let Self {
             mut states,
             wal,
@@ -200,8 +240,11 @@ impl<'t> Batch<'t> {
             last_stamp,
             records,
         } = self;
-        for (key, state) in &dirty {
-            states.insert(key.as_slice(), codec::encode_state(state).as_slice())?;
+        let mut leaves = Vec::with_capacity(dirty.len());
+        for (key, state) in dirty {
+            let encoded = codec::encode_state(&state);
+            states.insert(key.as_slice(), encoded.as_slice())?;
+            leaves.push((merkle::bucket_of(&key), key, merkle::state_hash(&encoded)));
         }
         drop((states, wal));
         let mut applied_table = txn.open_table(APPLIED)?;
@@ -215,7 +258,25 @@ impl<'t> Batch<'t> {
             txn.open_table(META)?
                 .insert(META_LAST_STAMP, bytes.as_slice())?;
         }
-        Ok((applied, records))
+        Ok((applied, records, leaves))
+    }
+}
+
+/// What [`Batch::finish`] hands back: the applied vector, the encoded ops for the journal, and
+/// the Merkle updates to apply after the commit.
+pub(super) type Finished = (VersionVector, Vec<Vec<u8>>, Vec<LeafUpdate>);
+
+/// One key's new state hash for the Merkle tree: (bucket, storage key, hash).
+pub(super) type LeafUpdate = (u32, Vec<u8>, merkle::Hash);
+
+/// Applies a committed group's Merkle updates: memory only, the lock held for no I/O.
+pub(super) fn apply_leaves(tree: &RwLock<MerkleTree>, leaves: Vec<LeafUpdate>) {
+    if leaves.is_empty() {
+        return;
+    }
+    let mut tree = tree.write().unwrap_or_else(PoisonError::into_inner);
+    for (bucket, key, hash) in leaves {
+        tree.insert_in(bucket, &key, hash);
     }
 }
 
@@ -230,6 +291,8 @@ pub(super) struct Writer {
     pub(super) metrics: Arc<Metrics>,
     pub(super) syncer: sync_mpsc::Sender<SyncJob>,
     pub(super) failed: Arc<AtomicBool>,
+    /// The anti-entropy tree, updated after each commit from the group's new state hashes.
+    pub(super) tree: Arc<RwLock<MerkleTree>>,
 }
 
 impl Writer {
@@ -349,12 +412,17 @@ impl Writer {
                     txn.open_table(PEER_APPLIED)?
                         .insert(peer.get(), bytes.as_slice())?;
                 }
+                Command::Merge { states, reply } => {
+                    let changed = batch.merge_states(states)?;
+                    pending.push(Pending::Merge(reply, changed));
+                }
                 Command::Shutdown | Command::Checkpoint => {}
             }
         }
-        let result = batch.finish(&txn, &self.applied)?;
+        let (applied, records, leaves) = batch.finish(&txn, &self.applied)?;
         txn.commit()?;
-        Ok(result)
+        apply_leaves(&self.tree, leaves);
+        Ok((applied, records))
     }
 
     fn local(

@@ -1,0 +1,90 @@
+//! Operator endpoints: anti-entropy on demand, the Merkle tree's summary, and (behind
+//! `[debug] allow_state_overwrite`) a way to corrupt a key for anti-entropy tests.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use meridian_crdt::{CanonicalJson, Kind, NodeId, OrSet, State as CrdtState};
+use meridian_replication::merkle;
+use serde::Deserialize;
+
+use super::AppState;
+use super::problem::Problem;
+
+#[derive(Debug, Deserialize)]
+pub struct SyncQuery {
+    /// The peer's node name (or id).
+    pub peer: String,
+}
+
+/// Runs one anti-entropy round with a peer now and answers what it repaired.
+pub async fn anti_entropy(State(app): State<AppState>, Query(query): Query<SyncQuery>) -> Response {
+    let Some(replicator) = app.cluster.replicator_arc() else {
+        return Problem::bad_request("no-peers", "this node has no peers").into_response();
+    };
+    match replicator.sync_peer(&query.peer).await {
+        Ok(report) => {
+            Json(serde_json::json!({ "peer": query.peer, "round": report })).into_response()
+        }
+        Err(meridian_replication::AeError::UnknownPeer(name)) => {
+            Problem::not_found(format!("no peer named {name:?}")).into_response()
+        }
+        Err(error) => {
+            Problem::unavailable("anti-entropy-failed", error.to_string(), 1).into_response()
+        }
+    }
+}
+
+/// The Merkle tree: root hash, keys, non-empty buckets.
+pub async fn tree(State(app): State<AppState>) -> Response {
+    let (root, keys, nonempty) = app
+        .storage
+        .with_tree(|t| (t.root(), t.len(), t.nonempty_buckets()));
+    Json(serde_json::json!({
+        "root": merkle::hex(&root),
+        "keys": keys,
+        "buckets": merkle::BUCKETS,
+        "nonempty_buckets": nonempty,
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PhantomElement {
+    pub element: serde_json::Value,
+}
+
+/// The node id a fabricated element claims: no real node has it.
+const PHANTOM_NODE: u64 = u64::MAX >> 1;
+
+/// Test only: adds `element` to set `key` on this node alone, as if by an op of a node that
+/// does not exist, logging nothing: a valid but divergent state only anti-entropy can spread.
+pub async fn merge_unlogged(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    Json(body): Json<PhantomElement>,
+) -> Response {
+    if !app.debug_overwrite {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "debug-disabled",
+            "set [debug] allow_state_overwrite = true to use this endpoint",
+        )
+        .into_response();
+    }
+    let Some(phantom) = NodeId::new(PHANTOM_NODE) else {
+        return Problem::internal("phantom node id").into_response();
+    };
+    let current = match app.storage.get(Kind::Set, &key) {
+        Ok(Some(CrdtState::Set(set))) => set,
+        Ok(_) => OrSet::default(),
+        Err(error) => return Problem::internal(error.to_string()).into_response(),
+    };
+    let delta = current.add(phantom, [CanonicalJson::new(&body.element)]);
+    let states = vec![(merkle::storage_key(Kind::Set, &key), CrdtState::Set(delta))];
+    match app.storage.merge_full_states(states).await {
+        Ok(changed) => Json(serde_json::json!({ "changed": changed })).into_response(),
+        Err(error) => Problem::internal(error.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,278 @@
+//! Merkle anti-entropy with real processes: divergence the WAL path cannot repair is repaired.
+//!
+//! - (a) a node whose cursors are older than every peer's WAL (truncated past retention);
+//! - (b) a node restored from an old copy of its data directory;
+//! - (c) a key corrupted on one node (a valid state no op produced);
+//! - (d) the bytes a round exchanges scale with the difference, not the data.
+//!
+//! Every case ends with every node holding identical states: the same Merkle root (equal
+//! roots mean equal canonical encodings of every state) and the same listings and values.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use meridian_tests::{Client, Cluster, ClusterSpec, wait_until};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+const SCHEDULED: &str = r"
+[replication]
+wal_retention_ops = 10
+[anti_entropy]
+enabled = true
+interval_ms = 300
+jitter_ms = 200
+";
+
+const MANUAL: &str = r"
+[anti_entropy]
+enabled = false
+[debug]
+allow_state_overwrite = true
+";
+
+/// Everything a node holds, as a client sees it, plus its Merkle root.
+async fn snapshot(client: Client) -> anyhow::Result<Value> {
+    let mut out = serde_json::Map::new();
+    for kind in ["registers", "counters", "gcounters", "sets"] {
+        let page = client
+            .request(Method::GET, &["v1", kind], None)
+            .await?
+            .ok(kind)?;
+        out.insert(kind.to_owned(), page);
+    }
+    let tree = client
+        .request(Method::GET, &["v1", "admin", "tree"], None)
+        .await?
+        .ok("tree")?;
+    out.insert("root".into(), tree["root"].clone());
+    Ok(Value::Object(out))
+}
+
+async fn converge(cluster: &Cluster) -> Value {
+    match cluster.wait_converged(CONVERGE, snapshot).await {
+        Ok(value) => value,
+        Err(e) => panic!("did not converge: {e}\n{}", cluster.log_tails(30)),
+    }
+}
+
+async fn sync(client: &Client, peer: &str) -> Value {
+    // Rounds run on our outgoing connection: wait for it.
+    wait_until(Duration::from_secs(20), "connected to the peer", || async {
+        let info = client.cluster_info().await?;
+        Ok(info["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["name"] == peer && p["connected"] == true)
+        }))
+    })
+    .await
+    .unwrap();
+    let url = client
+        .url(&["v1", "admin", "anti-entropy"])
+        .map(|mut u| {
+            u.set_query(Some(&format!("peer={peer}")));
+            u
+        })
+        .unwrap();
+    client
+        .send(Method::POST, url, None)
+        .await
+        .unwrap()
+        .ok("anti-entropy")
+        .unwrap()["round"]
+        .clone()
+}
+
+async fn total_repaired(cluster: &Cluster) -> u64 {
+    let mut total = 0;
+    for node in cluster.nodes().iter().filter(|n| n.is_running()) {
+        let info = node.client().cluster_info().await.unwrap();
+        total += info["anti_entropy"]["keys_repaired"].as_u64().unwrap_or(0);
+    }
+    total
+}
+
+async fn wal_ops(client: &Client) -> u64 {
+    client.cluster_info().await.unwrap()["wal_ops"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_every_wal_catches_up_by_anti_entropy() {
+    let cluster = Cluster::start(
+        ClusterSpec::new(&["us-east", "eu-west", "ap-south"]).extra_config(SCHEDULED),
+    )
+    .await
+    .unwrap();
+    let clients = cluster.clients();
+    clients[0].incr("before", 1).await.unwrap();
+    converge(&cluster).await;
+
+    cluster.node(2).stop().await.unwrap();
+    for i in 0..60 {
+        clients[0].incr(&format!("a{i}"), 1).await.unwrap();
+        clients[1]
+            .set_add(&format!("b{}", i % 7), &[json!(i)])
+            .await
+            .unwrap();
+    }
+    // Retention 10: both WALs drop what the stopped node never acknowledged.
+    for client in &clients[..2] {
+        wait_until(Duration::from_secs(20), "WAL truncated", || async {
+            Ok(wal_ops(client).await <= 40)
+        })
+        .await
+        .unwrap();
+    }
+    cluster.node(2).start().await.unwrap();
+    let all = converge(&cluster).await;
+    assert_eq!(all["counters"]["keys"].as_array().map(Vec::len), Some(61));
+    assert!(total_repaired(&cluster).await > 0);
+    let truncated = clients[2].cluster_info().await.unwrap()["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| !p["truncated"].is_null());
+    assert!(truncated, "the WAL path could not have served the node");
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_an_old_copy_converges() {
+    let cluster = Cluster::start(
+        ClusterSpec::new(&["us-east", "eu-west", "ap-south"]).extra_config(SCHEDULED),
+    )
+    .await
+    .unwrap();
+    let clients = cluster.clients();
+    for i in 0..10 {
+        clients[i % 3].incr("shared", 1).await.unwrap();
+    }
+    converge(&cluster).await;
+    let node = cluster.node(2);
+    node.stop().await.unwrap();
+    let backup = cluster.dir().join("backup");
+    copy_dir(node.data_dir(), &backup);
+    node.start().await.unwrap();
+    for i in 0..30 {
+        clients[i % 3].incr("shared", 1).await.unwrap();
+        clients[i % 3]
+            .put_register(&format!("r{i}"), &json!(i))
+            .await
+            .unwrap();
+    }
+    converge(&cluster).await;
+    node.stop().await.unwrap();
+    std::fs::remove_dir_all(node.data_dir()).unwrap();
+    copy_dir(&backup, node.data_dir());
+    node.start().await.unwrap();
+    for i in 0..5 {
+        clients[0].incr("after", 1).await.unwrap();
+        clients[0]
+            .put_register(&format!("late{i}"), &json!(i))
+            .await
+            .unwrap();
+    }
+    let all = converge(&cluster).await;
+    assert_eq!(all["counters"]["keys"], json!(["after", "shared"]), "{all}");
+    assert_eq!(clients[2].counter("shared").await.unwrap(), 40);
+    assert_eq!(clients[2].counter("after").await.unwrap(), 5);
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_key_is_repaired_by_a_triggered_round() {
+    let cluster = Cluster::start(ClusterSpec::new(&["us-east", "eu-west"]).extra_config(MANUAL))
+        .await
+        .unwrap();
+    let clients = cluster.clients();
+    clients[0].set_add("cart", &[json!("apple")]).await.unwrap();
+    converge(&cluster).await;
+    // An element no op added, on node 1 only.
+    clients[1]
+        .request(
+            Method::POST,
+            &["v1", "admin", "debug", "merge-unlogged", "sets", "cart"],
+            Some(&json!({ "element": "ghost" })),
+        )
+        .await
+        .unwrap()
+        .ok("corrupt")
+        .unwrap();
+    let a = snapshot(clients[0].clone()).await.unwrap();
+    let b = snapshot(clients[1].clone()).await.unwrap();
+    assert_ne!(a["root"], b["root"]);
+    let round = sync(&clients[0], cluster.node(1).name()).await;
+    assert_eq!(round["keys_repaired_here"], 1, "{round}");
+    assert_eq!(round["complete"], true);
+    converge(&cluster).await;
+    let mut elements = clients[0].set_elements("cart").await.unwrap();
+    elements.sort_by_key(ToString::to_string);
+    assert_eq!(elements, vec![json!("apple"), json!("ghost")]);
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_traffic_scales_with_the_difference() {
+    let cluster = Cluster::start(ClusterSpec::new(&["us-east", "eu-west"]).extra_config(MANUAL))
+        .await
+        .unwrap();
+    let clients = cluster.clients();
+    for i in 0..300 {
+        clients[0]
+            .put_register(
+                &format!("k{i:03}"),
+                &json!({ "payload": "x".repeat(200), "i": i }),
+            )
+            .await
+            .unwrap();
+    }
+    converge(&cluster).await;
+    let peer = cluster.node(1).name().to_owned();
+    let idle = sync(&clients[0], &peer).await;
+    let bytes =
+        |r: &Value| r["bytes_sent"].as_u64().unwrap() + r["bytes_received"].as_u64().unwrap();
+    assert_eq!(idle["keys_compared"], 0, "{idle}");
+    // In sync: one exchange of the root's children.
+    assert!(bytes(&idle) < 1_500, "{idle}");
+
+    for key in ["k007", "k123"] {
+        clients[1]
+            .request(
+                Method::POST,
+                &["v1", "admin", "debug", "merge-unlogged", "sets", key],
+                Some(&json!({ "element": key })),
+            )
+            .await
+            .unwrap()
+            .ok("corrupt")
+            .unwrap();
+    }
+    let round = sync(&clients[0], &peer).await;
+    assert_eq!(round["keys_fetched"], 2, "{round}");
+    assert_eq!(round["keys_repaired_here"], 2, "{round}");
+    // Two differing keys: a path of 4 tree levels per key, two buckets, two states; the
+    // 300 registers (≈ 70 KB of state) are never sent.
+    assert!(bytes(&round) < 12_000, "{round}");
+    converge(&cluster).await;
+    let after = sync(&clients[0], &peer).await;
+    assert_eq!(after["keys_compared"], 0, "{after}");
+    cluster.shutdown().await.unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
