@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meridian_crdt::{Kind, NodeId, Op, Stamp, VersionVector, codec};
+use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -854,6 +854,38 @@ impl Replicator {
                 "unexpected {} answering a read",
                 self::kind(&other)
             ))),
+        }
+    }
+
+    /// Read repair: pushes one key's merged state to `peer`, which joins it into its own
+    /// (the anti-entropy `PushStates` message). Returns whether the peer's state changed.
+    pub async fn repair_state(
+        &self,
+        peer: NodeId,
+        kind: Kind,
+        key: &str,
+        state: &State,
+    ) -> Result<bool, ReadError> {
+        let slot = self.shared.slot(peer).ok_or(ReadError::UnknownPeer(peer))?;
+        let conn = slot
+            .lock()
+            .conn
+            .clone()
+            .ok_or(ReadError::NotConnected(peer))?;
+        let request = Message::PushStates {
+            states: vec![(
+                crate::merkle::storage_key(kind, key),
+                codec::encode_state(state),
+            )],
+        };
+        match QuicPeer(conn).call(request).await {
+            Ok((Message::PushReply { merged }, _, _)) => Ok(merged > 0),
+            Ok((Message::ReadFailed { reason }, _, _)) => Err(ReadError::Failed(reason)),
+            Ok((other, _, _)) => Err(ReadError::Protocol(format!(
+                "unexpected {} answering a repair",
+                self::kind(&other)
+            ))),
+            Err(error) => Err(ReadError::Transport(error.to_string())),
         }
     }
 

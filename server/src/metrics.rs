@@ -35,6 +35,12 @@ pub struct LevelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub target: String,
+    pub changed: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
     pub region: String,
@@ -68,6 +74,7 @@ pub struct Metrics {
     pub commit_batch_ops: Histogram,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
+    pub read_repairs: Family<RepairLabels, Counter>,
     pub checkpoint_seconds: Histogram,
     pub applied_seq: Family<OriginLabels, Gauge>,
     pub wal_ops: Gauge,
@@ -153,6 +160,7 @@ impl Metrics {
             commit_batch_ops,
             commit_seconds,
             commit_failures,
+            read_repairs: Family::default(),
             checkpoint_seconds,
             applied_seq: Family::default(),
             wal_ops: Gauge::default(),
@@ -179,6 +187,11 @@ impl Metrics {
                 metrics.applied_seq.clone(),
             );
             registry.register("wal_ops", "Ops held in the WAL", metrics.wal_ops.clone());
+            registry.register(
+                "read_repairs",
+                "Read repairs sent after quorum reads, by target and whether they changed it",
+                metrics.read_repairs.clone(),
+            );
             registry.register(
                 "peer_connected",
                 "1 while a connection to the peer is up",
@@ -266,6 +279,16 @@ impl Metrics {
 
     pub fn record_checkpoint(&self, elapsed: Duration) {
         self.checkpoint_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// One read repair: of this node or a peer, and whether it changed the target's state.
+    pub fn record_read_repair(&self, target: &str, changed: bool) {
+        self.read_repairs
+            .get_or_create(&RepairLabels {
+                target: target.to_owned(),
+                changed: changed.to_string(),
+            })
+            .inc();
     }
 
     pub fn record_commit_failure(&self) {

@@ -305,6 +305,8 @@ impl AppState {
         started: Instant,
     ) -> Result<(Option<CrdtState>, VersionVector), ConsistencyError> {
         let (mut state, mut applied) = local;
+        let local_state = state.clone();
+        let mut answers: Vec<(NodeId, Option<CrdtState>)> = Vec::new();
         let needed = electorate.required.saturating_sub(1);
         if needed == 0 {
             return Ok((state, applied));
@@ -342,12 +344,13 @@ impl AppState {
                         answered: answered + 1,
                     });
                 }
-                Ok(Some(Ok((_, Ok(read))))) => {
-                    match (&mut state, read.state) {
-                        (Some(mine), Some(theirs)) => mine.merge(&theirs)?,
-                        (None, Some(theirs)) => state = Some(theirs),
+                Ok(Some(Ok((peer, Ok(read))))) => {
+                    match (&mut state, &read.state) {
+                        (Some(mine), Some(theirs)) => mine.merge(theirs)?,
+                        (None, Some(theirs)) => state = Some(theirs.clone()),
                         (_, None) => {}
                     }
+                    answers.push((peer, read.state));
                     applied.merge(&read.applied);
                     answered += 1;
                 }
@@ -359,6 +362,64 @@ impl AppState {
                 }
             }
         }
+        if let Some(merged) = &state {
+            self.read_repair(
+                &replicator,
+                kind,
+                key,
+                merged,
+                local_state.as_ref(),
+                answers,
+            );
+        }
         Ok((state, applied))
+    }
+
+    /// Writes the merged state back, in the background, to every replica that answered with
+    /// less (this node included). Like an anti-entropy push it logs no op: the merged state
+    /// holds only ops that are durable on the replicas that sent them, and the WAL path still
+    /// delivers those ops everywhere; repair only gets there first.
+    fn read_repair(
+        &self,
+        replicator: &Arc<meridian_replication::Replicator>,
+        kind: Kind,
+        key: &str,
+        merged: &CrdtState,
+        local: Option<&CrdtState>,
+        answers: Vec<(NodeId, Option<CrdtState>)>,
+    ) {
+        let behind: Vec<NodeId> = answers
+            .into_iter()
+            .filter(|(_, theirs)| theirs.as_ref() != Some(merged))
+            .map(|(peer, _)| peer)
+            .collect();
+        let local_behind = local != Some(merged);
+        if behind.is_empty() && !local_behind {
+            return;
+        }
+        let (replicator, storage, metrics) = (
+            replicator.clone(),
+            self.storage.clone(),
+            self.metrics.clone(),
+        );
+        let (key, merged) = (key.to_owned(), merged.clone());
+        tokio::spawn(async move {
+            if local_behind {
+                let storage_key = meridian_replication::merkle::storage_key(kind, &key);
+                match storage
+                    .merge_full_states(vec![(storage_key, merged.clone())])
+                    .await
+                {
+                    Ok(changed) => metrics.record_read_repair("local", changed > 0),
+                    Err(error) => tracing::warn!(%error, "local read repair failed"),
+                }
+            }
+            for peer in behind {
+                match replicator.repair_state(peer, kind, &key, &merged).await {
+                    Ok(changed) => metrics.record_read_repair("peer", changed),
+                    Err(error) => tracing::debug!(%peer, %error, "read repair of a peer failed"),
+                }
+            }
+        });
     }
 }
