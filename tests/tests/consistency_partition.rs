@@ -161,6 +161,19 @@ async fn partitioned_region_refuses_quorum_writes_and_converges_after_heal() {
     for client in &clients {
         wait_reachable(client, 2).await;
     }
+    // Wait for the expected sums themselves: right after the heal every node can briefly read
+    // the same wrong value (1 for `local`: each side holding only its own increment).
+    for client in &clients {
+        for (key, expected) in [("gq", 2), ("local", 2)] {
+            let c = client.clone();
+            wait_until(CONVERGE, key, move || {
+                let c = c.clone();
+                async move { Ok(c.counter(key).await? >= expected) }
+            })
+            .await
+            .unwrap();
+        }
+    }
     let gq = cluster
         .wait_converged(CONVERGE, |c| async move { c.counter("gq").await })
         .await

@@ -205,22 +205,34 @@ async fn connection(
 }
 
 /// Writes every key once so reads find values.
-async fn preload(args: &BenchArgs, target: &Target) -> Result<()> {
-    let mut sender = http1(target).await?;
-    let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
-    for key in 0..args.keys {
-        let request = Request::builder()
-            .method("PUT")
-            .uri(format!("/v1/registers/k{key}"))
-            .header("host", &target.host)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(value.clone())))?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
-        if !response.status().is_success() {
-            bail!("preloading k{key} failed with {}", response.status());
-        }
-        response.into_body().collect().await?;
+/// Writes every key once so reads find values, over as many connections as the run uses.
+async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
+    let lanes = args.connections.min(args.keys) as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in 0..lanes {
+        let (args, target) = (args.clone(), target.clone());
+        tasks.spawn(async move {
+            let mut sender = http1(&target).await?;
+            let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
+            for key in (lane..args.keys as u64).step_by(lanes as usize) {
+                let request = Request::builder()
+                    .method("PUT")
+                    .uri(format!("/v1/registers/k{key}"))
+                    .header("host", &target.host)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(value.clone())))?;
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                if !response.status().is_success() {
+                    bail!("preloading k{key} failed with {}", response.status());
+                }
+                response.into_body().collect().await?;
+            }
+            Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
     }
     Ok(())
 }
