@@ -25,8 +25,10 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const META_NODE_ID: &str = "node_id";
 /// The storage schema version, checked at open.
 pub(crate) const META_SCHEMA: &str = "schema_version";
-/// The highest HLC stamp this node issued, so a restart never reissues an older one even if
-/// the wall clock went backwards meanwhile.
+
+/// An HLC reading taken at the last checkpoint, ahead of every stamp issued before it (later
+/// ones are in the journal): a restart never reissues an older stamp, even if the wall clock
+/// went backwards meanwhile.
 pub(crate) const META_LAST_STAMP: &str = "last_stamp";
 
 /// The journal segment the last durable checkpoint started.

@@ -113,7 +113,6 @@ pub(super) struct Batch<'t> {
     wal: Table<'t, (u64, u64), &'static [u8]>,
     dirty: HashMap<Vec<u8>, State>,
     pub(super) applied: VersionVector,
-    last_stamp: Option<Stamp>,
     /// Encoded ops, for the journal.
     records: Vec<Vec<u8>>,
 }
@@ -128,7 +127,6 @@ impl<'t> Batch<'t> {
             wal: txn.open_table(WAL)?,
             dirty: HashMap::new(),
             applied,
-            last_stamp: None,
             records: Vec::new(),
         })
     }
@@ -237,7 +235,6 @@ impl<'t> Batch<'t> {
             wal,
             dirty,
             applied,
-            last_stamp,
             records,
         } = self;
         let mut leaves = Vec::with_capacity(dirty.len());
@@ -252,11 +249,6 @@ impl<'t> Batch<'t> {
             if before.get(origin) != seq {
                 applied_table.insert(origin.get(), seq)?;
             }
-        }
-        if let Some(stamp) = last_stamp {
-            let bytes = postcard::to_allocvec(&stamp).map_err(|e| corrupt("last_stamp", e))?;
-            txn.open_table(META)?
-                .insert(META_LAST_STAMP, bytes.as_slice())?;
         }
         Ok((applied, records, leaves))
     }
@@ -449,7 +441,6 @@ impl Writer {
             key,
             delta,
         })?;
-        batch.last_stamp = Some(stamp);
         Ok(Committed {
             state,
             dot,
@@ -477,10 +468,20 @@ impl Writer {
             let txn = self.db.begin_write()?;
             // A durable commit makes every earlier non-durable one durable too; it must not be
             // empty, or redb may skip it.
-            txn.open_table(META)?.insert(
+            let mut meta = txn.open_table(META)?;
+            meta.insert(
                 super::tables::META_CHECKPOINT,
                 segment.to_be_bytes().as_slice(),
             )?;
+            // A fresh reading is ahead of every stamp issued before this checkpoint; stamps
+            // issued after it are in the journal, whose replay feeds them to the clock too. So
+            // a restart never reissues an older stamp, without a write per group.
+            let ts = self.hlc.new_timestamp();
+            let now = Stamp::from_uhlc(&ts)
+                .unwrap_or(Stamp::new(ts.get_time().as_u64(), self.options.node));
+            let bytes = postcard::to_allocvec(&now).map_err(|e| corrupt("last_stamp", e))?;
+            meta.insert(META_LAST_STAMP, bytes.as_slice())?;
+            drop(meta);
             txn.commit()?;
             Ok(())
         })();
