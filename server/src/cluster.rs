@@ -183,10 +183,6 @@ impl ClusterView {
             .join(", ")
     }
 
-    pub fn is_single_node(&self) -> bool {
-        self.peers.is_empty()
-    }
-
     pub fn node(&self) -> &NodeInfo {
         &self.node
     }

@@ -1,6 +1,6 @@
 //! What a client asked to do to one key, before it becomes a delta.
 
-use meridian_crdt::{CanonicalJson, Dot, Kind, NodeId, Stamp, State};
+use meridian_crdt::{CanonicalJson, Dot, NodeId, Stamp, State};
 
 use super::WriteError;
 
@@ -22,20 +22,8 @@ pub enum Intent {
 }
 
 impl Intent {
-    /// Whether this intent applies to keys of `kind`.
-    pub fn fits(&self, kind: Kind) -> bool {
-        matches!(
-            (self, kind),
-            (Self::PutRegister(_) | Self::DeleteRegister, Kind::Register)
-                | (Self::Increment(_), Kind::Counter)
-                | (Self::IncrementG(_), Kind::GCounter)
-                | (Self::ResetCounter, Kind::Counter | Kind::GCounter)
-                | (Self::UpdateSet { .. } | Self::ClearSet, Kind::Set)
-        )
-    }
-
-    /// The delta this intent makes from `state`. `state` is of the intent's kind (the caller
-    /// checked `fits`); on a mismatch the delta is empty, which changes nothing.
+    /// The delta this intent makes from `state`. The API only pairs an intent with keys of its
+    /// own kind; on a mismatch the delta is empty, which changes nothing.
     pub(crate) fn delta(
         &self,
         state: &State,

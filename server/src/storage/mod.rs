@@ -169,6 +169,13 @@ impl std::fmt::Debug for Storage {
     }
 }
 
+/// A fresh reading of this node's HLC as a [`Stamp`]. The HLC was built with `node`'s id, so
+/// the conversion cannot fail; should it ever, the reading keeps its time rather than panic.
+fn read_clock(hlc: &uhlc::HLC, node: NodeId) -> Stamp {
+    let ts = hlc.new_timestamp();
+    Stamp::from_uhlc(&ts).unwrap_or(Stamp::new(ts.get_time().as_u64(), node))
+}
+
 fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt {
         what: what.into(),
@@ -545,14 +552,7 @@ impl Storage {
 
     /// A fresh HLC reading.
     pub fn now(&self) -> Stamp {
-        self.stamp()
-    }
-
-    pub(crate) fn stamp(&self) -> Stamp {
-        let ts = self.inner.hlc.new_timestamp();
-        // The HLC was built with this node's id, so the conversion cannot fail; keep a sane
-        // value anyway rather than panic.
-        Stamp::from_uhlc(&ts).unwrap_or(Stamp::new(ts.get_time().as_u64(), self.inner.node))
+        read_clock(&self.inner.hlc, self.inner.node)
     }
 
     /// Remote stamps refused as clock input because they were too far ahead.

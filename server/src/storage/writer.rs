@@ -23,7 +23,7 @@ use std::sync::mpsc as sync_mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use meridian_crdt::{Dot, NodeId, Op, Stamp, State, VersionVector, codec};
+use meridian_crdt::{Dot, NodeId, Op, State, VersionVector, codec};
 use meridian_replication::merkle::{self, MerkleTree};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -426,8 +426,7 @@ impl Writer {
     ) -> Result<Committed, WriteError> {
         let node = self.options.node;
         let dot = Dot::new(node, batch.applied.get(node) + 1);
-        let ts = self.hlc.new_timestamp();
-        let stamp = Stamp::from_uhlc(&ts).unwrap_or(Stamp::new(ts.get_time().as_u64(), node));
+        let stamp = super::read_clock(&self.hlc, node);
         let max = self.options.max_set_elements;
         let state = batch.state(kind, &key)?;
         let delta = intent.delta(state, node, dot, stamp, max)?;
@@ -476,9 +475,7 @@ impl Writer {
             // A fresh reading is ahead of every stamp issued before this checkpoint; stamps
             // issued after it are in the journal, whose replay feeds them to the clock too. So
             // a restart never reissues an older stamp, without a write per group.
-            let ts = self.hlc.new_timestamp();
-            let now = Stamp::from_uhlc(&ts)
-                .unwrap_or(Stamp::new(ts.get_time().as_u64(), self.options.node));
+            let now = super::read_clock(&self.hlc, self.options.node);
             let bytes = postcard::to_allocvec(&now).map_err(|e| corrupt("last_stamp", e))?;
             meta.insert(META_LAST_STAMP, bytes.as_slice())?;
             drop(meta);
