@@ -162,13 +162,9 @@ pub async fn truncate_wal(
         if done.dominates(&below) {
             continue;
         }
-        match storage.truncate_wal(below.clone()).await {
-            Ok(removed) => {
-                tracing::debug!(removed, "WAL truncated");
-                done = below;
-            }
-            Err(error) => tracing::warn!(%error, "WAL truncation failed"),
-        }
+        let removed = storage.truncate_wal(&below);
+        tracing::debug!(removed, "WAL truncated");
+        done = below;
     }
 }
 

@@ -23,6 +23,10 @@ pub async fn anti_entropy(State(app): State<AppState>, Query(query): Query<SyncQ
     let Some(replicator) = app.cluster.replicator_arc() else {
         return Problem::bad_request("no-peers", "this node has no peers").into_response();
     };
+    // The tree trails recent writes by up to a checkpoint; an operator asking now means now.
+    if let Err(error) = app.storage.fold_now().await {
+        return Problem::from(error).into_response();
+    }
     match replicator.sync_peer(&query.peer).await {
         Ok(report) => {
             Json(serde_json::json!({ "peer": query.peer, "round": report })).into_response()
@@ -38,6 +42,9 @@ pub async fn anti_entropy(State(app): State<AppState>, Query(query): Query<SyncQ
 
 /// The Merkle tree: root hash, keys, non-empty buckets.
 pub async fn tree(State(app): State<AppState>) -> Response {
+    if let Err(error) = app.storage.fold_now().await {
+        return Problem::from(error).into_response();
+    }
     let (root, keys, nonempty) = app
         .storage
         .with_tree(|t| (t.root(), t.len(), t.nonempty_buckets()));
@@ -83,8 +90,13 @@ pub async fn merge_unlogged(
     };
     let delta = current.add(phantom, [CanonicalJson::new(&body.element)]);
     let states = vec![(merkle::storage_key(Kind::Set, &key), CrdtState::Set(delta))];
-    match app.storage.merge_full_states(states).await {
-        Ok(changed) => Json(serde_json::json!({ "changed": changed })).into_response(),
-        Err(error) => Problem::internal(error.to_string()).into_response(),
+    let merged = match app.storage.merge_full_states(states).await {
+        Ok(changed) => changed,
+        Err(error) => return Problem::internal(error.to_string()).into_response(),
+    };
+    // Into the Merkle tree at once, so a test's next anti-entropy round sees the divergence.
+    if let Err(error) = app.storage.fold_now().await {
+        return Problem::from(error).into_response();
     }
+    Json(serde_json::json!({ "changed": merged })).into_response()
 }

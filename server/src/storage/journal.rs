@@ -77,12 +77,13 @@ fn checksum(segment: u64, payload: &[u8]) -> u32 {
 
 /// Encodes one batch of ops as a journal record; the checksum is filled in by
 /// [`Journal::append`], which knows the segment.
-pub(crate) fn encode_record(ops: &[Vec<u8>]) -> Vec<u8> {
-    let payload_len: usize = ops.iter().map(|op| 4 + op.len()).sum();
+pub(crate) fn encode_record<O: AsRef<[u8]>>(ops: &[O]) -> Vec<u8> {
+    let payload_len: usize = ops.iter().map(|op| 4 + op.as_ref().len()).sum();
     let mut record = Vec::with_capacity(8 + payload_len);
     record.extend_from_slice(&(payload_len as u32).to_le_bytes());
     record.extend_from_slice(&[0; 4]);
     for op in ops {
+        let op = op.as_ref();
         record.extend_from_slice(&(op.len() as u32).to_le_bytes());
         record.extend_from_slice(op);
     }

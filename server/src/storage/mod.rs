@@ -1,19 +1,26 @@
 //! Durable storage over redb: CRDT states, the WAL, and the applied version vector.
 //!
 //! # Write path
-//! Every write goes through one writer thread ([`writer`]): it drains the queue of pending
-//! operations, applies each to its key's state and appends it to the WAL inside a single redb
-//! write transaction, commits once (one fsync for the whole group), and only then answers each
-//! request. A crash before the commit loses only unanswered writes, wholly.
+//! Every write goes through one applier thread ([`writer`]): it drains the queue of pending
+//! operations, applies the group to the keys' states in memory ([`memtable`]), and hands the
+//! group's ops to the syncer, which appends them to the journal and answers each request only
+//! after one `fdatasync` covered them. Every second the fold thread ([`fold`]) writes what the
+//! memtable gathered into redb in one durable commit (states, WAL rows, applied vector), after
+//! which the journal segments it covers are recycled. A crash loses only unanswered writes,
+//! wholly: start-up replays the journal over the last fold.
 //!
 //! # Read path
-//! Reads open their own redb read transaction (an MVCC snapshot) and never wait for the
-//! writer.
+//! Reads look in the memtable, then in their own redb read transaction (an MVCC snapshot);
+//! they never wait for the applier beyond a brief lock, nor for a fold.
 
+mod fold;
 mod intent;
 mod journal;
+mod memtable;
 mod replica;
 mod tables;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -22,14 +29,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use meridian_crdt::{Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
+use meridian_crdt::{Dot, Kind, NodeId, Op, Stamp, State, VersionVector};
 use meridian_replication::merkle::{self, MerkleTree};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use intent::Intent;
 use journal::Journal;
-pub(crate) use tables::split_state_key;
+use memtable::Memtable;
 use tables::{
     APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, PEER_APPLIED, SCHEMA_VERSION,
     STATES, WAL,
@@ -120,14 +127,6 @@ pub(crate) enum Command {
         ops: Vec<Op>,
         reply: oneshot::Sender<Result<VersionVector, replica::RemoteError>>,
     },
-    Truncate {
-        below: VersionVector,
-        reply: oneshot::Sender<Result<u64, StorageError>>,
-    },
-    PeerApplied {
-        peer: NodeId,
-        applied: VersionVector,
-    },
     /// Anti-entropy: join full states into storage keys, logging no op.
     Merge {
         states: Vec<(Vec<u8>, State)>,
@@ -135,22 +134,27 @@ pub(crate) enum Command {
     },
     /// Time for a checkpoint (sent by the checkpoint timer).
     Checkpoint,
+    /// Fold now, waiting for a fold in progress; answers once the Merkle tree reflects it.
+    Fold(oneshot::Sender<()>),
     /// Commit what came before, then stop.
     Shutdown,
 }
 
 struct Inner {
     db: Arc<Database>,
+    memtable: Arc<Memtable>,
     node: NodeId,
     hlc: Arc<uhlc::HLC>,
     commands: mpsc::Sender<Command>,
     applied: watch::Receiver<VersionVector>,
-    peer_applied: Mutex<BTreeMap<NodeId, VersionVector>>,
+    peer_applied: Arc<Mutex<BTreeMap<NodeId, VersionVector>>>,
+    /// WAL entries every peer has acknowledged; the next fold deletes them.
+    truncated: Arc<Mutex<VersionVector>>,
     refused_stamps: AtomicU64,
     /// Set when the journal could not be made durable: writes are refused from then on.
     failed: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// The anti-entropy Merkle tree: written by the applier after each commit, read by the
+    /// The anti-entropy Merkle tree: written by the fold thread after each fold, read by the
     /// sync dialogue. Rebuilt from the states table at open.
     tree: Arc<RwLock<MerkleTree>>,
 }
@@ -229,15 +233,20 @@ impl Storage {
                 "journal replay stopped at an invalid record"
             );
         }
-        let applied = Self::replay(&db, &hlc, options.node, applied, replay.ops)?;
+        let applied = Self::replay(&db, &hlc, node, applied, replay.ops)?;
         let tree = Arc::new(RwLock::new(Self::build_tree(&db)?));
         let journal = Journal::start(&journal_dir).map_err(io)?;
 
         let db = Arc::new(db);
+        let memtable = Arc::new(Memtable::new(applied.clone()));
         let failed = Arc::new(AtomicBool::new(false));
+        let peer_applied = Arc::new(Mutex::new(peer_applied));
+        let truncated = Arc::new(Mutex::new(VersionVector::new()));
         let (applied_tx, applied_rx) = watch::channel(applied.clone());
         let (commands, queue) = mpsc::channel(options.max_batch.max(1024) * 4);
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let (fold_tx, fold_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.to_owned())
@@ -251,9 +260,21 @@ impl Storage {
             metrics.clone(),
             failed.clone(),
         );
+        let folder = fold::Folder {
+            db: db.clone(),
+            memtable: memtable.clone(),
+            tree: tree.clone(),
+            jobs: fold_rx,
+            done: done_tx,
+            syncer: sync_tx.clone(),
+            metrics: metrics.clone(),
+            failed: failed.clone(),
+        };
         let syncer = spawn("meridian-syncer", Box::new(move || syncer.run()))?;
+        let folder = spawn("meridian-fold", Box::new(move || folder.run()))?;
         let applier = writer::Writer {
             db: db.clone(),
+            memtable: memtable.clone(),
             options,
             hlc: hlc.clone(),
             applied,
@@ -261,7 +282,10 @@ impl Storage {
             metrics,
             syncer: sync_tx,
             failed: failed.clone(),
-            tree: tree.clone(),
+            folder: fold_tx,
+            folds_done: done_rx,
+            peer_applied: peer_applied.clone(),
+            truncated: truncated.clone(),
         };
         let applier = spawn("meridian-writer", Box::new(move || applier.run()))?;
         let timer = commands.clone();
@@ -281,20 +305,24 @@ impl Storage {
         )?;
         let inner = Arc::new(Inner {
             db,
+            memtable,
             node,
             hlc,
             commands,
             applied: applied_rx,
-            peer_applied: Mutex::new(peer_applied),
+            peer_applied,
+            truncated,
             refused_stamps: AtomicU64::new(0),
             failed,
-            threads: Mutex::new(vec![applier, syncer]),
+            // The applier first: its final checkpoint feeds the fold thread, whose last fold
+            // feeds the syncer, and each ends when its queue closes behind it.
+            threads: Mutex::new(vec![applier, folder, syncer]),
             tree,
         });
         Ok(Self { inner })
     }
 
-    /// Applies the journal's ops over the last checkpoint, durably, before anything else runs.
+    /// Applies the journal's ops over the last fold, durably, before anything else runs.
     fn replay(
         db: &Database,
         hlc: &uhlc::HLC,
@@ -314,16 +342,30 @@ impl Storage {
         {
             let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
         }
-        let txn = db.begin_write()?;
-        let mut batch = writer::Batch::open(&txn, applied.clone())?;
-        if let Some(gap) = batch
+        let memtable = Memtable::new(applied.clone());
+        let mut group = writer::Group::new(&memtable, db, applied);
+        if let Some(gap) = group
             .apply_ops(ops)
             .map_err(|e| corrupt("journal replay", e))?
         {
             return Err(corrupt("journal", gap));
         }
-        let (replayed, _, _) = batch.finish(&txn, &applied)?;
-        txn.commit()?;
+        let (replayed, _) = group.publish();
+        let peer_applied = BTreeMap::new();
+        let Some(layer) = memtable.freeze() else {
+            return Err(corrupt("journal replay", "memtable already frozen"));
+        };
+        fold::commit(
+            db,
+            &fold::FoldJob {
+                layer,
+                segment: 0,
+                last_stamp: read_clock(hlc, node),
+                peer_applied,
+                truncated: VersionVector::new(),
+                notify: Vec::new(),
+            },
+        )?;
         tracing::info!(ops = count, "replayed the journal");
         Ok(replayed)
     }
@@ -345,7 +387,16 @@ impl Storage {
         Ok(tree)
     }
 
-    /// Reads the Merkle tree (for the sync dialogue and the admin endpoint).
+    /// Folds everything applied so far into redb and the Merkle tree, which otherwise trail
+    /// the memtable by up to a checkpoint interval. For operators and tests that compare trees.
+    pub async fn fold_now(&self) -> Result<(), StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Fold(reply)).await?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)
+    }
+
+    /// Reads the Merkle tree (for the sync dialogue and the admin endpoint). It reflects
+    /// states as of the last fold (at most a checkpoint interval ago); see [`Self::fold_now`].
     pub fn with_tree<R>(&self, f: impl FnOnce(&MerkleTree) -> R) -> R {
         let tree = self
             .inner
@@ -459,14 +510,7 @@ impl Storage {
 
     /// The state of one key, from a fresh snapshot; `None` if the key was never written.
     pub fn get(&self, kind: Kind, key: &str) -> Result<Option<State>, StorageError> {
-        let read = self.inner.db.begin_read()?;
-        let table = read.open_table(STATES)?;
-        let Some(bytes) = table.get(tables::state_key(kind, key).as_slice())? else {
-            return Ok(None);
-        };
-        codec::decode_state(bytes.value())
-            .map(Some)
-            .map_err(|e| corrupt(format!("{kind}/{key}"), e))
+        Ok(self.get_with_applied(kind, key)?.0)
     }
 
     /// The state of one key and the applied vector of the same snapshot: the state reflects
@@ -477,23 +521,9 @@ impl Storage {
         kind: Kind,
         key: &str,
     ) -> Result<(Option<State>, VersionVector), StorageError> {
-        let read = self.inner.db.begin_read()?;
-        let table = read.open_table(STATES)?;
-        let state = match table.get(tables::state_key(kind, key).as_slice())? {
-            Some(bytes) => Some(
-                codec::decode_state(bytes.value())
-                    .map_err(|e| corrupt(format!("{kind}/{key}"), e))?,
-            ),
-            None => None,
-        };
-        let mut applied = VersionVector::new();
-        for entry in read.open_table(APPLIED)?.iter()? {
-            let (origin, seq) = entry?;
-            let origin =
-                NodeId::new(origin.value()).ok_or_else(|| corrupt("applied", "origin 0"))?;
-            applied.set(origin, seq.value());
-        }
-        Ok((state, applied))
+        let view = self.inner.memtable.view(&self.inner.db);
+        let state = view.state(&tables::state_key(kind, key))?;
+        Ok((state.map(Arc::unwrap_or_clone), view.applied().clone()))
     }
 
     /// Up to `limit` keys of `kind` that start with `prefix` and sort after `after`, with their
@@ -506,40 +536,10 @@ impl Storage {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page, StorageError> {
-        let read = self.inner.db.begin_read()?;
-        let table = read.open_table(STATES)?;
-        let start = match after {
-            Some(after) if after.as_bytes() >= prefix.as_bytes() => {
-                let mut k = tables::state_key(kind, after);
-                k.push(0);
-                k
-            }
-            _ => tables::state_key(kind, prefix),
-        };
-        let scan_budget = limit.saturating_mul(4).max(limit);
-        let mut out = Vec::new();
-        let mut last_scanned = None;
-        let mut exhausted = true;
-        for (scanned, entry) in table.range(start.as_slice()..)?.enumerate() {
-            let (k, v) = entry?;
-            let Some((k_kind, user_key)) = split_state_key(k.value()) else {
-                return Err(corrupt("state key", "unparseable"));
-            };
-            if k_kind != kind || !user_key.starts_with(prefix) {
-                break;
-            }
-            if out.len() == limit || scanned == scan_budget {
-                exhausted = false;
-                break;
-            }
-            let state = codec::decode_state(v.value()).map_err(|e| corrupt(user_key, e))?;
-            last_scanned = Some(user_key.to_owned());
-            if is_visible(&state) {
-                out.push((user_key.to_owned(), state));
-            }
-        }
-        let next = if exhausted { None } else { last_scanned };
-        Ok((out, next))
+        self.inner
+            .memtable
+            .view(&self.inner.db)
+            .list(kind, prefix, after, limit, is_visible)
     }
 
     pub fn applied(&self) -> VersionVector {
@@ -573,17 +573,21 @@ impl Storage {
         ok
     }
 
-    /// Number of ops held in the WAL, and the oldest one's stamp per origin (for lag metrics).
+    /// Number of ops held in the WAL, in redb and in memory (an op being folded counts twice).
     pub fn wal_len(&self) -> Result<u64, StorageError> {
         let read = self.inner.db.begin_read()?;
-        Ok(read.open_table(WAL)?.len()?)
+        Ok(read.open_table(WAL)?.len()? + self.inner.memtable.wal_len())
     }
 
-    /// Deletes WAL entries every peer has acknowledged (`below`, per origin). Returns how many.
-    pub async fn truncate_wal(&self, below: VersionVector) -> Result<u64, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Truncate { below, reply }).await?;
-        answer.await.map_err(|_| StorageError::ShuttingDown)?
+    /// Drops WAL entries every peer has acknowledged (`below`, per origin): at once from
+    /// memory, from redb at the next fold. Returns how many were dropped from memory.
+    pub fn truncate_wal(&self, below: &VersionVector) -> u64 {
+        self.inner
+            .truncated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .merge(below);
+        self.inner.memtable.truncate(below)
     }
 
     /// Stops the writer after it has committed everything queued before this call, and

@@ -6,10 +6,8 @@ use std::future::Future;
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use meridian_replication::merkle::{self, Hash};
 use meridian_replication::store::{ReplicaStore, StateRead, StoreError};
-use redb::{ReadableDatabase, ReadableTable};
 use tokio::sync::{oneshot, watch};
 
-use super::tables::{APPLIED, STATES, WAL};
 use super::{Command, Storage, StorageError};
 
 /// Why a batch of remote ops was not (wholly) applied.
@@ -60,58 +58,53 @@ impl Storage {
         max_ops: usize,
         max_bytes: usize,
     ) -> Result<Vec<Op>, StoreError> {
-        let read = self.inner.db.begin_read().map_err(unavailable)?;
-        let table = read.open_table(WAL).map_err(unavailable)?;
+        let start = after.saturating_add(1);
+        // The WAL may hold ops applied but not yet durable in the journal; those must not
+        // leave this node, or a crash could reissue their sequences with other contents.
+        let durable = self.applied().get(origin);
+        let view = self
+            .inner
+            .memtable
+            .view(&self.inner.db);
+        let entries = view
+            .wal_range(origin, start, durable, max_ops)
+            .map_err(unavailable)?;
+        drop(view);
         let mut ops = Vec::new();
         let mut bytes = 0usize;
-        let start = after.saturating_add(1);
-        // The WAL table may hold ops applied but not yet durable in the journal; those must
-        // not leave this node, or a crash could reissue their sequences with other contents.
-        let durable = self.applied().get(origin);
-        for entry in table
-            .range((origin.get(), start)..=(origin.get(), u64::MAX))
-            .map_err(unavailable)?
-        {
-            let (key, value) = entry.map_err(unavailable)?;
-            let (_, seq) = key.value();
-            if seq > durable {
-                break;
-            }
+        for (seq, encoded) in entries {
             if ops.is_empty() && seq != start {
                 return Err(StoreError::Truncated {
                     origin,
                     first_available: seq,
                 });
             }
-            if ops.len() == max_ops || (!ops.is_empty() && bytes + value.value().len() > max_bytes)
+            if seq != start + ops.len() as u64
+                || ops.len() == max_ops
+                || (!ops.is_empty() && bytes + encoded.len() > max_bytes)
             {
                 break;
             }
-            bytes += value.value().len();
-            let op = codec::decode_op(value.value())
+            bytes += encoded.len();
+            let op = codec::decode_op(&encoded)
                 .map_err(|e| unavailable(format!("WAL entry {origin}:{seq}: {e}")))?;
             ops.push(op);
         }
-        if ops.is_empty() && self.applied().get(origin) >= start {
+        if ops.is_empty() && durable >= start {
             // Applied here but gone from the WAL: truncated past what the peer needs.
             return Err(StoreError::Truncated {
                 origin,
-                first_available: self.applied().get(origin) + 1,
+                first_available: durable + 1,
             });
         }
         Ok(ops)
     }
 
-    /// Remembers a peer's acknowledged vector; persisted with the next group commit.
+    /// Remembers a peer's acknowledged vector; persisted with the next fold.
     pub fn set_peer_applied(&self, peer: NodeId, applied: &VersionVector) {
         if let Ok(mut peers) = self.inner.peer_applied.lock() {
             peers.insert(peer, applied.clone());
         }
-        // Best effort: a lost update only delays WAL truncation until the next ack.
-        let _ = self.inner.commands.try_send(Command::PeerApplied {
-            peer,
-            applied: applied.clone(),
-        });
     }
 
     pub fn peer_vectors(&self) -> BTreeMap<NodeId, VersionVector> {
@@ -229,29 +222,16 @@ impl Storage {
         keys: Vec<Vec<u8>>,
     ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
         let (states, snapshot) = {
-            let read = self.inner.db.begin_read().map_err(unavailable)?;
-            let table = read.open_table(STATES).map_err(unavailable)?;
+            let view = self
+                .inner
+                .memtable
+                .view(&self.inner.db);
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
-                let state = table
-                    .get(key.as_slice())
-                    .map_err(unavailable)?
-                    .map(|v| v.value().to_vec());
+                let state = view.encoded_state(&key).map_err(unavailable)?;
                 out.push((key, state));
             }
-            let mut applied = VersionVector::new();
-            for entry in read
-                .open_table(APPLIED)
-                .map_err(unavailable)?
-                .iter()
-                .map_err(unavailable)?
-            {
-                let (origin, seq) = entry.map_err(unavailable)?;
-                if let Some(origin) = NodeId::new(origin.value()) {
-                    applied.set(origin, seq.value());
-                }
-            }
-            (out, applied)
+            (out, view.applied().clone())
         };
         let mut durable = self.watch_applied();
         let covered = tokio::time::timeout(

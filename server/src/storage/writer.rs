@@ -1,42 +1,48 @@
-//! The write pipeline: an applier thread and a syncer thread.
+//! The write pipeline: an applier thread, a syncer thread, and a fold thread.
 //!
-//! The **applier** drains the queue of pending commands, applies the whole group to redb in one
-//! *non-durable* write transaction (state + WAL table + applied vector), and hands the group's
-//! ops, encoded, to the syncer. The **syncer** appends them to the [`Journal`] and calls
-//! `fdatasync` once for every group that queued up meanwhile, then answers the requests and
-//! publishes the new durable applied vector. The two overlap: while one group is being synced,
-//! the next is being applied.
+//! The **applier** drains the queue of pending commands, applies the whole group in memory
+//! (each key's state joined with its deltas, the ops encoded, the applied vector raised),
+//! publishes the result to the [`Memtable`], and hands the group's encoded ops to the syncer.
+//! The **syncer** appends them to the [`Journal`] and calls `fdatasync` once for every group that
+//! queued up meanwhile, then answers the requests and publishes the new durable applied vector.
+//! The two overlap: while one group is being synced, the next is being applied.
 //!
-//! Every second (or 64 MiB of journal) the applier checkpoints: it starts a new journal segment,
-//! makes redb durable with one fsyncing commit, and deletes the segments that commit covers. On
-//! start-up the journal is replayed over the last checkpoint (see `Storage::open`).
+//! Every second (or after [`FOLD_OPS`] ops) the applier checkpoints: it starts a new journal
+//! segment and freezes the memtable; the **fold** thread ([`super::fold`]) writes the frozen
+//! layer into redb in one durable commit — states, WAL rows, applied vector — and then the
+//! journal segments that commit covers are recycled. On start-up the journal is replayed over
+//! the last fold (see `Storage::open`). Random-key B-tree updates are what bound redb's
+//! throughput, so folding a second of writes at once, each hot key once, is what lets the
+//! node approach the HTTP ceiling.
 //!
 //! Nothing is answered, shipped to peers or counted in the published applied vector before its
-//! journal record is durable. Reads of redb may see a write a few hundred microseconds before
-//! it is durable (as with Redis' `appendfsync always`); a crash in that window loses only that
-//! unanswered write.
+//! journal record is durable. Reads may see a write a few hundred microseconds before it is
+//! durable (as with Redis' `appendfsync always`), but a read's session token then names it, and
+//! the read path waits for it to be durable before answering (see `api::consistency`).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as sync_mpsc;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use meridian_crdt::{Dot, NodeId, Op, State, VersionVector, codec};
-use meridian_replication::merkle::{self, MerkleTree};
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use meridian_crdt::{Dot, Kind, NodeId, Op, State, VersionVector, codec};
+use redb::{Database, ReadTransaction, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::fold::FoldJob;
 use super::journal::{self, Journal};
+use super::memtable::{EncodedOp, Memtable};
 use super::replica::RemoteError;
-use super::tables::{APPLIED, META, META_LAST_STAMP, PEER_APPLIED, STATES, WAL, state_key};
+use super::tables::{STATES, state_key};
 use super::{Command, Committed, StorageError, StorageOptions, WriteError, corrupt};
 use crate::metrics::Metrics;
 
 /// How often the checkpoint timer asks for a checkpoint.
 pub(super) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Fold early once the active layer holds this many ops, to bound memory and replay time.
+pub(super) const FOLD_OPS: usize = 200_000;
 
 /// A reply to send once the group's fate is known.
 pub(super) enum Pending {
@@ -48,7 +54,6 @@ pub(super) enum Pending {
         oneshot::Sender<Result<VersionVector, RemoteError>>,
         Option<RemoteError>,
     ),
-    Truncate(oneshot::Sender<Result<u64, StorageError>>, u64),
     /// Full states merged (anti-entropy): how many keys changed.
     Merge(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
@@ -63,7 +68,7 @@ impl Pending {
             Self::Remote(tx, _) => {
                 let _ = tx.send(Err(RemoteError::Storage(failed())));
             }
-            Self::Truncate(tx, _) | Self::Merge(tx, _) => {
+            Self::Merge(tx, _) => {
                 let _ = tx.send(Err(failed()));
             }
         }
@@ -83,8 +88,8 @@ impl Pending {
             Self::Remote(tx, Some(error)) => {
                 let _ = tx.send(Err(error));
             }
-            Self::Truncate(tx, removed) | Self::Merge(tx, removed) => {
-                let _ = tx.send(Ok(removed));
+            Self::Merge(tx, changed) => {
+                let _ = tx.send(Ok(changed));
             }
         }
     }
@@ -92,8 +97,8 @@ impl Pending {
 
 /// Work for the syncer, in the order the applier produced it.
 pub(super) enum SyncJob {
-    /// A group applied to redb: its journal record (empty when it logged no op), its replies,
-    /// and the applied vector once it is durable.
+    /// An applied group: its journal record (empty when it logged no op), its replies, and the
+    /// applied vector once it is durable.
     Group {
         record: Vec<u8>,
         ops: usize,
@@ -102,65 +107,70 @@ pub(super) enum SyncJob {
     },
     /// Sync, then continue in a new segment; answers the new segment's number.
     Rotate(sync_mpsc::Sender<std::io::Result<u64>>),
-    /// A checkpoint covers every segment before this one.
+    /// A fold covers every segment before this one.
     Prune(u64),
 }
 
-/// States touched by the group, written back once at the end: a hot key written by many
-/// requests of one group is decoded and encoded once, not once per request.
-pub(super) struct Batch<'t> {
-    states: Table<'t, &'static [u8], &'static [u8]>,
-    wal: Table<'t, (u64, u64), &'static [u8]>,
-    dirty: HashMap<Vec<u8>, State>,
+/// One group's working set: the states it touches, read once from the memtable or redb and
+/// published once at the end, so a hot key written by many requests of one group is looked
+/// up once.
+pub(super) struct Group<'a> {
+    memtable: &'a Memtable,
+    db: &'a Database,
+    /// Opened on the first key that is in neither memtable layer.
+    snapshot: Option<ReadTransaction>,
+    dirty: HashMap<Vec<u8>, Arc<State>>,
     pub(super) applied: VersionVector,
-    /// Encoded ops, for the journal.
-    records: Vec<Vec<u8>>,
+    ops: Vec<((u64, u64), EncodedOp)>,
 }
 
-impl<'t> Batch<'t> {
-    pub(super) fn open(
-        txn: &'t WriteTransaction,
-        applied: VersionVector,
-    ) -> Result<Self, StorageError> {
-        Ok(Self {
-            states: txn.open_table(STATES)?,
-            wal: txn.open_table(WAL)?,
+impl<'a> Group<'a> {
+    pub(super) fn new(memtable: &'a Memtable, db: &'a Database, applied: VersionVector) -> Self {
+        Self {
+            memtable,
+            db,
+            snapshot: None,
             dirty: HashMap::new(),
             applied,
-            records: Vec::new(),
-        })
-    }
-
-    fn state(&mut self, kind: meridian_crdt::Kind, key: &str) -> Result<&mut State, StorageError> {
-        self.state_at(state_key(kind, key), kind, key)
-    }
-
-    fn state_at(
-        &mut self,
-        storage_key: Vec<u8>,
-        kind: meridian_crdt::Kind,
-        key: &str,
-    ) -> Result<&mut State, StorageError> {
-        match self.dirty.entry(storage_key) {
-            Entry::Occupied(entry) => Ok(entry.into_mut()),
-            Entry::Vacant(entry) => {
-                let state = match self.states.get(entry.key().as_slice())? {
-                    Some(bytes) => codec::decode_state(bytes.value())
-                        .map_err(|e| corrupt(format!("{kind}/{key}"), e))?,
-                    None => State::bottom(kind),
-                };
-                Ok(entry.insert(state))
-            }
+            ops: Vec::new(),
         }
     }
 
-    fn append(&mut self, op: &Op) -> Result<(), StorageError> {
-        let bytes = codec::encode_op(op);
-        self.wal
-            .insert((op.dot.node.get(), op.dot.seq), bytes.as_slice())?;
-        self.records.push(bytes);
+    fn state(&mut self, kind: Kind, key: &str) -> Result<&mut State, StorageError> {
+        self.state_at(state_key(kind, key), kind)
+    }
+
+    fn state_at(&mut self, storage_key: Vec<u8>, kind: Kind) -> Result<&mut State, StorageError> {
+        let state = match self.dirty.entry(storage_key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let state = if let Some(state) = self.memtable.lookup(entry.key()) {
+                    state
+                } else {
+                    let snapshot = match &mut self.snapshot {
+                        Some(snapshot) => snapshot,
+                        slot @ None => slot.insert(self.db.begin_read()?),
+                    };
+                    let table = snapshot.open_table(STATES)?;
+                    match table.get(entry.key().as_slice())? {
+                        Some(bytes) => Arc::new(
+                            codec::decode_state(bytes.value())
+                                .map_err(|e| corrupt(format!("{kind}/{:?}", entry.key()), e))?,
+                        ),
+                        None => Arc::new(State::bottom(kind)),
+                    }
+                };
+                entry.insert(state)
+            }
+        };
+        // Copies the state only if a reader still holds the published one.
+        Ok(Arc::make_mut(state))
+    }
+
+    fn append(&mut self, op: &Op) {
+        let bytes: EncodedOp = codec::encode_op(op).into();
+        self.ops.push(((op.dot.node.get(), op.dot.seq), bytes));
         self.applied.raise(op.dot.node, op.dot.seq);
-        Ok(())
     }
 
     /// Applies logged ops (from a peer, or from the journal on replay) in order, skipping
@@ -191,7 +201,7 @@ impl<'t> Batch<'t> {
             state
                 .merge(&op.delta)
                 .map_err(|e| corrupt(format!("{kind}/{}", op.key), e))?;
-            self.append(&op)?;
+            self.append(&op);
         }
         Ok(error)
     }
@@ -211,7 +221,7 @@ impl<'t> Batch<'t> {
                 continue;
             }
             let key = key.to_owned();
-            let state = self.state_at(storage_key, kind, &key)?;
+            let state = self.state_at(storage_key, kind)?;
             let before = state.clone();
             state
                 .merge(&incoming)
@@ -223,73 +233,44 @@ impl<'t> Batch<'t> {
         Ok(changed)
     }
 
-    /// Writes the touched states and the applied vector into `txn`'s tables. Also returns the
-    /// Merkle updates (bucket, storage key, state hash) to apply once the commit succeeded.
-    pub(super) fn finish(
-        self,
-        txn: &WriteTransaction,
-        before: &VersionVector,
-    ) -> Result<Finished, StorageError> {
+    /// Publishes the group to the memtable; returns the applied vector after it and the
+    /// encoded ops, for the journal.
+    pub(super) fn publish(self) -> (VersionVector, Vec<EncodedOp>) {
         let Self {
-            mut states,
-            wal,
+            memtable,
             dirty,
             applied,
-            records,
+            ops,
+            ..
         } = self;
-        let mut leaves = Vec::with_capacity(dirty.len());
-        for (key, state) in dirty {
-            let encoded = codec::encode_state(&state);
-            states.insert(key.as_slice(), encoded.as_slice())?;
-            leaves.push((merkle::bucket_of(&key), key, merkle::state_hash(&encoded)));
-        }
-        drop((states, wal));
-        let mut applied_table = txn.open_table(APPLIED)?;
-        for (origin, seq) in applied.iter() {
-            if before.get(origin) != seq {
-                applied_table.insert(origin.get(), seq)?;
-            }
-        }
-        Ok((applied, records, leaves))
-    }
-}
-
-/// What [`Batch::finish`] hands back: the applied vector, the encoded ops for the journal, and
-/// the Merkle updates to apply after the commit.
-pub(super) type Finished = (VersionVector, Vec<Vec<u8>>, Vec<LeafUpdate>);
-
-/// One key's new state hash for the Merkle tree: (bucket, storage key, hash).
-pub(super) type LeafUpdate = (u32, Vec<u8>, merkle::Hash);
-
-/// Applies a committed group's Merkle updates: memory only, the lock held for no I/O.
-pub(super) fn apply_leaves(tree: &RwLock<MerkleTree>, leaves: Vec<LeafUpdate>) {
-    if leaves.is_empty() {
-        return;
-    }
-    let mut tree = tree.write().unwrap_or_else(PoisonError::into_inner);
-    for (bucket, key, hash) in leaves {
-        tree.insert_in(bucket, &key, hash);
+        let records = ops.iter().map(|(_, op)| op.clone()).collect();
+        memtable.publish(dirty, ops, &applied);
+        (applied, records)
     }
 }
 
 pub(super) struct Writer {
     pub(super) db: Arc<Database>,
+    pub(super) memtable: Arc<Memtable>,
     pub(super) options: StorageOptions,
     pub(super) hlc: Arc<uhlc::HLC>,
-    /// The applied vector as of the last redb commit (durable or not); the applier assigns
-    /// sequences from it and is its only author.
+    /// The applied vector as of the last published group; the applier assigns sequences from
+    /// it and is its only author.
     pub(super) applied: VersionVector,
     pub(super) queue: mpsc::Receiver<Command>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) syncer: sync_mpsc::Sender<SyncJob>,
     pub(super) failed: Arc<AtomicBool>,
-    /// The anti-entropy tree, updated after each commit from the group's new state hashes.
-    pub(super) tree: Arc<RwLock<MerkleTree>>,
+    pub(super) folder: sync_mpsc::Sender<FoldJob>,
+    /// One message per finished fold, so a shutdown can wait for the one in progress.
+    pub(super) folds_done: sync_mpsc::Receiver<()>,
+    pub(super) peer_applied: Arc<Mutex<std::collections::BTreeMap<NodeId, VersionVector>>>,
+    pub(super) truncated: Arc<Mutex<VersionVector>>,
 }
 
 impl Writer {
     pub(super) fn run(mut self) {
-        let mut journal_bytes = 0u64;
+        let mut ops_since_fold = 0usize;
         while let Some(first) = self.queue.blocking_recv() {
             let mut commands = vec![first];
             while commands.len() < self.options.max_batch {
@@ -304,26 +285,43 @@ impl Writer {
                 // ShuttingDown when their reply channel closes.
                 commands.truncate(at);
             }
-            let before = commands.len();
-            commands.retain(|c| !matches!(c, Command::Checkpoint));
-            let checkpoint_due = commands.len() < before;
+            let mut checkpoint_due = false;
+            let mut waiting = Vec::new();
+            commands.retain_mut(|c| match c {
+                Command::Checkpoint => {
+                    checkpoint_due = true;
+                    false
+                }
+                Command::Fold(_) => {
+                    if let Command::Fold(reply) = std::mem::replace(c, Command::Checkpoint) {
+                        waiting.push(reply);
+                    }
+                    false
+                }
+                _ => true,
+            });
             if !commands.is_empty() {
-                journal_bytes += self.commit(commands);
+                ops_since_fold += self.commit(commands);
             }
             if stop.is_some() {
                 break;
             }
-            if checkpoint_due || journal_bytes >= CHECKPOINT_BYTES {
-                self.checkpoint();
-                journal_bytes = 0;
+            if !waiting.is_empty() {
+                self.checkpoint(true, waiting);
+                ops_since_fold = 0;
+            } else if (checkpoint_due || ops_since_fold >= FOLD_OPS)
+                && self.checkpoint(false, Vec::new())
+            {
+                ops_since_fold = 0;
             }
         }
-        self.checkpoint();
+        self.checkpoint(true, Vec::new());
+        // Closing the fold queue ends the fold thread once it has folded the last layer.
         tracing::debug!("applier stopped");
     }
 
-    /// Applies one group; returns the journal bytes it produced.
-    fn commit(&mut self, commands: Vec<Command>) -> u64 {
+    /// Applies one group; returns how many ops it logged.
+    fn commit(&mut self, commands: Vec<Command>) -> usize {
         let size = commands.len();
         let mut pending = Vec::with_capacity(size);
         if self.failed.load(Ordering::Acquire) {
@@ -339,7 +337,6 @@ impl Writer {
                 } else {
                     journal::encode_record(&records)
                 };
-                let bytes = record.len() as u64;
                 let job = SyncJob::Group {
                     record,
                     ops,
@@ -353,7 +350,7 @@ impl Writer {
                         p.fail("the journal is gone");
                     }
                 }
-                bytes
+                ops
             }
             Err(error) => {
                 tracing::error!(%error, group = size, "applying a group failed; none of it was applied");
@@ -371,11 +368,8 @@ impl Writer {
         &mut self,
         commands: Vec<Command>,
         pending: &mut Vec<Pending>,
-    ) -> Result<(VersionVector, Vec<Vec<u8>>), StorageError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None)
-            .map_err(|e| corrupt("durability", e))?;
-        let mut batch = Batch::open(&txn, self.applied.clone())?;
+    ) -> Result<(VersionVector, Vec<EncodedOp>), StorageError> {
+        let mut group = Group::new(&self.memtable, &self.db, self.applied.clone());
         for command in commands {
             match command {
                 Command::Local {
@@ -384,62 +378,49 @@ impl Writer {
                     intent,
                     reply,
                 } => {
-                    let result = match self.local(&mut batch, kind, key, &intent) {
+                    let result = match self.local(&mut group, kind, key, &intent) {
                         Err(WriteError::Storage(e)) => return Err(e),
                         other => other,
                     };
                     pending.push(Pending::Local(reply, result));
                 }
                 Command::Remote { ops, reply } => {
-                    let error = batch.apply_ops(ops)?;
+                    let error = group.apply_ops(ops)?;
                     pending.push(Pending::Remote(reply, error));
                 }
-                Command::Truncate { below, reply } => {
-                    let removed = truncate(&mut batch.wal, &below)?;
-                    pending.push(Pending::Truncate(reply, removed));
-                }
-                Command::PeerApplied { peer, applied } => {
-                    let bytes =
-                        postcard::to_allocvec(&applied).map_err(|e| corrupt("peer vector", e))?;
-                    txn.open_table(PEER_APPLIED)?
-                        .insert(peer.get(), bytes.as_slice())?;
-                }
                 Command::Merge { states, reply } => {
-                    let changed = batch.merge_states(states)?;
+                    let changed = group.merge_states(states)?;
                     pending.push(Pending::Merge(reply, changed));
                 }
-                Command::Shutdown | Command::Checkpoint => {}
+                Command::Shutdown | Command::Checkpoint | Command::Fold(_) => {}
             }
         }
-        let (applied, records, leaves) = batch.finish(&txn, &self.applied)?;
-        txn.commit()?;
-        apply_leaves(&self.tree, leaves);
-        Ok((applied, records))
+        Ok(group.publish())
     }
 
     fn local(
         &self,
-        batch: &mut Batch<'_>,
-        kind: meridian_crdt::Kind,
+        group: &mut Group<'_>,
+        kind: Kind,
         key: String,
         intent: &super::Intent,
     ) -> Result<Committed, WriteError> {
         let node = self.options.node;
-        let dot = Dot::new(node, batch.applied.get(node) + 1);
+        let dot = Dot::new(node, group.applied.get(node) + 1);
         let stamp = super::read_clock(&self.hlc, node);
         let max = self.options.max_set_elements;
-        let state = batch.state(kind, &key)?;
+        let state = group.state(kind, &key)?;
         let delta = intent.delta(state, node, dot, stamp, max)?;
         state
             .merge(&delta)
             .map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
         let state = state.clone();
-        batch.append(&Op {
+        group.append(&Op {
             dot,
             stamp,
             key,
             delta,
-        })?;
+        });
         Ok(Committed {
             state,
             dot,
@@ -448,47 +429,57 @@ impl Writer {
         })
     }
 
-    /// Makes redb durable and drops the journal segments that this covers.
-    fn checkpoint(&mut self) {
-        let started = Instant::now();
+    /// Starts a new journal segment and hands the memtable's active layer to the fold thread,
+    /// with `notify` to answer once it is folded. Skipped (false) while the previous fold is
+    /// still running, unless `wait`.
+    fn checkpoint(&mut self, wait: bool, notify: Vec<oneshot::Sender<()>>) -> bool {
+        while self.folds_done.try_recv().is_ok() {}
+        if self.memtable.frozen().is_some() {
+            if !wait {
+                return false;
+            }
+            while self.memtable.frozen().is_some() {
+                if self.failed.load(Ordering::Acquire) || self.folds_done.recv().is_err() {
+                    return false;
+                }
+            }
+        }
         let (tx, rx) = sync_mpsc::channel();
         if self.syncer.send(SyncJob::Rotate(tx)).is_err() {
-            return;
+            return false;
         }
         let segment = match rx.recv() {
             Ok(Ok(segment)) => segment,
             Ok(Err(error)) => {
                 tracing::error!(%error, "journal rotation failed; checkpoint skipped");
-                return;
+                return false;
             }
-            Err(_) => return,
+            Err(_) => return false,
         };
-        let durable = (|| -> Result<(), StorageError> {
-            let txn = self.db.begin_write()?;
-            // A durable commit makes every earlier non-durable one durable too; it must not be
-            // empty, or redb may skip it.
-            let mut meta = txn.open_table(META)?;
-            meta.insert(
-                super::tables::META_CHECKPOINT,
-                segment.to_be_bytes().as_slice(),
-            )?;
-            // A fresh reading is ahead of every stamp issued before this checkpoint; stamps
-            // issued after it are in the journal, whose replay feeds them to the clock too. So
-            // a restart never reissues an older stamp, without a write per group.
-            let now = super::read_clock(&self.hlc, self.options.node);
-            let bytes = postcard::to_allocvec(&now).map_err(|e| corrupt("last_stamp", e))?;
-            meta.insert(META_LAST_STAMP, bytes.as_slice())?;
-            drop(meta);
-            txn.commit()?;
-            Ok(())
-        })();
-        match durable {
-            Ok(()) => {
-                let _ = self.syncer.send(SyncJob::Prune(segment));
-                self.metrics.record_checkpoint(started.elapsed());
-            }
-            Err(error) => tracing::error!(%error, "checkpoint commit failed; the journal is kept"),
-        }
+        // Everything in the active layer is in segments before `segment` (the rotation was
+        // queued behind every group's record), so the fold covers them.
+        let Some(layer) = self.memtable.freeze() else {
+            return false;
+        };
+        let job = FoldJob {
+            layer,
+            segment,
+            // A fresh reading is ahead of every stamp issued before the freeze; later ones are
+            // in the journal, whose replay feeds them to the clock too.
+            last_stamp: super::read_clock(&self.hlc, self.options.node),
+            peer_applied: self
+                .peer_applied
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            truncated: self
+                .truncated
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            notify,
+        };
+        self.folder.send(job).is_ok()
     }
 }
 
@@ -604,15 +595,4 @@ impl Syncer {
             }
         }
     }
-}
-
-fn truncate(
-    wal: &mut Table<'_, (u64, u64), &'static [u8]>,
-    below: &VersionVector,
-) -> Result<u64, StorageError> {
-    let before = wal.len()?;
-    for (origin, seq) in below.iter() {
-        wal.retain_in((origin.get(), 0)..=(origin.get(), seq), |_, _| false)?;
-    }
-    Ok(before - wal.len()?)
 }

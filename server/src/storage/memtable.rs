@@ -1,0 +1,322 @@
+//! The memtable: states and ops applied since the last fold, in memory, layered over redb.
+//!
+//! The applier publishes each group's new states, encoded ops and applied vector into the
+//! *active* layer. A checkpoint freezes it (it becomes the *frozen* layer, and a fresh active
+//! one starts) and the fold thread writes the frozen layer into redb in one durable commit,
+//! then drops it. A reader looks in active, then frozen, then redb.
+//!
+//! # Why reads stay consistent
+//! Every read holds the active layer's read lock from start to end. The applier needs the
+//! write lock to publish, and a layer is frozen only under it too, so while a reader holds it
+//! no newer state of any key can appear and no layer can move. The reader takes its snapshot
+//! of the frozen layer *before* it opens its redb transaction: the fold commits to redb before
+//! it drops the frozen layer, so what the reader does not find in its frozen snapshot is in the
+//! redb snapshot it opens afterwards. The applied vector read under the same lock therefore
+//! covers every op the returned state reflects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+
+use meridian_crdt::{Kind, NodeId, State, VersionVector, codec};
+use redb::{Database, ReadTransaction, ReadableDatabase};
+
+use super::tables::{STATES, WAL, split_state_key, state_key};
+use super::{StorageError, corrupt};
+
+/// An op as the journal and the WAL hold it: `codec::encode_op` bytes.
+pub(crate) type EncodedOp = Arc<[u8]>;
+
+/// States and ops of one span of time between folds.
+#[derive(Debug, Default)]
+pub(crate) struct Layer {
+    /// Storage key → the key's state after every op of this layer and those below it.
+    pub(crate) states: HashMap<Vec<u8>, Arc<State>>,
+    /// (origin, seq) → op, for shipping to peers until the fold moves them into the WAL table.
+    pub(crate) wal: BTreeMap<(u64, u64), EncodedOp>,
+    /// Every op in this layer and below it.
+    pub(crate) applied: VersionVector,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Memtable {
+    active: RwLock<Layer>,
+    frozen: RwLock<Option<Arc<Layer>>>,
+}
+
+/// A consistent view for one read: the active layer (locked), the frozen layer, and a redb
+/// snapshot opened after both, on first use (most hot keys are found in memory).
+pub(crate) struct View<'m> {
+    active: RwLockReadGuard<'m, Layer>,
+    frozen: Option<Arc<Layer>>,
+    db: &'m Database,
+    redb: std::cell::OnceCell<ReadTransaction>,
+}
+
+impl Memtable {
+    pub(crate) fn new(applied: VersionVector) -> Self {
+        Self {
+            active: RwLock::new(Layer {
+                applied,
+                ..Layer::default()
+            }),
+            frozen: RwLock::new(None),
+        }
+    }
+
+    /// Opens a consistent view; see the module docs.
+    pub(crate) fn view<'m>(&'m self, db: &'m Database) -> View<'m> {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        let frozen = self.frozen();
+        View {
+            active,
+            frozen,
+            db,
+            redb: std::cell::OnceCell::new(),
+        }
+    }
+
+    pub(crate) fn frozen(&self) -> Option<Arc<Layer>> {
+        self.frozen
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The state of `key` in memory (active, then frozen), if either layer has it. For the
+    /// applier, the layers' only writer, so nothing can change between this and its publish.
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<State>> {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = active.states.get(key) {
+            return Some(state.clone());
+        }
+        drop(active);
+        self.frozen().and_then(|f| f.states.get(key).cloned())
+    }
+
+    /// Publishes a group: its new states, its ops, and the applied vector after it.
+    pub(crate) fn publish(
+        &self,
+        states: impl IntoIterator<Item = (Vec<u8>, Arc<State>)>,
+        ops: impl IntoIterator<Item = ((u64, u64), EncodedOp)>,
+        applied: &VersionVector,
+    ) {
+        let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        active.states.extend(states);
+        active.wal.extend(ops);
+        active.applied.clone_from(applied);
+    }
+
+    /// Freezes the active layer for folding; `None` if the last frozen one is not folded yet.
+    pub(crate) fn freeze(&self) -> Option<Arc<Layer>> {
+        let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        let mut frozen = self.frozen.write().unwrap_or_else(PoisonError::into_inner);
+        if frozen.is_some() {
+            return None;
+        }
+        let applied = active.applied.clone();
+        let layer = Arc::new(std::mem::replace(
+            &mut *active,
+            Layer {
+                applied,
+                ..Layer::default()
+            },
+        ));
+        *frozen = Some(layer.clone());
+        Some(layer)
+    }
+
+    /// Drops the frozen layer once the fold has committed it to redb.
+    pub(crate) fn folded(&self) {
+        *self.frozen.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Drops active ops every peer has acknowledged; the fold skips frozen ones and deletes
+    /// folded ones. Returns how many were dropped here.
+    pub(crate) fn truncate(&self, below: &VersionVector) -> u64 {
+        let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        let before = active.wal.len();
+        active
+            .wal
+            .retain(|&(origin, seq), _| NodeId::new(origin).is_none_or(|o| seq > below.get(o)));
+        (before - active.wal.len()) as u64
+    }
+
+    /// Ops held in memory, across both layers.
+    pub(crate) fn wal_len(&self) -> u64 {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        let frozen = self.frozen().map_or(0, |f| f.wal.len());
+        (active.wal.len() + frozen) as u64
+    }
+}
+
+impl View<'_> {
+    fn redb(&self) -> Result<&ReadTransaction, StorageError> {
+        if let Some(txn) = self.redb.get() {
+            return Ok(txn);
+        }
+        let txn = self.db.begin_read()?;
+        Ok(self.redb.get_or_init(|| txn))
+    }
+
+    /// The applied vector of this view: it covers every op any state read from it reflects.
+    pub(crate) fn applied(&self) -> &VersionVector {
+        &self.active.applied
+    }
+
+    /// The state under a storage key; `None` if the key was never written.
+    pub(crate) fn state(&self, key: &[u8]) -> Result<Option<Arc<State>>, StorageError> {
+        if let Some(state) = self.active.states.get(key) {
+            return Ok(Some(state.clone()));
+        }
+        if let Some(state) = self.frozen.as_ref().and_then(|f| f.states.get(key)) {
+            return Ok(Some(state.clone()));
+        }
+        let table = self.redb()?.open_table(STATES)?;
+        let Some(bytes) = table.get(key)? else {
+            return Ok(None);
+        };
+        let state = codec::decode_state(bytes.value()).map_err(|e| corrupt(describe(key), e))?;
+        Ok(Some(Arc::new(state)))
+    }
+
+    /// The encoded state under a storage key, as anti-entropy ships it.
+    pub(crate) fn encoded_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(state) = self.active.states.get(key) {
+            return Ok(Some(codec::encode_state(state)));
+        }
+        if let Some(state) = self.frozen.as_ref().and_then(|f| f.states.get(key)) {
+            return Ok(Some(codec::encode_state(state)));
+        }
+        let table = self.redb()?.open_table(STATES)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Encoded ops of `origin` with sequences in `from..=to`, from every layer, in order. A
+    /// sequence present in two places (a fold in progress) is the same op in both.
+    pub(crate) fn wal_range(
+        &self,
+        origin: NodeId,
+        from: u64,
+        to: u64,
+        max_ops: usize,
+    ) -> Result<BTreeMap<u64, EncodedOp>, StorageError> {
+        let mut out = BTreeMap::new();
+        if from > to {
+            return Ok(out);
+        }
+        let o = origin.get();
+        let table = self.redb()?.open_table(WAL)?;
+        for entry in table.range((o, from)..=(o, to))?.take(max_ops) {
+            let (key, value) = entry?;
+            out.insert(key.value().1, Arc::from(value.value()));
+        }
+        for layer in self.frozen.as_deref().into_iter().chain([&*self.active]) {
+            for (&(_, seq), op) in layer.wal.range((o, from)..=(o, to)).take(max_ops) {
+                out.insert(seq, op.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` keys of `kind` starting with `prefix` and sorting after `after`, merged
+    /// across the layers and redb; see `Storage::list` for the scan budget.
+    pub(crate) fn list(
+        &self,
+        kind: Kind,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        visible: impl Fn(&State) -> bool,
+    ) -> Result<super::Page, StorageError> {
+        let start = match after {
+            Some(after) if after.as_bytes() >= prefix.as_bytes() => {
+                let mut k = state_key(kind, after);
+                k.push(0);
+                k
+            }
+            _ => state_key(kind, prefix),
+        };
+        let in_range = |k: &[u8]| {
+            k >= start.as_slice()
+                && split_state_key(k).is_some_and(|(k_kind, user)| {
+                    k_kind == kind && user.starts_with(prefix)
+                })
+        };
+        // Newest first: the active layer shadows the frozen one, which shadows redb.
+        let mut memory: BTreeMap<&[u8], &Arc<State>> = BTreeMap::new();
+        for layer in [Some(&*self.active), self.frozen.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            for (k, state) in &layer.states {
+                if in_range(k) {
+                    memory.entry(k.as_slice()).or_insert(state);
+                }
+            }
+        }
+        let mut memory = memory.into_iter().peekable();
+        let table = self.redb()?.open_table(STATES)?;
+        let mut disk = table.range(start.as_slice()..)?.peekable();
+
+        let scan_budget = limit.saturating_mul(4).max(limit);
+        let mut out = Vec::new();
+        let mut last_scanned: Option<String> = None;
+        let mut scanned = 0usize;
+        loop {
+            // The next disk entry still in range, decoded only if it wins the merge.
+            let disk_key = match disk.peek() {
+                Some(Ok((k, _))) if in_range(k.value()) => Some(k.value().to_vec()),
+                Some(Ok(_)) | None => None,
+                Some(Err(_)) => {
+                    if let Some(Err(e)) = disk.next() {
+                        return Err(e.into());
+                    }
+                    None
+                }
+            };
+            let memory_key = memory.peek().map(|(k, _)| k.to_vec());
+            let take_disk = match (&memory_key, &disk_key) {
+                (None, None) => return Ok((out, None)),
+                (Some(m), Some(d)) => d < m,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+            };
+            let (key, state) = if take_disk {
+                let Some(Ok((k, value))) = disk.next() else {
+                    return Ok((out, None));
+                };
+                let key = k.value().to_vec();
+                let state = codec::decode_state(value.value())
+                    .map_err(|e| corrupt(describe(&key), e))?;
+                (key, Arc::new(state))
+            } else {
+                if disk_key.is_some() && disk_key == memory_key {
+                    // Shadowed by the newer state in memory.
+                    disk.next();
+                }
+                let Some((k, state)) = memory.next() else {
+                    return Ok((out, None));
+                };
+                (k.to_vec(), state.clone())
+            };
+            if out.len() == limit || scanned == scan_budget {
+                return Ok((out, last_scanned));
+            }
+            scanned += 1;
+            let user_key = split_state_key(&key)
+                .map(|(_, k)| k.to_owned())
+                .ok_or_else(|| corrupt("state key", "unparseable"))?;
+            last_scanned = Some(user_key.clone());
+            if visible(&state) {
+                out.push((user_key, Arc::unwrap_or_clone(state)));
+            }
+        }
+    }
+}
+
+fn describe(key: &[u8]) -> String {
+    split_state_key(key).map_or_else(
+        || "state key".to_owned(),
+        |(kind, key)| format!("{kind}/{key}"),
+    )
+}
