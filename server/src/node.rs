@@ -71,22 +71,23 @@ pub async fn run(
         source,
     })?;
 
+    // A node without peers truncates too: everything is then acknowledged by every peer.
+    let peers = config
+        .peers
+        .iter()
+        .filter_map(|p| meridian_crdt::NodeId::new(p.id))
+        .collect();
+    tokio::spawn(crate::replication::truncate_wal(
+        storage.clone(),
+        peers,
+        config.replication.wal_retention_ops,
+        shutdown.child_token(),
+    ));
     let replicator = if config.peers.is_empty() {
         None
     } else {
         let replicator =
             Arc::new(crate::replication::start(&config, &storage, shutdown.child_token()).await?);
-        let peers = config
-            .peers
-            .iter()
-            .filter_map(|p| meridian_crdt::NodeId::new(p.id))
-            .collect();
-        tokio::spawn(crate::replication::truncate_wal(
-            storage.clone(),
-            peers,
-            config.replication.wal_retention_ops,
-            shutdown.child_token(),
-        ));
         tracing::info!(peer_listen = %replicator.local_addr(), peers = config.peers.len(), "replication started");
         Some(replicator)
     };
