@@ -130,6 +130,21 @@ impl MerkleTree {
         true
     }
 
+    /// Forgets `key` (its state was garbage collected). Returns false when it was not there.
+    pub fn remove(&mut self, key: &[u8]) -> bool {
+        let index = bucket_of(key) as usize % BUCKETS;
+        let (Some(hash), Some(keys)) = (self.buckets.get_mut(index), self.keys.get_mut(index))
+        else {
+            return false;
+        };
+        let Some(old) = keys.remove(key) else {
+            return false;
+        };
+        xor(hash, &leaf(key, &old));
+        self.len -= 1;
+        true
+    }
+
     /// The state hash recorded for `key`.
     pub fn get(&self, key: &[u8]) -> Option<Hash> {
         let index = bucket_of(key) as usize;
@@ -274,5 +289,20 @@ mod tests {
         assert_eq!(kids.iter().filter(|k| **k != ZERO).count(), 1);
         assert!(t.children(1, 16).iter().all(|k| *k == ZERO), "out of range");
         assert!(valid_prefix(4, 65535) && !valid_prefix(4, 65536));
+    }
+
+    #[test]
+    fn removing_a_key_restores_the_tree_without_it() {
+        let mut with = MerkleTree::new();
+        let mut without = MerkleTree::new();
+        for i in 0..100_u32 {
+            with.insert(format!("k{i}").as_bytes(), state_hash(&i.to_be_bytes()));
+            without.insert(format!("k{i}").as_bytes(), state_hash(&i.to_be_bytes()));
+        }
+        with.insert(b"gone", state_hash(b"tombstone"));
+        assert!(with.remove(b"gone"));
+        assert!(!with.remove(b"gone"));
+        assert_eq!(with.root(), without.root());
+        assert_eq!(with.len(), without.len());
     }
 }

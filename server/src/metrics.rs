@@ -11,27 +11,70 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+// Per-request label sets hold `&'static str`s: looking a series up then allocates nothing, which
+// on the request path is measurable (several label strings per request, every request).
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub method: String,
+    pub route: &'static str,
+    pub method: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub method: String,
+    pub route: &'static str,
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LevelLabels {
     /// LOCAL_ONE, LOCAL_QUORUM, GLOBAL_QUORUM or ALL.
-    pub level: String,
+    pub level: &'static str,
     /// `read` or `write`.
-    pub op: String,
+    pub op: &'static str,
     /// `ok`, `unavailable` (503 before acting), `timeout` (504), `session_behind`, `error`.
-    pub outcome: String,
+    pub outcome: &'static str,
+}
+
+/// The route patterns seen so far, each leaked once: the router has a fixed, small set of them
+/// (plus `unmatched`), so this is bounded.
+static ROUTES: std::sync::RwLock<std::collections::BTreeSet<&'static str>> =
+    std::sync::RwLock::new(std::collections::BTreeSet::new());
+
+/// A `'static` copy of a route pattern.
+pub fn intern_route(route: &str) -> &'static str {
+    if let Some(known) = ROUTES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(route)
+    {
+        return known;
+    }
+    let mut routes = ROUTES
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = routes.get(route) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
+    routes.insert(leaked);
+    leaked
+}
+
+/// The label of an HTTP method: the standard ones by name, anything else as `other`, so a
+/// client cannot mint series.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::PUT => "PUT",
+        http::Method::POST => "POST",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => "other",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -295,30 +338,35 @@ impl Metrics {
         self.commit_failures.inc();
     }
 
-    pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+    pub fn record_request(
+        &self,
+        route: &'static str,
+        method: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         self.http_requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
+                route,
+                method,
                 status,
             })
             .inc();
         self.http_latency
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
-            })
+            .get_or_create(&RouteLabels { route, method })
             .observe(elapsed.as_secs_f64());
     }
 
     /// One data read or write at a consistency level, with how it ended.
-    pub fn record_consistency(&self, level: &str, op: &str, outcome: &str, elapsed: Duration) {
+    pub fn record_consistency(
+        &self,
+        level: &'static str,
+        op: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
         self.consistency_latency
-            .get_or_create(&LevelLabels {
-                level: level.to_owned(),
-                op: op.to_owned(),
-                outcome: outcome.to_owned(),
-            })
+            .get_or_create(&LevelLabels { level, op, outcome })
             .observe(elapsed.as_secs_f64());
     }
 

@@ -219,13 +219,13 @@ fn outcome(problem: &Problem) -> &'static str {
 fn record(
     app: &AppState,
     level: ConsistencyLevel,
-    op: &str,
+    op: &'static str,
     result: Result<(), &Problem>,
     session: &Session,
 ) {
     let outcome = result.map_or_else(outcome, |()| "ok");
     app.metrics
-        .record_consistency(&level.to_string(), op, outcome, session.0.started.elapsed());
+        .record_consistency(level.as_str(), op, outcome, session.0.started.elapsed());
 }
 
 /// A write at the request's consistency level; see [`super::consistency`].

@@ -156,13 +156,19 @@ impl FromStr for ConsistencyLevel {
     }
 }
 
-impl fmt::Display for ConsistencyLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ConsistencyLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::LocalOne => "LOCAL_ONE",
             Self::LocalQuorum => "LOCAL_QUORUM",
             Self::GlobalQuorum => "GLOBAL_QUORUM",
             Self::All => "ALL",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ConsistencyLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }

@@ -185,8 +185,8 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
+        .map_or("unmatched", |p| crate::metrics::intern_route(p.as_str()));
+    let method = crate::metrics::method_label(request.method());
     let is_read = request.method() == Method::GET && route.starts_with("/v1/");
     let (mut response, session) = match request_token(&app, &request) {
         Err(error) => (Problem::from(error).into_response(), None),
@@ -210,12 +210,8 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
             headers.insert(LAG_HEADER, value);
         }
     }
-    app.metrics.record_request(
-        &route,
-        &method,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    app.metrics
+        .record_request(route, method, response.status().as_u16(), started.elapsed());
     response
 }
 

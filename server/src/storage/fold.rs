@@ -12,12 +12,15 @@ use std::sync::mpsc as sync_mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use meridian_crdt::{NodeId, Stamp, VersionVector, codec};
+use meridian_crdt::{Kind, NodeId, Stamp, VersionVector, codec};
 use meridian_replication::merkle::{self, MerkleTree};
 use redb::{Database, ReadableTableMetadata, Table};
 
 use super::memtable::{Layer, Memtable};
-use super::tables::{APPLIED, META, META_CHECKPOINT, META_LAST_STAMP, PEER_APPLIED, STATES, WAL};
+use super::tables::{
+    APPLIED, META, META_CHECKPOINT, META_LAST_STAMP, PEER_APPLIED, STATES, TOMBSTONES, WAL,
+    tombstone_dot,
+};
 use super::writer::SyncJob;
 use super::{StorageError, corrupt};
 use crate::metrics::Metrics;
@@ -36,8 +39,9 @@ pub(super) struct FoldJob {
     pub(super) notify: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// One key's new state hash for the Merkle tree: (bucket, storage key, hash).
-type LeafUpdate = (u32, Vec<u8>, merkle::Hash);
+/// One key's new state hash for the Merkle tree: (bucket, storage key, hash), no hash when the
+/// key was garbage collected.
+type LeafUpdate = (u32, Vec<u8>, Option<merkle::Hash>);
 
 /// Commits `job` durably; returns the Merkle updates to apply once it has.
 pub(super) fn commit(db: &Database, job: &FoldJob) -> Result<Vec<LeafUpdate>, StorageError> {
@@ -45,10 +49,28 @@ pub(super) fn commit(db: &Database, job: &FoldJob) -> Result<Vec<LeafUpdate>, St
     let mut leaves = Vec::with_capacity(job.layer.states.len());
     {
         let mut states = txn.open_table(STATES)?;
+        let mut tombstones = txn.open_table(TOMBSTONES)?;
         for (key, state) in &job.layer.states {
+            let bucket = merkle::bucket_of(key);
+            if state.is_bottom() {
+                // Garbage collected (or never held anything): the key goes away entirely.
+                states.remove(key.as_slice())?;
+                tombstones.remove(key.as_slice())?;
+                leaves.push((bucket, key.clone(), None));
+                continue;
+            }
             let encoded = codec::encode_state(state);
             states.insert(key.as_slice(), encoded.as_slice())?;
-            leaves.push((merkle::bucket_of(key), key.clone(), merkle::state_hash(&encoded)));
+            match tombstone_dot(state) {
+                Some(dot) => {
+                    tombstones.insert(key.as_slice(), (dot.node.get(), dot.seq))?;
+                }
+                None if state.kind() == Kind::Register => {
+                    tombstones.remove(key.as_slice())?;
+                }
+                None => {}
+            }
+            leaves.push((bucket, key.clone(), Some(merkle::state_hash(&encoded))));
         }
         let mut wal = txn.open_table(WAL)?;
         for (&(origin, seq), op) in &job.layer.wal {
@@ -95,7 +117,10 @@ pub(super) fn apply_leaves(tree: &RwLock<MerkleTree>, leaves: Vec<LeafUpdate>) {
     }
     let mut tree = tree.write().unwrap_or_else(PoisonError::into_inner);
     for (bucket, key, hash) in leaves {
-        tree.insert_in(bucket, &key, hash);
+        match hash {
+            Some(hash) => tree.insert_in(bucket, &key, hash),
+            None => tree.remove(&key),
+        };
     }
 }
 

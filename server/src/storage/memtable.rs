@@ -163,13 +163,11 @@ impl View<'_> {
         &self.active.applied
     }
 
-    /// The state under a storage key; `None` if the key was never written.
+    /// The state under a storage key; `None` if the key was never written (or its state was
+    /// garbage collected).
     pub(crate) fn state(&self, key: &[u8]) -> Result<Option<Arc<State>>, StorageError> {
-        if let Some(state) = self.active.states.get(key) {
-            return Ok(Some(state.clone()));
-        }
-        if let Some(state) = self.frozen.as_ref().and_then(|f| f.states.get(key)) {
-            return Ok(Some(state.clone()));
+        if let Some(state) = self.memory(key) {
+            return Ok((!state.is_bottom()).then(|| state.clone()));
         }
         let table = self.redb()?.open_table(STATES)?;
         let Some(bytes) = table.get(key)? else {
@@ -179,13 +177,18 @@ impl View<'_> {
         Ok(Some(Arc::new(state)))
     }
 
+    /// The newest state of `key` held in memory, bottom for a collected key.
+    fn memory(&self, key: &[u8]) -> Option<&Arc<State>> {
+        self.active
+            .states
+            .get(key)
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.states.get(key)))
+    }
+
     /// The encoded state under a storage key, as anti-entropy ships it.
     pub(crate) fn encoded_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        if let Some(state) = self.active.states.get(key) {
-            return Ok(Some(codec::encode_state(state)));
-        }
-        if let Some(state) = self.frozen.as_ref().and_then(|f| f.states.get(key)) {
-            return Ok(Some(codec::encode_state(state)));
+        if let Some(state) = self.memory(key) {
+            return Ok((!state.is_bottom()).then(|| codec::encode_state(state)));
         }
         let table = self.redb()?.open_table(STATES)?;
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
@@ -238,9 +241,8 @@ impl View<'_> {
         };
         let in_range = |k: &[u8]| {
             k >= start.as_slice()
-                && split_state_key(k).is_some_and(|(k_kind, user)| {
-                    k_kind == kind && user.starts_with(prefix)
-                })
+                && split_state_key(k)
+                    .is_some_and(|(k_kind, user)| k_kind == kind && user.starts_with(prefix))
         };
         // Newest first: the active layer shadows the frozen one, which shadows redb.
         let mut memory: BTreeMap<&[u8], &Arc<State>> = BTreeMap::new();
@@ -286,8 +288,8 @@ impl View<'_> {
                     return Ok((out, None));
                 };
                 let key = k.value().to_vec();
-                let state = codec::decode_state(value.value())
-                    .map_err(|e| corrupt(describe(&key), e))?;
+                let state =
+                    codec::decode_state(value.value()).map_err(|e| corrupt(describe(&key), e))?;
                 (key, Arc::new(state))
             } else {
                 if disk_key.is_some() && disk_key == memory_key {
@@ -307,7 +309,7 @@ impl View<'_> {
                 .map(|(_, k)| k.to_owned())
                 .ok_or_else(|| corrupt("state key", "unparseable"))?;
             last_scanned = Some(user_key.clone());
-            if visible(&state) {
+            if !state.is_bottom() && visible(&state) {
                 out.push((user_key, Arc::unwrap_or_clone(state)));
             }
         }

@@ -38,8 +38,8 @@ pub use intent::Intent;
 use journal::Journal;
 use memtable::Memtable;
 use tables::{
-    APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, PEER_APPLIED, SCHEMA_VERSION,
-    STATES, WAL,
+    APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, META_TOMBSTONE_INDEX, PEER_APPLIED,
+    SCHEMA_VERSION, STATES, TOMBSTONES, WAL,
 };
 
 use crate::metrics::Metrics;
@@ -136,6 +136,12 @@ pub(crate) enum Command {
     Checkpoint,
     /// Fold now, waiting for a fold in progress; answers once the Merkle tree reflects it.
     Fold(oneshot::Sender<()>),
+    /// Garbage collection: drop these keys' register tombstones if `stable` covers them.
+    Purge {
+        keys: Vec<Vec<u8>>,
+        stable: VersionVector,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
     /// Commit what came before, then stop.
     Shutdown,
 }
@@ -150,6 +156,9 @@ struct Inner {
     peer_applied: Arc<Mutex<BTreeMap<NodeId, VersionVector>>>,
     /// WAL entries every peer has acknowledged; the next fold deletes them.
     truncated: Arc<Mutex<VersionVector>>,
+    /// The last causally stable frontier garbage collection was given: a tombstone it covers
+    /// that anti-entropy brings back is dropped rather than revived.
+    stable: Arc<Mutex<VersionVector>>,
     refused_stamps: AtomicU64,
     /// Set when the journal could not be made durable: writes are refused from then on.
     failed: Arc<AtomicBool>,
@@ -242,6 +251,7 @@ impl Storage {
         let failed = Arc::new(AtomicBool::new(false));
         let peer_applied = Arc::new(Mutex::new(peer_applied));
         let truncated = Arc::new(Mutex::new(VersionVector::new()));
+        let stable = Arc::new(Mutex::new(VersionVector::new()));
         let (applied_tx, applied_rx) = watch::channel(applied.clone());
         let (commands, queue) = mpsc::channel(options.max_batch.max(1024) * 4);
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
@@ -286,6 +296,7 @@ impl Storage {
             folds_done: done_rx,
             peer_applied: peer_applied.clone(),
             truncated: truncated.clone(),
+            stable: stable.clone(),
         };
         let applier = spawn("meridian-writer", Box::new(move || applier.run()))?;
         let timer = commands.clone();
@@ -312,6 +323,7 @@ impl Storage {
             applied: applied_rx,
             peer_applied,
             truncated,
+            stable,
             refused_stamps: AtomicU64::new(0),
             failed,
             // The applier first: its final checkpoint feeds the fold thread, whose last fold
@@ -427,6 +439,7 @@ impl Storage {
                 None => {
                     meta.insert(META_NODE_ID, node.get().to_be_bytes().as_slice())?;
                     meta.insert(META_SCHEMA, [SCHEMA_VERSION].as_slice())?;
+                    meta.insert(META_TOMBSTONE_INDEX, [1u8].as_slice())?;
                 }
                 Some(bytes) => {
                     let id = <[u8; 8]>::try_from(bytes.as_slice())
@@ -450,6 +463,12 @@ impl Storage {
             txn.open_table(WAL)?;
             txn.open_table(APPLIED)?;
             txn.open_table(PEER_APPLIED)?;
+            txn.open_table(TOMBSTONES)?;
+            let indexed = meta.get(META_TOMBSTONE_INDEX)?.is_some();
+            drop(meta);
+            if !indexed {
+                Self::index_tombstones(&txn)?;
+            }
         }
         txn.commit()?;
 
@@ -478,8 +497,86 @@ impl Storage {
         Ok((applied, peers, last_stamp))
     }
 
+    /// Builds the tombstone index of a data directory written before it existed.
+    fn index_tombstones(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+        let states = txn.open_table(STATES)?;
+        let mut tombstones = txn.open_table(TOMBSTONES)?;
+        for entry in states.iter()? {
+            let (key, value) = entry?;
+            let Ok(state) = meridian_crdt::codec::decode_state(value.value()) else {
+                return Err(corrupt("state", "undecodable while indexing tombstones"));
+            };
+            if let Some(dot) = tables::tombstone_dot(&state) {
+                tombstones.insert(key.value(), (dot.node.get(), dot.seq))?;
+            }
+        }
+        txn.open_table(META)?
+            .insert(META_TOMBSTONE_INDEX, [1u8].as_slice())?;
+        Ok(())
+    }
+
     pub fn node_id(&self) -> NodeId {
         self.inner.node
+    }
+
+    /// Garbage collection at causal stability: drops every register tombstone whose dot
+    /// `stable` covers, at most `max_keys` per call. `stable` must be causally stable (see
+    /// `meridian_crdt::Crdt::collect_garbage`). Tombstones still in the memtable wait for the
+    /// next round. Returns how many were dropped.
+    pub async fn collect_garbage(
+        &self,
+        stable: &VersionVector,
+        max_keys: usize,
+    ) -> Result<u64, StorageError> {
+        self.inner
+            .stable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .merge(stable);
+        let keys = {
+            let read = self.inner.db.begin_read()?;
+            let table = read.open_table(TOMBSTONES)?;
+            let mut keys = Vec::new();
+            for entry in table.iter()? {
+                let (key, dot) = entry?;
+                let (origin, seq) = dot.value();
+                let covered = NodeId::new(origin)
+                    .is_some_and(|origin| stable.contains(Dot::new(origin, seq)));
+                // A key in the memtable was written or purged since its last fold: the next
+                // round, after the fold, sees its current state.
+                if covered && self.inner.memtable.lookup(key.value()).is_none() {
+                    keys.push(key.value().to_vec());
+                    if keys.len() == max_keys {
+                        break;
+                    }
+                }
+            }
+            keys
+        };
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Purge {
+            keys,
+            stable: stable.clone(),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    /// Sizes of what the node stores, for operators and the garbage collection benchmark.
+    pub fn stats(&self) -> Result<StorageStats, StorageError> {
+        let read = self.inner.db.begin_read()?;
+        let states = read.open_table(STATES)?;
+        let state_stats = states.stats()?;
+        Ok(StorageStats {
+            states: states.len()?,
+            state_bytes: state_stats.stored_bytes(),
+            tombstones: read.open_table(TOMBSTONES)?.len()?,
+            wal_ops: read.open_table(WAL)?.len()? + self.inner.memtable.wal_len(),
+        })
     }
 
     /// Queues a local write and waits until it is durable.
@@ -615,6 +712,19 @@ impl Storage {
     pub fn is_healthy(&self) -> bool {
         !self.inner.failed.load(Ordering::Acquire)
     }
+}
+
+/// What [`Storage::stats`] reports. Counts are of folded data (a second behind at most).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StorageStats {
+    /// Keys in the states table.
+    pub states: u64,
+    /// Bytes of keys and states in the states table (redb's stored bytes).
+    pub state_bytes: u64,
+    /// Register tombstones awaiting garbage collection.
+    pub tombstones: u64,
+    /// Ops held for shipping to peers, in redb and in memory.
+    pub wal_ops: u64,
 }
 
 /// One page of a listing: keys with their states, and the key to continue after.

@@ -18,6 +18,11 @@ pub(crate) const APPLIED: TableDefinition<u64, u64> = TableDefinition::new("appl
 /// peer → encoded version vector the peer acknowledged as durably applied.
 pub(crate) const PEER_APPLIED: TableDefinition<u64, &[u8]> = TableDefinition::new("peer_applied");
 
+/// State key → dot of the register tombstone it holds: what garbage collection looks at, so a
+/// round costs the tombstones, not the whole keyspace.
+pub(crate) const TOMBSTONES: TableDefinition<&[u8], (u64, u64)> =
+    TableDefinition::new("tombstones");
+
 /// Node identity and bookkeeping; see the `META_*` keys.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -31,10 +36,22 @@ pub(crate) const META_SCHEMA: &str = "schema_version";
 /// went backwards meanwhile.
 pub(crate) const META_LAST_STAMP: &str = "last_stamp";
 
+/// Present once [`TOMBSTONES`] indexes every tombstone in [`STATES`] (data directories from
+/// before the index get it built at open).
+pub(crate) const META_TOMBSTONE_INDEX: &str = "tombstone_index";
+
 /// The journal segment the last durable checkpoint started.
 pub(crate) const META_CHECKPOINT: &str = "checkpoint_segment";
 
 pub(crate) const SCHEMA_VERSION: u8 = 1;
+
+/// The dot of the tombstone `state` is, if it is a register tombstone.
+pub(crate) fn tombstone_dot(state: &meridian_crdt::State) -> Option<meridian_crdt::Dot> {
+    match state {
+        meridian_crdt::State::Register(r) => r.entry().filter(|e| e.value.is_none()).map(|e| e.dot),
+        _ => None,
+    }
+}
 
 pub(crate) fn state_key(kind: Kind, key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + key.len());

@@ -54,7 +54,7 @@ pub(super) enum Pending {
         oneshot::Sender<Result<VersionVector, RemoteError>>,
         Option<RemoteError>,
     ),
-    /// Full states merged (anti-entropy): how many keys changed.
+    /// Full states merged (anti-entropy), or tombstones purged: how many keys changed.
     Merge(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
 
@@ -206,11 +206,32 @@ impl<'a> Group<'a> {
         Ok(error)
     }
 
+    /// Drops the register tombstones of `keys` that `stable` covers (garbage collection);
+    /// returns how many. A key written since it was picked is no longer covered and stays.
+    pub(super) fn purge(
+        &mut self,
+        keys: Vec<Vec<u8>>,
+        stable: &VersionVector,
+    ) -> Result<u64, StorageError> {
+        let mut purged = 0;
+        for key in keys {
+            let state = self.state_at(key, Kind::Register)?;
+            if super::tables::tombstone_dot(state).is_some_and(|dot| stable.contains(dot)) {
+                *state = State::bottom(Kind::Register);
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
     /// Joins full states into their keys (anti-entropy), logging no op; returns how many
-    /// keys changed. Each state's kind matches its key's (checked by the caller).
+    /// keys changed. Each state's kind matches its key's (checked by the caller). A register
+    /// tombstone that `stable` covers was garbage collected here or is about to be: it is not
+    /// revived by a peer that has not collected it yet.
     pub(super) fn merge_states(
         &mut self,
         states: Vec<(Vec<u8>, State)>,
+        stable: &VersionVector,
     ) -> Result<u64, StorageError> {
         let mut changed = 0;
         for (storage_key, incoming) in states {
@@ -226,6 +247,9 @@ impl<'a> Group<'a> {
             state
                 .merge(&incoming)
                 .map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
+            if super::tables::tombstone_dot(state).is_some_and(|dot| stable.contains(dot)) {
+                *state = State::bottom(kind);
+            }
             if *state != before {
                 changed += 1;
             }
@@ -266,6 +290,8 @@ pub(super) struct Writer {
     pub(super) folds_done: sync_mpsc::Receiver<()>,
     pub(super) peer_applied: Arc<Mutex<std::collections::BTreeMap<NodeId, VersionVector>>>,
     pub(super) truncated: Arc<Mutex<VersionVector>>,
+    /// See `Inner::stable`.
+    pub(super) stable: Arc<Mutex<VersionVector>>,
 }
 
 impl Writer {
@@ -389,8 +415,21 @@ impl Writer {
                     pending.push(Pending::Remote(reply, error));
                 }
                 Command::Merge { states, reply } => {
-                    let changed = group.merge_states(states)?;
+                    let stable = self
+                        .stable
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    let changed = group.merge_states(states, &stable)?;
                     pending.push(Pending::Merge(reply, changed));
+                }
+                Command::Purge {
+                    keys,
+                    stable,
+                    reply,
+                } => {
+                    let purged = group.purge(keys, &stable)?;
+                    pending.push(Pending::Merge(reply, purged));
                 }
                 Command::Shutdown | Command::Checkpoint | Command::Fold(_) => {}
             }
