@@ -6,7 +6,6 @@
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use meridian_crdt::{CanonicalJson, Kind, State as CrdtState};
@@ -16,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::consistency::Session;
-use super::extract::{ConsistencyLevel, JsonBody, validate_key};
+use super::extract::{ConsistencyLevel, JsonBody, RequestedLevel, validate_key};
 use super::problem::{ApiResult, Problem};
 use crate::storage::{Committed, Intent};
 
@@ -231,13 +230,13 @@ fn record(
 /// A write at the request's consistency level; see [`super::consistency`].
 async fn write(
     app: &AppState,
-    headers: &HeaderMap,
+    level: &RequestedLevel,
     session: &Session,
     kind: Kind,
     key: String,
     intent: Intent,
 ) -> ApiResult<Committed> {
-    let level = ConsistencyLevel::from_headers(headers)?;
+    let level = level.get()?;
     let result: ApiResult<Committed> = async {
         app.wait_session(&session.0).await?;
         let electorate = app.check_reachable(level)?;
@@ -256,12 +255,12 @@ async fn write(
 /// A read at the request's consistency level, never older than the session's token.
 async fn read(
     app: &AppState,
-    headers: &HeaderMap,
+    level: &RequestedLevel,
     session: &Session,
     kind: Kind,
     key: &str,
 ) -> ApiResult<CrdtState> {
-    let level = ConsistencyLevel::from_headers(headers)?;
+    let level = level.get()?;
     let result: ApiResult<CrdtState> = async {
         app.wait_session(&session.0).await?;
         let electorate = app.check_reachable(level)?;
@@ -280,13 +279,13 @@ async fn read(
 /// A write answered with `view` of the key's new state and the write's metadata.
 async fn write_view<V>(
     app: &AppState,
-    headers: &HeaderMap,
+    level: &RequestedLevel,
     session: &Session,
     (kind, key): (Kind, String),
     intent: Intent,
     view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
 ) -> ApiResult<Json<V>> {
-    let committed = write(app, headers, session, kind, key.clone(), intent).await?;
+    let committed = write(app, level, session, kind, key.clone(), intent).await?;
     Ok(Json(view(
         key,
         &committed.state,
@@ -297,12 +296,12 @@ async fn write_view<V>(
 /// A read answered with `view` of the key's state.
 async fn read_view<V>(
     app: &AppState,
-    headers: &HeaderMap,
+    level: &RequestedLevel,
     session: &Session,
     (kind, key): (Kind, String),
     view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
 ) -> ApiResult<Json<V>> {
-    let state = read(app, headers, session, kind, &key).await?;
+    let state = read(app, level, session, kind, &key).await?;
     Ok(Json(view(key, &state, None)?))
 }
 
@@ -314,12 +313,12 @@ async fn read_view<V>(
     responses((status = 200, body = RegisterView), (status = 404, body = Problem)))]
 pub async fn get_register(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
-    let state = read(&app, &headers, &session, Kind::Register, &key).await?;
+    let state = read(&app, &level, &session, Kind::Register, &key).await?;
     let view = register_view(key.clone(), &state, None)?;
     if view.value.is_null() && matches!(&state, CrdtState::Register(r) if r.value().is_none()) {
         return Err(Problem::not_found(format!("register {key:?} was deleted")));
@@ -334,7 +333,7 @@ pub async fn get_register(
     responses((status = 200, body = RegisterView), (status = 400, body = Problem), (status = 413, body = Problem)))]
 pub async fn put_register(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(value): JsonBody<Value>,
@@ -343,7 +342,7 @@ pub async fn put_register(
     let value = canonical(&app, &value, "value")?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::Register, key),
         Intent::PutRegister(value),
@@ -358,14 +357,14 @@ pub async fn put_register(
     responses((status = 200, body = RegisterView)))]
 pub async fn delete_register(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::Register, key),
         Intent::DeleteRegister,
@@ -382,12 +381,12 @@ pub async fn delete_register(
     responses((status = 200, body = CounterView)))]
 pub async fn get_counter(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
-    read_view(&app, &headers, &session, (Kind::Counter, key), counter_view).await
+    read_view(&app, &level, &session, (Kind::Counter, key), counter_view).await
 }
 
 /// Add to a counter; negative increments subtract.
@@ -397,7 +396,7 @@ pub async fn get_counter(
     responses((status = 200, body = CounterView), (status = 400, body = Problem)))]
 pub async fn incr_counter(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
@@ -405,7 +404,7 @@ pub async fn incr_counter(
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::Counter, key),
         Intent::Increment(body.increment),
@@ -420,14 +419,14 @@ pub async fn incr_counter(
     responses((status = 200, body = CounterView)))]
 pub async fn reset_counter(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<CounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::Counter, key),
         Intent::ResetCounter,
@@ -444,19 +443,12 @@ pub async fn reset_counter(
     responses((status = 200, body = GCounterView)))]
 pub async fn get_gcounter(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
-    read_view(
-        &app,
-        &headers,
-        &session,
-        (Kind::GCounter, key),
-        gcounter_view,
-    )
-    .await
+    read_view(&app, &level, &session, (Kind::GCounter, key), gcounter_view).await
 }
 
 /// Add a non-negative amount to a grow-only counter.
@@ -466,7 +458,7 @@ pub async fn get_gcounter(
     responses((status = 200, body = GCounterView), (status = 400, body = Problem)))]
 pub async fn incr_gcounter(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
@@ -480,7 +472,7 @@ pub async fn incr_gcounter(
     })?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::GCounter, key),
         Intent::IncrementG(by),
@@ -495,14 +487,14 @@ pub async fn incr_gcounter(
     responses((status = 200, body = GCounterView)))]
 pub async fn reset_gcounter(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<GCounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::GCounter, key),
         Intent::ResetCounter,
@@ -519,12 +511,12 @@ pub async fn reset_gcounter(
     responses((status = 200, body = SetView)))]
 pub async fn get_set(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
-    read_view(&app, &headers, &session, (Kind::Set, key), set_view).await
+    read_view(&app, &level, &session, (Kind::Set, key), set_view).await
 }
 
 /// Add and remove elements; an element both added and removed ends up present (add wins).
@@ -534,7 +526,7 @@ pub async fn get_set(
     responses((status = 200, body = SetView), (status = 400, body = Problem), (status = 413, body = Problem)))]
 pub async fn update_set(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<SetUpdateBody>,
@@ -564,7 +556,7 @@ pub async fn update_set(
         .collect::<ApiResult<Vec<_>>>()?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::Set, key),
         Intent::UpdateSet { add, remove },
@@ -579,14 +571,14 @@ pub async fn update_set(
     responses((status = 200, body = SetView)))]
 pub async fn clear_set(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<SetView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &headers,
+        &level,
         &session,
         (Kind::Set, key),
         Intent::ClearSet,
@@ -601,7 +593,7 @@ pub async fn clear_set(
     responses((status = 200, body = ContainsView)))]
 pub async fn set_contains(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
     params: Result<Query<ContainsParams>, QueryRejection>,
@@ -611,7 +603,7 @@ pub async fn set_contains(
     let element: Value =
         serde_json::from_str(&params.element).unwrap_or(Value::String(params.element));
     let canonical = canonical(&app, &element, "element")?;
-    let state = read(&app, &headers, &session, Kind::Set, &key).await?;
+    let state = read(&app, &level, &session, Kind::Set, &key).await?;
     let contains = matches!(&state, CrdtState::Set(s) if s.contains(&canonical));
     Ok(Json(ContainsView {
         key,
@@ -628,7 +620,7 @@ pub async fn set_contains(
     responses((status = 200, body = KeyList), (status = 404, body = Problem)))]
 pub async fn list_keys(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    level: RequestedLevel,
     session: Session,
     kind: Result<Path<String>, PathRejection>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -641,7 +633,7 @@ pub async fn list_keys(
     })?;
     let Query(params) = params.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
     // Listing reads this node only, whatever the level; it still honours the session.
-    ConsistencyLevel::from_headers(&headers)?;
+    level.get()?;
     app.wait_session(&session.0).await?;
     let max = app.limits.max_list_limit;
     let limit = params.limit.unwrap_or(100.min(max));

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header, request};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
@@ -140,6 +140,29 @@ impl ConsistencyLevel {
                     ),
                 )
             })
+    }
+}
+
+/// The request's consistency level, or the problem with its header: extracted without cloning
+/// the request's headers (axum's `HeaderMap` extractor copies them all), and left for the
+/// handler to refuse so the refusal is counted like any other outcome.
+#[derive(Debug)]
+pub struct RequestedLevel(Result<ConsistencyLevel, Problem>);
+
+impl RequestedLevel {
+    pub fn get(&self) -> Result<ConsistencyLevel, Problem> {
+        self.0.clone()
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestedLevel {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(ConsistencyLevel::from_headers(&parts.headers)))
     }
 }
 
