@@ -21,7 +21,6 @@ use super::tables::{
     APPLIED, META, META_CHECKPOINT, META_LAST_STAMP, PEER_APPLIED, STATES, TOMBSTONES, WAL,
     tombstone_dot,
 };
-use super::writer::SyncJob;
 use super::{StorageError, corrupt};
 use crate::metrics::Metrics;
 
@@ -136,7 +135,8 @@ pub(super) struct Folder {
     pub(super) tree: Arc<RwLock<MerkleTree>>,
     pub(super) jobs: sync_mpsc::Receiver<FoldJob>,
     pub(super) done: sync_mpsc::Sender<()>,
-    pub(super) syncer: sync_mpsc::Sender<SyncJob>,
+    /// The applier's queue, to have it recycle the journal segments a fold covers.
+    pub(super) commands: tokio::sync::mpsc::Sender<super::Command>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) failed: Arc<AtomicBool>,
 }
@@ -169,7 +169,9 @@ impl Folder {
             };
             apply_leaves(&self.tree, leaves);
             self.memtable.folded();
-            let _ = self.syncer.send(SyncJob::Prune(job.segment));
+            // Never blocks (the applier may be waiting for this fold); if the queue is full, the
+            // next fold's prune covers these segments too.
+            let _ = self.commands.try_send(super::Command::Prune(job.segment));
             self.metrics.record_checkpoint(started.elapsed());
             for reply in job.notify {
                 let _ = reply.send(());

@@ -136,6 +136,8 @@ pub(crate) enum Command {
     Checkpoint,
     /// Fold now, waiting for a fold in progress; answers once the Merkle tree reflects it.
     Fold(oneshot::Sender<()>),
+    /// A fold covers every journal segment before this one.
+    Prune(u64),
     /// Garbage collection: drop these keys' register tombstones if `stable` covers them.
     Purge {
         keys: Vec<Vec<u8>>,
@@ -254,7 +256,6 @@ impl Storage {
         let stable = Arc::new(Mutex::new(VersionVector::new()));
         let (applied_tx, applied_rx) = watch::channel(applied.clone());
         let (commands, queue) = mpsc::channel(options.max_batch.max(1024) * 4);
-        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let (fold_tx, fold_rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -263,24 +264,17 @@ impl Storage {
                 .spawn(f)
                 .map_err(io)
         };
-        let syncer = writer::Syncer::new(
-            journal,
-            sync_rx,
-            applied_tx,
-            metrics.clone(),
-            failed.clone(),
-        );
+        let syncer = writer::Syncer::new(journal, applied_tx, metrics.clone(), failed.clone());
         let folder = fold::Folder {
             db: db.clone(),
             memtable: memtable.clone(),
             tree: tree.clone(),
             jobs: fold_rx,
             done: done_tx,
-            syncer: sync_tx.clone(),
+            commands: commands.clone(),
             metrics: metrics.clone(),
             failed: failed.clone(),
         };
-        let syncer = spawn("meridian-syncer", Box::new(move || syncer.run()))?;
         let folder = spawn("meridian-fold", Box::new(move || folder.run()))?;
         let applier = writer::Writer {
             db: db.clone(),
@@ -290,7 +284,7 @@ impl Storage {
             applied,
             queue,
             metrics,
-            syncer: sync_tx,
+            syncer,
             failed: failed.clone(),
             folder: fold_tx,
             folds_done: done_rx,
@@ -326,9 +320,9 @@ impl Storage {
             stable,
             refused_stamps: AtomicU64::new(0),
             failed,
-            // The applier first: its final checkpoint feeds the fold thread, whose last fold
-            // feeds the syncer, and each ends when its queue closes behind it.
-            threads: Mutex::new(vec![applier, folder, syncer]),
+            // The applier first: its final checkpoint feeds the fold thread, which ends when its
+            // queue closes behind it.
+            threads: Mutex::new(vec![applier, folder]),
             tree,
         });
         Ok(Self { inner })
