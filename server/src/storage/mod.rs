@@ -2,9 +2,8 @@
 //!
 //! # Write path
 //! Every write goes through one applier thread ([`writer`]): it drains the queue of pending
-//! operations, applies the group to the keys' states in memory ([`memtable`]), and hands the
-//! group's ops to the syncer, which appends them to the journal and answers each request only
-//! after one `fdatasync` covered them. Every second the fold thread ([`fold`]) writes what the
+//! operations, applies the group to the keys' states in memory ([`memtable`]), appends the
+//! group's ops to the journal and answers each request only after one `fdatasync` covered them. Every second the fold thread ([`fold`]) writes what the
 //! memtable gathered into redb in one durable commit (states, WAL rows, applied vector), after
 //! which the journal segments it covers are recycled. A crash loses only unanswered writes,
 //! wholly: start-up replays the journal over the last fold.

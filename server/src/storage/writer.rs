@@ -1,11 +1,11 @@
-//! The write pipeline: an applier thread, a syncer thread, and a fold thread.
+//! The write pipeline: an applier thread and a fold thread.
 //!
 //! The **applier** drains the queue of pending commands, applies the whole group in memory
 //! (each key's state joined with its deltas, the ops encoded, the applied vector raised),
-//! publishes the result to the [`Memtable`], and hands the group's encoded ops to the syncer.
-//! The **syncer** appends them to the [`Journal`] and calls `fdatasync` once for every group that
-//! queued up meanwhile, then answers the requests and publishes the new durable applied vector.
-//! The two overlap: while one group is being synced, the next is being applied.
+//! publishes the result to the [`Memtable`], appends the group's ops to the [`Journal`] and
+//! calls `fdatasync` once for everything it drained, then answers the requests and publishes
+//! the new durable applied vector. Requests that arrive during the fsync queue up and share
+//! the next one: group commit without a hand-off between threads.
 //!
 //! Every second (or after [`FOLD_OPS`] ops) the applier checkpoints: it starts a new journal
 //! segment and freezes the memtable; the **fold** thread ([`super::fold`]) writes the frozen
