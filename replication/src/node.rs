@@ -1592,11 +1592,8 @@ async fn subscribe<S: ReplicaStore>(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let connecting = endpoint.connect_with(
-        client_config,
-        slot.config.address,
-        &slot.config.name,
-    )?;
+    let connecting =
+        endpoint.connect_with(client_config, slot.config.address, &slot.config.name)?;
     let conn = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         conn = timeout(limit, connecting) => conn.map_err(|_| SessionError::Timeout("connecting"))??,

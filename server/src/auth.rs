@@ -99,7 +99,10 @@ pub enum Denied {
     #[error("the bearer token is not valid")]
     Invalid,
     #[error("the token's role {role} may not do this ({needed} access needed)")]
-    Forbidden { role: &'static str, needed: &'static str },
+    Forbidden {
+        role: &'static str,
+        needed: &'static str,
+    },
 }
 
 /// Why the token configuration could not be loaded.
@@ -355,7 +358,10 @@ mod tests {
     fn headers(token: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
         if let Some(t) = token {
-            h.insert(header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
         }
         h
     }

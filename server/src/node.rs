@@ -10,12 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::auth::Auth;
-use crate::tls::{CertInfo, HttpTls};
 use crate::cluster::ClusterView;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::session::SessionKeys;
 use crate::storage::{Storage, StorageError, StorageOptions};
+use crate::tls::{CertInfo, HttpTls};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -65,10 +65,14 @@ pub async fn run(
         None => None,
     };
     if !auth.enabled() {
-        tracing::warn!("[auth] enabled = false: every route is open to anyone who can reach the port");
+        tracing::warn!(
+            "[auth] enabled = false: every route is open to anyone who can reach the port"
+        );
     }
     if http_tls.is_none() {
-        tracing::warn!("[http] plaintext = true: the API (and its bearer tokens) travel unencrypted");
+        tracing::warn!(
+            "[http] plaintext = true: the API (and its bearer tokens) travel unencrypted"
+        );
     }
     let metrics = Arc::new(Metrics::new());
     let storage = Storage::open(

@@ -45,12 +45,13 @@ pub struct CertInfo {
 impl CertInfo {
     pub fn of(leaf: &CertificateDer<'_>) -> Self {
         use std::fmt::Write as _;
-        let fingerprint = Sha256::digest(leaf.as_ref())
-            .iter()
-            .fold(String::with_capacity(64), |mut s, b| {
-                let _ = write!(s, "{b:02x}");
-                s
-            });
+        let fingerprint =
+            Sha256::digest(leaf.as_ref())
+                .iter()
+                .fold(String::with_capacity(64), |mut s, b| {
+                    let _ = write!(s, "{b:02x}");
+                    s
+                });
         let (subject, not_after) = match x509_parser::parse_x509_certificate(leaf.as_ref()) {
             Ok((_, cert)) => (
                 cert.subject().to_string(),
@@ -123,7 +124,12 @@ struct Resolver(RwLock<Arc<CertifiedKey>>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(PoisonError::into_inner).clone())
+        Some(
+            self.0
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
     }
 }
 

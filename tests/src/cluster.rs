@@ -436,6 +436,9 @@ impl Node {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last: String;
+        // A fresh client: it re-reads the CA file, which a certificate rotation may have
+        // replaced since this node's client was made.
+        let client = Client::connect(&self.url(), &self.credentials)?;
         loop {
             if !self.is_running() {
                 bail!(
@@ -444,7 +447,7 @@ impl Node {
                     self.log_tails(TAIL_LINES)
                 );
             }
-            match tokio::time::timeout(Duration::from_secs(1), self.client.readyz()).await {
+            match tokio::time::timeout(Duration::from_secs(1), client.readyz()).await {
                 Ok(Ok(true)) => return Ok(()),
                 Ok(Ok(false)) => last = "GET /readyz answered non-2xx".into(),
                 Ok(Err(error)) => last = format!("{error:#}"),
@@ -473,6 +476,11 @@ impl Node {
             self.stop().await?;
         }
         self.start().await
+    }
+
+    /// SIGHUP: the node reloads its tokens and certificates.
+    pub fn reload(&self) -> Result<()> {
+        self.signal(Signal::SIGHUP)
     }
 
     fn signal(&self, signal: Signal) -> Result<()> {

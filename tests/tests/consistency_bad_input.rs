@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use meridian_tests::{Cluster, ClusterSpec};
 use reqwest::StatusCode;
 use serde_json::Value;

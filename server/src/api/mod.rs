@@ -240,7 +240,11 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
 /// whose role does not cover the route.
 fn refuse(denied: &Denied) -> Response {
     let (status, slug, challenge) = match denied {
-        Denied::Missing => (StatusCode::UNAUTHORIZED, "unauthorized", "Bearer realm=\"meridian\""),
+        Denied::Missing => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Bearer realm=\"meridian\"",
+        ),
         Denied::Invalid => (
             StatusCode::UNAUTHORIZED,
             "unauthorized",

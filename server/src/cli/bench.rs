@@ -98,7 +98,10 @@ struct Target {
     host: String,
     addr: SocketAddr,
     /// For https URLs: the connector and the name the certificate must carry.
-    tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     /// `Bearer <token>`, when a token was given.
     authorization: Option<hyper::header::HeaderValue>,
 }

@@ -58,6 +58,14 @@ pub struct RotateArgs {
     /// Extra host names or IP addresses for the HTTP certificates; repeatable.
     #[arg(long = "http-host")]
     pub http_hosts: Vec<String>,
+    /// Start a CA rotation: make a new CA, trust it alongside the old one (ca.pem holds
+    /// both, new first) and sign the new certificates with it.
+    #[arg(long, conflicts_with = "retire_old_cas")]
+    pub new_ca: bool,
+    /// Finish a CA rotation once every node runs on certificates of the new CA: keep only
+    /// the first CA in ca.pem (reissues nothing).
+    #[arg(long)]
+    pub retire_old_cas: bool,
 }
 
 #[derive(Debug, Args)]
@@ -120,8 +128,26 @@ fn replace_file(path: &Path, contents: &str, secret: bool) -> Result<()> {
     } else {
         write_public(&tmp, contents)?;
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot replace {}", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+/// A new self-signed cluster CA: (parameters, key, certificate PEM). Its name carries a random
+/// suffix so that the CAs of successive rotations are told apart.
+fn new_ca(cluster: &str) -> Result<(CertificateParams, KeyPair, String)> {
+    let key = KeyPair::generate().context("generating the CA key")?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("{cluster} cluster CA {}", random_hex(4)),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).context("self-signing the CA")?;
+    Ok((params, key, cert.pem()))
 }
 
 /// Which certificate to issue.
@@ -226,14 +252,32 @@ fn write_tokens(dir: &Path) -> Result<()> {
 /// Reissues every node's mesh and HTTP certificate from the cluster CA in `args.dir`, in
 /// place. Nodes pick them up on SIGHUP; connections already up are not interrupted.
 pub fn rotate(args: &RotateArgs) -> Result<Vec<String>> {
-    let ca_pem = std::fs::read_to_string(args.dir.join("ca.pem"))
-        .with_context(|| format!("cannot read {}", args.dir.join("ca.pem").display()))?;
-    let ca_key_pem = std::fs::read_to_string(args.dir.join("ca.key"))
-        .with_context(|| format!("cannot read {}", args.dir.join("ca.key").display()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).context("ca.key is not a usable private key")?;
-    // With several CAs in ca.pem (mid CA rotation), the first one signs.
-    let issuer =
-        Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("ca.pem is not a usable CA certificate")?;
+    let ca_path = args.dir.join("ca.pem");
+    let ca_pem = std::fs::read_to_string(&ca_path)
+        .with_context(|| format!("cannot read {}", ca_path.display()))?;
+    if args.retire_old_cas {
+        let first = ca_pem
+            .find("-----END CERTIFICATE-----")
+            .map(|end| &ca_pem[..end + "-----END CERTIFICATE-----".len()])
+            .context("ca.pem holds no certificate")?;
+        replace_file(&ca_path, &format!("{}\n", first.trim_start()), false)?;
+        return Ok(vec!["ca.pem (old CAs removed)".to_owned()]);
+    }
+    let issuer = if args.new_ca {
+        let (params, key, pem) = new_ca("meridian")?;
+        // The new CA first: it is the one that signs from now on.
+        replace_file(&ca_path, &format!("{pem}{ca_pem}"), false)?;
+        replace_file(&args.dir.join("ca.key"), &key.serialize_pem(), true)?;
+        Issuer::new(params, key)
+    } else {
+        let ca_key_pem = std::fs::read_to_string(args.dir.join("ca.key"))
+            .with_context(|| format!("cannot read {}", args.dir.join("ca.key").display()))?;
+        let ca_key =
+            KeyPair::from_pem(&ca_key_pem).context("ca.key is not a usable private key")?;
+        // With several CAs in ca.pem (mid CA rotation), the first one signs.
+        Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+            .context("ca.pem is not a usable CA certificate")?
+    };
     let mut configs: Vec<PathBuf> = std::fs::read_dir(&args.dir)
         .with_context(|| format!("cannot read {}", args.dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path().join("config.toml")))
@@ -247,15 +291,20 @@ pub fn rotate(args: &RotateArgs) -> Result<Vec<String>> {
     );
     let mut rotated = Vec::new();
     for path in configs {
-        let config = Config::load(&path)
-            .with_context(|| format!("cannot load {}", path.display()))?;
+        let config =
+            Config::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
         let mut addrs = vec![config.http.listen.ip()];
         if let Some(peer) = &config.peer {
             addrs.push(peer.listen.ip());
         }
         let hosts = hosts_of(&addrs, &args.http_hosts);
         if let Some(tls) = &config.tls {
-            let (cert, key) = issue(&issuer, &config.node.name, &hosts_of(&addrs, &[]), CertUse::Peer)?;
+            let (cert, key) = issue(
+                &issuer,
+                &config.node.name,
+                &hosts_of(&addrs, &[]),
+                CertUse::Peer,
+            )?;
             // The key first: until the certificate is replaced too, a reload fails the
             // key-match check and keeps the old pair rather than mixing them.
             replace_file(&config.resolve(&tls.key), &key, true)?;
@@ -332,21 +381,8 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
     }
 
     // The cluster CA signs every node certificate; peers accept only certificates it signed.
-    let ca_key = KeyPair::generate().context("generating the CA key")?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{} cluster CA", args.cluster));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params
-        .self_signed(&ca_key)
-        .context("self-signing the CA")?;
-    write_public(&args.dir.join("ca.pem"), &ca_cert.pem())?;
+    let (ca_params, ca_key, ca_pem) = new_ca(&args.cluster)?;
+    write_public(&args.dir.join("ca.pem"), &ca_pem)?;
     write_secret(&args.dir.join("ca.key"), &ca_key.serialize_pem())?;
     let issuer = Issuer::new(ca_params, ca_key);
 

@@ -146,7 +146,12 @@ pub struct ClientArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Bearer token (prefer --token-file or the environment: arguments show up in `ps`).
-    #[arg(long, env = "MERIDIAN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "MERIDIAN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
     /// A file holding the bearer token, e.g. tokens/write.token of a cluster directory.
     #[arg(long, env = "MERIDIAN_TOKEN_FILE")]
@@ -182,7 +187,11 @@ impl ConnectArgs {
                 .map_err(|e| anyhow::anyhow!("cannot read CA file {}: {e}", path.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| anyhow::anyhow!("{}: bad CA PEM: {e}", path.display()))?;
-            anyhow::ensure!(!certs.is_empty(), "{}: no certificate in it", path.display());
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "{}: no certificate in it",
+                path.display()
+            );
             builder = builder.tls_built_in_root_certs(false);
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
@@ -226,7 +235,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cluster(ClusterCommand::RotateCerts(args)) => {
             let rotated = init::rotate(&args)?;
             println!(
-                "reissued certificates for {}; send SIGHUP to each node to load them",
+                "rewrote {}; send SIGHUP to each node to load them",
                 rotated.join(", ")
             );
             Ok(())
