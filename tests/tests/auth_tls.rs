@@ -545,11 +545,20 @@ async fn certificates_rotate_under_writes_without_errors() {
         .await
         .unwrap();
     }
+    // Every mesh link comes (back) up on the new certificates.
     for client in &clients {
+        wait_until(TIMEOUT, "every peer connected", || {
+            let client = client.clone();
+            async move {
+                let info = client.cluster_info().await?;
+                Ok(info["peers"]
+                    .as_array()
+                    .is_some_and(|peers| peers.iter().all(|p| p["connected"] == true)))
+            }
+        })
+        .await
+        .unwrap();
         let info = client.cluster_info().await.unwrap();
-        for peer in info["peers"].as_array().unwrap() {
-            assert_eq!(peer["connected"], true, "{peer}");
-        }
         assert_eq!(info["security"]["last_reload_error"], Value::Null);
     }
     cluster.shutdown().await.unwrap();
