@@ -15,6 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// (class, method, path segments, body, roles allowed)
+type Route<'a> = (&'a str, Method, &'a [&'a str], Option<Value>, &'a [&'a str]);
+
 fn token(cluster: &Cluster, role: &str) -> String {
     std::fs::read_to_string(cluster.dir().join("tokens").join(format!("{role}.token")))
         .unwrap()
@@ -47,7 +50,7 @@ async fn every_route_class_refuses_missing_wrong_and_insufficient_tokens() {
     let roles = ["read", "write", "admin", "metrics"];
     let tokens: Vec<(&str, String)> = roles.iter().map(|r| (*r, token(&cluster, r))).collect();
     // (class, method, path, body, roles allowed)
-    let routes: &[(&str, Method, &[&str], Option<Value>, &[&str])] = &[
+    let routes: &[Route] = &[
         (
             "data read",
             Method::GET,
@@ -400,8 +403,11 @@ async fn served_fingerprint(url: &str, creds: &Credentials) -> String {
     let der = info.peer_certificate().unwrap();
     sha2::Sha256::digest(der)
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::new(), |mut s, b| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// A full CA rotation under continuous writes: a new CA is trusted alongside the old one,
@@ -445,7 +451,8 @@ async fn certificates_rotate_under_writes_without_errors() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
-    for client in clients[..2].iter().cloned() {
+    for client in &clients[..2] {
+        let client = client.clone();
         let (stop, acked) = (stop.clone(), acked.clone());
         writers.push(tokio::spawn(async move {
             let mut errors = Vec::new();
