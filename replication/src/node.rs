@@ -526,8 +526,9 @@ fn random() -> u64 {
 pub struct Replicator {
     shared: Arc<SharedHandle>,
     local_addr: SocketAddr,
-    /// Kept to swap its server config when the TLS identity is reloaded.
-    endpoint: quinn::Endpoint,
+    /// Kept to swap its server config when the TLS identity is reloaded; released on shutdown,
+    /// since a live handle keeps the UDP socket bound.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
     /// The caller's token: cancelling it stops us.
     external: CancellationToken,
     /// Ours, a child of `external`, so that [`Self::shutdown`] and drop stop only us.
@@ -682,7 +683,7 @@ impl Replicator {
         Ok(Self {
             shared,
             local_addr,
-            endpoint,
+            endpoint: Mutex::new(Some(endpoint)),
             external: shutdown,
             cancel,
             supervisor: tokio::sync::Mutex::new(Some(supervisor)),
@@ -750,7 +751,12 @@ impl Replicator {
         let idle = config.peer_timeout + config.heartbeat_interval;
         let server = tls::server_config(material, idle, config.window_bytes)?;
         let client = tls::client_config(material, idle, config.window_bytes)?;
-        self.endpoint.set_server_config(Some(server));
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .ok_or_else(|| ReplicationError::Config("replication has stopped".into()))?
+            .set_server_config(Some(server));
         *self
             .shared
             .client_config
@@ -946,6 +952,10 @@ impl Replicator {
     /// again in the same process fails with [`ReplicationError::Bind`] for a moment.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let supervisor = self.supervisor.lock().await.take();
         if let Some(handle) = supervisor {
             if let Err(e) = handle.await {
