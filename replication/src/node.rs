@@ -240,7 +240,9 @@ struct Shared {
     acks: watch::Sender<BTreeMap<NodeId, VersionVector>>,
     refused_connections: AtomicU64,
     status: Arc<dyn StatusSource>,
-    client_config: quinn::ClientConfig,
+    /// Used for every new outbound connection; swapped whole by [`Replicator::reload_tls`], so a
+    /// dial uses either the old identity or the new one, never a mix.
+    client_config: Mutex<quinn::ClientConfig>,
     started: Instant,
     /// Anti-entropy counters and each peer's last round.
     ae: Mutex<AeBook>,
@@ -524,6 +526,9 @@ fn random() -> u64 {
 pub struct Replicator {
     shared: Arc<SharedHandle>,
     local_addr: SocketAddr,
+    /// Kept to swap its server config when the TLS identity is reloaded; released on shutdown,
+    /// since a live handle keeps the UDP socket bound.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
     /// The caller's token: cancelling it stops us.
     external: CancellationToken,
     /// Ours, a child of `external`, so that [`Self::shutdown`] and drop stop only us.
@@ -634,7 +639,7 @@ impl Replicator {
             acks: watch::Sender::new(acks),
             refused_connections: AtomicU64::new(0),
             status,
-            client_config,
+            client_config: Mutex::new(client_config),
             config,
             started: now,
             ae: Mutex::new(AeBook::default()),
@@ -668,11 +673,17 @@ impl Replicator {
             cancel.clone(),
         ));
         drop(store);
-        let supervisor = tokio::spawn(supervise(shared.clone(), endpoint, tracker, cancel.clone()));
+        let supervisor = tokio::spawn(supervise(
+            shared.clone(),
+            endpoint.clone(),
+            tracker,
+            cancel.clone(),
+        ));
         info!(node = %shared.config.node, addr = %local_addr, "replication endpoint listening");
         Ok(Self {
             shared,
             local_addr,
+            endpoint: Mutex::new(Some(endpoint)),
             external: shutdown,
             cancel,
             supervisor: tokio::sync::Mutex::new(Some(supervisor)),
@@ -729,6 +740,30 @@ impl Replicator {
             })
             .collect();
         status
+    }
+
+    /// Replaces this node's TLS identity (CA bundle, certificate chain, key) without dropping
+    /// a connection: connections accepted or dialled from now on use the new material, those
+    /// already up keep the identity they were established with until they are replaced (a
+    /// reconnect, or the peer restarting). On error nothing changes.
+    pub fn reload_tls(&self, material: &crate::TlsMaterial) -> Result<(), ReplicationError> {
+        let config = &self.shared.config;
+        let idle = config.peer_timeout + config.heartbeat_interval;
+        let server = tls::server_config(material, idle, config.window_bytes)?;
+        let client = tls::client_config(material, idle, config.window_bytes)?;
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .ok_or_else(|| ReplicationError::Config("replication has stopped".into()))?
+            .set_server_config(Some(server));
+        *self
+            .shared
+            .client_config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = client;
+        info!("replication TLS identity reloaded");
+        Ok(())
     }
 
     /// The bound address (useful when `listen` had port 0).
@@ -917,6 +952,10 @@ impl Replicator {
     /// again in the same process fails with [`ReplicationError::Bind`] for a moment.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let supervisor = self.supervisor.lock().await.take();
         if let Some(handle) = supervisor {
             if let Err(e) = handle.await {
@@ -1558,11 +1597,13 @@ async fn subscribe<S: ReplicaStore>(
 ) -> Result<(), SessionError> {
     let peer = slot.config.id;
     let limit = handshake_timeout(&shared.config);
-    let connecting = endpoint.connect_with(
-        shared.client_config.clone(),
-        slot.config.address,
-        &slot.config.name,
-    )?;
+    let client_config = shared
+        .client_config
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let connecting =
+        endpoint.connect_with(client_config, slot.config.address, &slot.config.name)?;
     let conn = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         conn = timeout(limit, connecting) => conn.map_err(|_| SessionError::Timeout("connecting"))??,

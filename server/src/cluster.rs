@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use meridian_crdt::NodeId;
 use meridian_replication::{PeerStatus, Replicator};
@@ -16,6 +16,7 @@ use crate::api::ConsistencyLevel;
 use crate::config::{Config, PeerEntry};
 use crate::metrics::{AeLabels, Metrics, OriginLabels, PeerLabels};
 use crate::storage::Storage;
+use crate::tls::CertInfo;
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct NodeInfo {
@@ -34,6 +35,20 @@ pub struct ClusterStatus {
     pub refused_clock_stamps: u64,
     pub peers: Vec<PeerView>,
     pub anti_entropy: AntiEntropyView,
+    pub security: SecurityView,
+}
+
+/// Authentication and the certificates in use, so an operator can see that a reload took.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct SecurityView {
+    pub auth_enabled: bool,
+    /// The HTTP API's certificate; absent when it serves plaintext.
+    pub http_certificate: Option<CertInfo>,
+    /// This node's certificate on the peer mesh.
+    pub peer_certificate: Option<CertInfo>,
+    /// Successful reloads (SIGHUP) since start-up.
+    pub reloads: u64,
+    pub last_reload_error: Option<String>,
 }
 
 /// Anti-entropy: this node's Merkle tree and the rounds since start-up.
@@ -112,6 +127,7 @@ pub struct ClusterView {
     node: NodeInfo,
     peers: Vec<PeerEntry>,
     replicator: Option<Arc<Replicator>>,
+    security: Mutex<SecurityView>,
 }
 
 impl ClusterView {
@@ -125,7 +141,13 @@ impl ClusterView {
             },
             peers: config.peers.clone(),
             replicator,
+            security: Mutex::new(SecurityView::default()),
         }
+    }
+
+    /// Updates what `/v1/cluster` reports under `security`.
+    pub fn update_security(&self, change: impl FnOnce(&mut SecurityView)) {
+        change(&mut self.security.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
     pub fn replicator(&self) -> Option<&Replicator> {
@@ -200,6 +222,11 @@ impl ClusterView {
             refused_clock_stamps: storage.refused_stamps(),
             peers: self.peer_views(),
             anti_entropy: self.anti_entropy(storage),
+            security: self
+                .security
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 

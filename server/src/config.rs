@@ -37,6 +37,9 @@ pub struct Config {
     pub tls: Option<TlsSection>,
     #[serde(default)]
     pub session: Option<SessionSection>,
+    /// Client authentication; required, so that serving without it is a written decision.
+    #[serde(default)]
+    pub auth: Option<AuthSection>,
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
     #[serde(default)]
@@ -78,6 +81,47 @@ pub struct HttpSection {
     /// Tokio worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
+    /// Serve HTTPS with this certificate. Either this or `plaintext = true` must be given.
+    #[serde(default)]
+    pub tls: Option<HttpTlsSection>,
+    /// Serve plain HTTP: only behind something else that terminates TLS, or on loopback.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+/// The HTTP API's certificate (chain first) and key, PEM; reloaded on SIGHUP.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Bearer tokens and their roles. Tokens come from `tokens_file` (shared by every node, re-read
+/// on SIGHUP) and/or `[[auth.tokens]]` here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// `false` serves every route to anyone who can reach the port.
+    pub enabled: bool,
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// One accepted token: preferably its SHA-256 (hex), so the config holds no secret.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Who holds it; appears in logs instead of the token.
+    pub name: String,
+    pub role: crate::auth::Role,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The token itself (discouraged: anyone reading the config can use it).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -307,6 +351,34 @@ impl Config {
         if !self.peers.is_empty() && (self.peer.is_none() || self.tls.is_none()) {
             return invalid("a node with peers needs [peer] listen and [tls] files");
         }
+        match (&self.http.tls, self.http.plaintext) {
+            (Some(_), true) => {
+                return invalid("[http] has both tls and plaintext = true; choose one");
+            }
+            (None, false) => {
+                return invalid(
+                    "[http] needs [http.tls] cert and key, or plaintext = true to serve \
+                     unencrypted HTTP",
+                );
+            }
+            _ => {}
+        }
+        match &self.auth {
+            None => {
+                return invalid(
+                    "no [auth] section: give tokens (tokens_file or [[auth.tokens]]) with \
+                     enabled = true, or enabled = false to serve without authentication",
+                );
+            }
+            Some(auth) => {
+                if auth.enabled && auth.tokens_file.is_none() && auth.tokens.is_empty() {
+                    return invalid("[auth] enabled = true but no tokens_file or [[auth.tokens]]");
+                }
+                for entry in &auth.tokens {
+                    crate::auth::check_entry(entry).map_err(ConfigError::Invalid)?;
+                }
+            }
+        }
         let limits = &self.limits;
         if limits.max_key_bytes == 0
             || limits.max_body_bytes == 0
@@ -341,10 +413,21 @@ impl Config {
                 cluster: default_cluster(),
                 data_dir,
             },
-            http: HttpSection { listen, workers: 0 },
+            // A development convenience on one machine: `serve` warns that it is open.
+            http: HttpSection {
+                listen,
+                workers: 0,
+                tls: None,
+                plaintext: true,
+            },
             peer: None,
             tls: None,
             session: None,
+            auth: Some(AuthSection {
+                enabled: false,
+                tokens_file: None,
+                tokens: Vec::new(),
+            }),
             peers: Vec::new(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
@@ -369,6 +452,9 @@ region = "us-east"
 data_dir = "data"
 [http]
 listen = "127.0.0.1:7000"
+plaintext = true
+[auth]
+enabled = false
 [peer]
 listen = "127.0.0.1:7100"
 [tls]

@@ -1,7 +1,12 @@
 //! Serving the router over HTTP/1.1 with hyper directly, because `axum::serve` installs no
 //! timer: without one, hyper's header-read timeout silently does nothing and a client that
 //! trickles its request head (slowloris) holds a connection forever.
+//!
+//! With TLS, the handshake runs in the connection's own task under the same header-read
+//! timeout, so a client that opens a socket and never finishes (or never starts) a handshake
+//! is dropped too, and a plaintext request to the TLS port fails the handshake and is closed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -14,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::config::Timeouts;
+use crate::tls::HttpTls;
 
 /// Accepts connections until `shutdown` fires, then lets in-flight requests finish (up to the
 /// shutdown timeout) and returns.
@@ -21,6 +27,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     timeouts: &Timeouts,
+    tls: Option<Arc<HttpTls>>,
     shutdown: CancellationToken,
 ) {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -46,13 +53,39 @@ pub async fn serve(
         let service = app
             .clone()
             .map_request(|request: hyper::Request<Incoming>| request.map(axum::body::Body::new));
-        let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        let connection = graceful.watch(connection);
+        let service = TowerToHyperService::new(service);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handshake_timeout = timeouts.header_read();
         tokio::spawn(async move {
             // hyper runs the header-read timer whenever it waits for a request head, so an
             // idle keep-alive connection is closed after the same timeout as a slow one.
-            if let Err(error) = connection.await {
+            let result = match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection).await
+                }
+                Some(tls) => {
+                    let accepted =
+                        tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream))
+                            .await;
+                    let stream = match accepted {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });

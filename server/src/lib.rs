@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration `meridian cluster init` writes.
+//! - [`auth`]: bearer tokens and roles, checked in the API's `guard` middleware.
+//! - [`tls`]: the HTTP API's reloadable TLS certificate; certificate fingerprints.
 //! - [`storage`]: redb tables, the group-commit writer, reads; implements replication's
 //!   `ReplicaStore`.
 //! - [`api`]: the axum HTTP API, problem+json errors, limits.
@@ -16,6 +18,7 @@
 //! commands and `bench`.
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod http;
@@ -24,3 +27,4 @@ pub mod node;
 pub mod replication;
 pub mod session;
 pub mod storage;
+pub mod tls;

@@ -54,22 +54,32 @@ async fn resolve(address: &str) -> Result<std::net::SocketAddr, NodeError> {
     }
 }
 
+/// The node's mesh identity, read from the `[tls]` files (at start-up and on each reload).
+pub fn tls_material(config: &Config) -> Result<TlsMaterial, NodeError> {
+    let tls = config.tls.as_ref().ok_or_else(|| {
+        NodeError::Config(crate::config::ConfigError::Invalid(
+            "a node with peers needs [tls]".into(),
+        ))
+    })?;
+    Ok(TlsMaterial {
+        ca_pem: read(config, &tls.ca)?,
+        cert_chain_pem: read(config, &tls.cert)?,
+        key_pem: read(config, &tls.key)?,
+    })
+}
+
 /// Builds the replication config from the node's and starts the replicator.
 pub async fn start(
     config: &Config,
     storage: &Storage,
     shutdown: CancellationToken,
 ) -> Result<Replicator, NodeError> {
-    let (Some(peer), Some(tls)) = (&config.peer, &config.tls) else {
+    let (Some(peer), Some(_)) = (&config.peer, &config.tls) else {
         return Err(NodeError::Config(crate::config::ConfigError::Invalid(
             "a node with peers needs [peer] and [tls]".into(),
         )));
     };
-    let material = TlsMaterial {
-        ca_pem: read(config, &tls.ca)?,
-        cert_chain_pem: read(config, &tls.cert)?,
-        key_pem: read(config, &tls.key)?,
-    };
+    let material = tls_material(config)?;
     let mut peers = Vec::new();
     for entry in &config.peers {
         let id = NodeId::new(entry.id).ok_or_else(|| {

@@ -2,6 +2,7 @@
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -41,6 +42,89 @@ impl ApiResponse {
     }
 }
 
+/// What a client needs to reach a cluster's nodes: the CA that signed their HTTPS
+/// certificates and a bearer token (those of `meridian cluster init`: `ca.pem` and
+/// `tokens/admin.token` in the cluster directory).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// `ca.pem`, when the nodes serve HTTPS.
+    pub ca: Option<PathBuf>,
+    /// The token file, when the nodes require one.
+    pub token_file: Option<PathBuf>,
+    pub token: Option<String>,
+}
+
+impl Credentials {
+    /// The credentials of the cluster in `cluster_dir`: its CA when `https`, and its
+    /// admin token when `cluster init` wrote tokens.
+    pub fn discover(cluster_dir: &Path, https: bool) -> Result<Self> {
+        let ca = https.then(|| cluster_dir.join("ca.pem"));
+        let token_file = cluster_dir.join("tokens").join("admin.token");
+        let (token_file, token) = if token_file.is_file() {
+            let token = std::fs::read_to_string(&token_file)
+                .with_context(|| format!("reading {}", token_file.display()))?
+                .trim()
+                .to_owned();
+            (Some(token_file), Some(token))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            ca,
+            token_file,
+            token,
+        })
+    }
+
+    /// A reqwest client builder trusting [`Self::ca`] only; loopback, no proxy. It sends
+    /// no token by itself.
+    pub fn http_builder(&self) -> Result<reqwest::ClientBuilder> {
+        let mut builder = reqwest::Client::builder()
+            // Loopback only: never go through a proxy from the environment.
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("parsing {}", ca.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(builder)
+    }
+
+    /// A reqwest client that also sends the token on every request.
+    pub fn http_client(&self) -> Result<reqwest::Client> {
+        let mut builder = self.http_builder()?;
+        if let Some(token) = &self.token {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {token}")
+                    .parse()
+                    .context("the token is not a valid header value")?,
+            );
+            builder = builder.default_headers(headers);
+        }
+        builder.build().context("building the HTTP client")
+    }
+
+    /// `--ca FILE --token-file FILE`, as the `meridian` client commands and `bench` take.
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(ca) = &self.ca {
+            args.extend(["--ca".to_owned(), ca.display().to_string()]);
+        }
+        if let Some(file) = &self.token_file {
+            args.extend(["--token-file".to_owned(), file.display().to_string()]);
+        }
+        args
+    }
+}
+
 /// An HTTP client bound to one node. Cheap to clone; clones share the connection pool
 /// (and the session token, when tracking is on).
 #[derive(Clone, Debug)]
@@ -49,16 +133,21 @@ pub struct Client {
     base: Url,
     consistency: Option<String>,
     session: Option<Arc<Mutex<Option<String>>>>,
+    /// Sent as `Authorization: Bearer ...`.
+    bearer: Option<String>,
 }
 
 impl Client {
-    /// A client for the node at `base_url` (e.g. `http://127.0.0.1:7000`).
+    /// A client for the node at `base_url` (e.g. `http://127.0.0.1:7000`), plain HTTP
+    /// without a token.
     pub fn new(base_url: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            // Loopback only: never go through a proxy from the environment.
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(2))
+        Self::connect(base_url, &Credentials::default())
+    }
+
+    /// A client for the node at `base_url` using `credentials` (CA and token).
+    pub fn connect(base_url: &str, credentials: &Credentials) -> Result<Self> {
+        let http = credentials
+            .http_builder()?
             .build()
             .context("building the HTTP client")?;
         let base = Url::parse(base_url).with_context(|| format!("bad base URL {base_url:?}"))?;
@@ -67,7 +156,17 @@ impl Client {
             base,
             consistency: None,
             session: None,
+            bearer: credentials.token.clone(),
         })
+    }
+
+    /// The same client sending `token` (or no token at all) instead.
+    #[must_use]
+    pub fn with_token(&self, token: Option<&str>) -> Self {
+        Self {
+            bearer: token.map(str::to_owned),
+            ..self.clone()
+        }
     }
 
     /// The node's base URL.
@@ -136,6 +235,9 @@ impl Client {
     ) -> Result<ApiResponse> {
         let what = format!("{method} {url}");
         let mut request = self.http.request(method, url);
+        if let Some(token) = &self.bearer {
+            request = request.bearer_auth(token);
+        }
         if let Some(level) = &self.consistency {
             request = request.header(CONSISTENCY_HEADER, level);
         }

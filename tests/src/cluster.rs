@@ -31,7 +31,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
-use crate::client::{Client, POLL_INTERVAL, wait_all_equal};
+use crate::client::{Client, Credentials, POLL_INTERVAL, wait_all_equal};
 use crate::config::{self, NodeConfig};
 use crate::ports::{MAX_NODES, pick_base_port};
 use crate::relay::{Direction, DirectionStats, Fault, Relay, RelayControl};
@@ -219,6 +219,7 @@ pub struct Node {
     ready_timeout: Duration,
     stop_timeout: Duration,
     client: Client,
+    credentials: Credentials,
     child: Mutex<Option<Child>>,
 }
 
@@ -244,7 +245,11 @@ impl Node {
         let config = NodeConfig::parse(&text)
             .with_context(|| format!("parsing {}", config_path.display()))?;
         let data_dir = dir.join(&config.data_dir);
-        let client = Client::new(&format!("http://{}", config.http))?;
+        // The one place tests learn the cluster's CA and token: every client the harness
+        // hands out carries them.
+        let credentials = Credentials::discover(dir.parent().unwrap_or(&dir), config.https)?;
+        let scheme = if config.https { "https" } else { "http" };
+        let client = Client::connect(&format!("{scheme}://{}", config.http), &credentials)?;
         let mut env = vec![(LOG_ENV.to_owned(), default_log_filter())];
         // Keep panic backtraces (RUST_BACKTRACE) but not anyhow error backtraces, which
         // would push the error itself out of the log tails printed on failure.
@@ -267,6 +272,7 @@ impl Node {
             ready_timeout: spec.ready_timeout,
             stop_timeout: spec.stop_timeout,
             client,
+            credentials,
             child: Mutex::new(None),
         })
     }
@@ -295,9 +301,15 @@ impl Node {
         &self.config
     }
 
-    /// `http://127.0.0.1:{port}`.
+    /// `https://127.0.0.1:{port}` (`http://` when the node serves plaintext).
     pub fn url(&self) -> String {
-        format!("http://{}", self.config.http)
+        let scheme = if self.config.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.config.http)
+    }
+
+    /// The CA and token the harness's clients use for this node.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -424,6 +436,9 @@ impl Node {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last: String;
+        // A fresh client: it re-reads the CA file, which a certificate rotation may have
+        // replaced since this node's client was made.
+        let client = Client::connect(&self.url(), &self.credentials)?;
         loop {
             if !self.is_running() {
                 bail!(
@@ -432,7 +447,7 @@ impl Node {
                     self.log_tails(TAIL_LINES)
                 );
             }
-            match tokio::time::timeout(Duration::from_secs(1), self.client.readyz()).await {
+            match tokio::time::timeout(Duration::from_secs(1), client.readyz()).await {
                 Ok(Ok(true)) => return Ok(()),
                 Ok(Ok(false)) => last = "GET /readyz answered non-2xx".into(),
                 Ok(Err(error)) => last = format!("{error:#}"),
@@ -461,6 +476,11 @@ impl Node {
             self.stop().await?;
         }
         self.start().await
+    }
+
+    /// SIGHUP: the node reloads its tokens and certificates.
+    pub fn reload(&self) -> Result<()> {
+        self.signal(Signal::SIGHUP)
     }
 
     fn signal(&self, signal: Signal) -> Result<()> {

@@ -25,6 +25,8 @@ pub struct NodeConfig {
     /// `peer.listen`.
     pub peer: SocketAddr,
     pub peers: Vec<PeerConfig>,
+    /// The HTTP API serves TLS (`[http.tls]` is present).
+    pub https: bool,
 }
 
 /// One `[[peers]]` entry.
@@ -39,7 +41,7 @@ pub struct PeerConfig {
 #[derive(Deserialize)]
 struct RawConfig {
     node: RawNode,
-    http: RawListen,
+    http: RawHttp,
     peer: RawListen,
     #[serde(default)]
     peers: Vec<PeerConfig>,
@@ -58,6 +60,13 @@ struct RawListen {
     listen: SocketAddr,
 }
 
+#[derive(Deserialize)]
+struct RawHttp {
+    listen: SocketAddr,
+    #[serde(default)]
+    tls: Option<Value>,
+}
+
 impl NodeConfig {
     /// Parses the fields the harness uses out of a config file's text; other
     /// sections and fields are ignored.
@@ -71,6 +80,7 @@ impl NodeConfig {
             http: raw.http.listen,
             peer: raw.peer.listen,
             peers: raw.peers,
+            https: raw.http.tls.is_some(),
         })
     }
 }

@@ -55,6 +55,7 @@ async fn per_consistency_level() {
                     "--consistency",
                     level,
                 ])
+                .args(cluster.node(0).credentials().cli_args())
                 .output()
                 .await
                 .unwrap();

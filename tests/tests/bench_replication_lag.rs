@@ -57,6 +57,7 @@ async fn replication_lag() {
                 "--rate",
                 &rate.to_string(),
             ])
+            .args(cluster.node(0).credentials().cli_args())
             .output()
             .await
             .unwrap();

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use meridian_tests::{Cluster, ClusterSpec};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -59,11 +57,9 @@ async fn bad_tokens_and_levels_are_refused_with_400() {
     let foreign = Cluster::start(ClusterSpec::new(&["elsewhere"]))
         .await
         .unwrap();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    // The cluster's CA and token (the harness's credentials), on a bare client whose
+    // headers this test controls.
+    let http = cluster.node(0).credentials().http_client().unwrap();
     let url = format!("{}/v1/registers/k", cluster.node(0).url());
     let response = http
         .put(&url)
@@ -88,16 +84,15 @@ async fn bad_tokens_and_levels_are_refused_with_400() {
         assert!(headers.get("session-token").is_some());
     }
 
-    let foreign_token = {
-        let url = format!("{}/v1/counters/c", foreign.node(0).url());
-        let response = http.get(&url).send().await.unwrap();
-        response
-            .headers()
-            .get("session-token")
-            .and_then(|v| v.to_str().ok())
-            .unwrap()
-            .to_owned()
-    };
+    let foreign_token = foreign
+        .node(0)
+        .client()
+        .request(reqwest::Method::GET, &["v1", "counters", "c"], None)
+        .await
+        .unwrap()
+        .header("session-token")
+        .unwrap()
+        .to_owned();
     let mut flipped = good.clone().into_bytes();
     let last = flipped.len() - 1;
     flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };

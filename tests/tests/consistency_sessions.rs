@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use meridian_tests::{ApiResponse, Client, Cluster, ClusterSpec, Fault, wait_until};
+use meridian_tests::{ApiResponse, Cluster, ClusterSpec, Fault, wait_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -63,8 +63,9 @@ async fn read_your_writes_across_regions_under_delay() {
     for worker in 0..WORKERS {
         let urls = urls.clone();
         let (seen, refused) = (seen.clone(), refused.clone());
+        let base = cluster.node(0).client();
         workers.spawn(async move {
-            let session = Client::new(&urls[0]).unwrap().with_session();
+            let session = base.with_session();
             let key = format!("ryw-{worker}");
             for i in 1..=ITERATIONS {
                 let writer = ((worker + i) % 3) as usize;
@@ -147,7 +148,7 @@ async fn monotonic_reads_while_hopping_between_regions() {
         .iter()
         .map(meridian_tests::Node::url)
         .collect();
-    let session = Client::new(&urls[0]).unwrap().with_session();
+    let session = cluster.node(0).client().with_session();
     let mut last_counter = 0_i64;
     let mut last_set: BTreeSet<String> = BTreeSet::new();
     let (mut reads, mut refusals) = (0, 0);

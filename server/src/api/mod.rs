@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +26,7 @@ pub use extract::ConsistencyLevel;
 use meridian_crdt::VersionVector;
 use problem::Problem;
 
+use crate::auth::{Auth, Denied};
 use crate::cluster::ClusterView;
 use crate::config::{Limits, Timeouts};
 use crate::metrics::Metrics;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub sessions: Arc<SessionKeys>,
     /// `[debug] allow_state_overwrite`: enables the state-corrupting test endpoint.
     pub debug_overwrite: bool,
+    /// Bearer tokens and roles: checked first thing in [`guard`].
+    pub auth: Arc<Auth>,
 }
 
 #[derive(OpenApi)]
@@ -175,7 +178,8 @@ fn request_token(app: &AppState, request: &Request) -> Result<VersionVector, Tok
     }
 }
 
-/// Sessions, concurrency limit, request timeout and metrics, around every request.
+/// Authentication, sessions, concurrency limit, request timeout and metrics, around every
+/// request. Authentication comes first: a refused request touches nothing else.
 ///
 /// Every response carries a `Session-Token` with the request's token joined with what the
 /// request saw or wrote, except the 400 answering a token that does not check out (this node
@@ -188,6 +192,19 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
         .map_or("unmatched", |p| crate::metrics::intern_route(p.as_str()));
     let method = crate::metrics::method_label(request.method());
     let is_read = request.method() == Method::GET && route.starts_with("/v1/");
+    if let Err(denied) = app
+        .auth
+        .check(request.method(), request.uri().path(), request.headers())
+    {
+        let response = refuse(&denied);
+        app.metrics.record_request(
+            &route,
+            &method,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+        return response;
+    }
     let (mut response, session) = match request_token(&app, &request) {
         Err(error) => (Problem::from(error).into_response(), None),
         Ok(token) => {
@@ -212,6 +229,32 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
     }
     app.metrics
         .record_request(route, method, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// 401 with a `WWW-Authenticate` challenge for a missing or unknown token, 403 for a token
+/// whose role does not cover the route.
+fn refuse(denied: &Denied) -> Response {
+    let (status, slug, challenge) = match denied {
+        Denied::Missing => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Bearer realm=\"meridian\"",
+        ),
+        Denied::Invalid => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Bearer realm=\"meridian\", error=\"invalid_token\"",
+        ),
+        Denied::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", ""),
+    };
+    let mut response = Problem::new(status, slug, denied.to_string()).into_response();
+    if !challenge.is_empty() {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+    }
     response
 }
 

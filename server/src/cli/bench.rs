@@ -81,6 +81,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    auth: super::ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -95,18 +97,91 @@ pub struct BaselineArgs {
 struct Target {
     host: String,
     addr: SocketAddr,
+    /// For https URLs: the connector and the name the certificate must carry.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    /// `Bearer <token>`, when a token was given.
+    authorization: Option<hyper::header::HeaderValue>,
 }
 
-fn target(url: &str) -> Result<Target> {
-    let rest = url
-        .strip_prefix("http://")
-        .context("bench speaks plain http:// URLs")?;
-    let host = rest.trim_end_matches('/').to_owned();
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
-        .with_context(|| format!("cannot resolve {host}"))?
-        .next()
-        .with_context(|| format!("{host} has no address"))?;
-    Ok(Target { host, addr })
+/// What every target shares: the TLS client config (from --ca) and the Authorization header.
+struct Connect {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    authorization: Option<hyper::header::HeaderValue>,
+}
+
+impl Connect {
+    fn new(args: &super::ConnectArgs) -> Result<Self> {
+        let tls = match &args.ca {
+            None => None,
+            Some(path) => {
+                use rustls_pki_types::pem::PemObject;
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read CA file {}", path.display()))?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.with_context(|| format!("{}: bad CA PEM", path.display()))?;
+                    roots
+                        .add(cert)
+                        .with_context(|| format!("{}: unusable CA certificate", path.display()))?;
+                }
+                let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(Arc::new(config))
+            }
+        };
+        let authorization = match args.bearer()? {
+            None => None,
+            Some(token) => {
+                let mut value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .context("the token holds characters a header cannot carry")?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(Self { tls, authorization })
+    }
+
+    fn target(&self, url: &str) -> Result<Target> {
+        let (rest, https) = if let Some(rest) = url.strip_prefix("https://") {
+            (rest, true)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (rest, false)
+        } else {
+            bail!("bench speaks http:// and https:// URLs, not {url:?}");
+        };
+        let host = rest.trim_end_matches('/').to_owned();
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
+            .with_context(|| format!("cannot resolve {host}"))?
+            .next()
+            .with_context(|| format!("{host} has no address"))?;
+        let tls = if https {
+            let config = self
+                .tls
+                .clone()
+                .with_context(|| format!("{url}: give --ca (or MERIDIAN_CA) for https URLs"))?;
+            let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls_pki_types::ServerName::try_from(name.to_owned())
+                .with_context(|| format!("{name:?} is not a valid TLS server name"))?;
+            Some((tokio_rustls::TlsConnector::from(config), name))
+        } else {
+            None
+        };
+        Ok(Target {
+            host,
+            addr,
+            tls,
+            authorization: self.authorization.clone(),
+        })
+    }
 }
 
 struct Worker {
@@ -115,7 +190,12 @@ struct Worker {
     errors: u64,
 }
 
-fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Request<Full<Bytes>>> {
+fn request_for(
+    args: &BenchArgs,
+    target: &Target,
+    n: u64,
+    value: &str,
+) -> Result<Request<Full<Bytes>>> {
     let key = n % args.keys as u64;
     let read = match args.workload {
         Workload::Get => true,
@@ -145,7 +225,10 @@ fn request_for(args: &BenchArgs, host: &str, n: u64, value: &str) -> Result<Requ
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", host);
+        .header("host", &target.host);
+    if let Some(value) = &target.authorization {
+        builder = builder.header(hyper::header::AUTHORIZATION, value);
+    }
     if let Some(level) = &args.consistency {
         builder = builder.header("consistency-level", level);
     }
@@ -177,7 +260,7 @@ async fn connection(
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let request = request_for(&args, &target.host, state, &value)?;
+        let request = request_for(&args, &target, state, &value)?;
         sender.ready().await?;
         let sent = match interval {
             Some(interval) => {
@@ -215,12 +298,15 @@ async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
             let mut sender = http1(&target).await?;
             let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
             for key in (lane..args.keys as u64).step_by(lanes as usize) {
-                let request = Request::builder()
+                let mut request = Request::builder()
                     .method("PUT")
                     .uri(format!("/v1/registers/k{key}"))
                     .header("host", &target.host)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(value.clone())))?;
+                    .header("content-type", "application/json");
+                if let Some(value) = &target.authorization {
+                    request = request.header(hyper::header::AUTHORIZATION, value);
+                }
+                let request = request.body(Full::new(Bytes::from(value.clone())))?;
                 sender.ready().await?;
                 let response = sender.send_request(request).await?;
                 if !response.status().is_success() {
@@ -248,12 +334,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
+    let connect = Connect::new(&args.auth)?;
     let targets = args
         .url
         .iter()
-        .map(|u| target(u).map(Arc::new))
+        .map(|u| connect.target(u).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
-    let lag_target = args.lag_url.as_deref().map(target).transpose()?;
+    let lag_target = args
+        .lag_url
+        .as_deref()
+        .map(|u| connect.target(u))
+        .transpose()?;
     let args = Arc::new(args);
     runtime.block_on(async move {
         if matches!(args.workload, Workload::Get | Workload::Mixed) {
@@ -314,6 +405,15 @@ async fn http1(target: &Target) -> Result<hyper::client::conn::http1::SendReques
         .await
         .with_context(|| format!("cannot connect to {}", target.host))?;
     stream.set_nodelay(true)?;
+    if let Some((connector, name)) = &target.tls {
+        let stream = connector
+            .connect(name.clone(), stream)
+            .await
+            .with_context(|| format!("TLS handshake with {} failed", target.host))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        return Ok(sender);
+    }
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
@@ -344,12 +444,15 @@ async fn lag_probe(
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 n += 1;
-                let request = Request::builder()
+                let mut request = Request::builder()
                     .method("PUT")
                     .uri(PROBE_PATH)
                     .header("host", &from.host)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(n.to_string())))?;
+                    .header("content-type", "application/json");
+                if let Some(value) = &from.authorization {
+                    request = request.header(hyper::header::AUTHORIZATION, value);
+                }
+                let request = request.body(Full::new(Bytes::from(n.to_string())))?;
                 sender.ready().await?;
                 if let Ok(mut q) = sent_at.lock() {
                     q.push_back((n, Instant::now()));
@@ -363,10 +466,11 @@ async fn lag_probe(
     let mut lag = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut sender = http1(&to).await?;
     while !stop.load(Ordering::Relaxed) {
-        let request = Request::builder()
-            .uri(PROBE_PATH)
-            .header("host", &to.host)
-            .body(Full::new(Bytes::new()))?;
+        let mut request = Request::builder().uri(PROBE_PATH).header("host", &to.host);
+        if let Some(value) = &to.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, value);
+        }
+        let request = request.body(Full::new(Bytes::new()))?;
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let ok = response.status().is_success();
@@ -473,6 +577,7 @@ pub fn baseline(args: &BaselineArgs) -> Result<()> {
             listener,
             app,
             &meridian_server::config::Timeouts::default(),
+            None,
             shutdown,
         )
         .await;

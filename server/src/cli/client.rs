@@ -65,7 +65,9 @@ fn store_token(path: &Path, token: &str) -> Result<()> {
 
 impl Client {
     pub(super) fn new(args: &ClientArgs) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        let http = args
+            .auth
+            .client_builder()?
             .timeout(Duration::from_millis(args.timeout_ms))
             .build()
             .context("cannot build the HTTP client")?;

@@ -110,8 +110,11 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
-    /// Write a config per node, a cluster CA, node certificates and the session secret.
+    /// Write a config per node, a cluster CA, node and HTTP certificates, API tokens and the
+    /// session secret.
     Init(init::InitArgs),
+    /// Reissue every node's certificates from the cluster CA in place; then SIGHUP each node.
+    RotateCerts(init::RotateArgs),
 }
 
 /// Options shared by the client commands.
@@ -134,6 +137,76 @@ pub struct ClientArgs {
     /// another (read-your-writes, monotonic reads).
     #[arg(long, env = "MERIDIAN_SESSION")]
     session: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    auth: ConnectArgs,
+}
+
+/// How to authenticate to a node and trust its certificate: shared by the client commands,
+/// `admin` and `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Bearer token (prefer --token-file or the environment: arguments show up in `ps`).
+    #[arg(
+        long,
+        env = "MERIDIAN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file holding the bearer token, e.g. tokens/write.token of a cluster directory.
+    #[arg(long, env = "MERIDIAN_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// A PEM CA certificate to trust for https URLs (the cluster's ca.pem).
+    #[arg(long, env = "MERIDIAN_CA")]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl ConnectArgs {
+    /// The token to send, if any.
+    pub fn bearer(&self) -> Result<Option<String>> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.trim().to_owned()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
+        let token = text.trim();
+        anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+        Ok(Some(token.to_owned()))
+    }
+
+    /// A reqwest client builder trusting `--ca` (in addition to nothing else: a cluster CA
+    /// replaces the public roots, so a node cannot be impersonated by any public certificate),
+    /// sending the token on every request.
+    pub fn client_builder(&self) -> Result<reqwest::ClientBuilder> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &self.ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read CA file {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("{}: bad CA PEM: {e}", path.display()))?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "{}: no certificate in it",
+                path.display()
+            );
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(token) = self.bearer()? {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow::anyhow!("the token holds characters a header cannot carry"))?;
+            value.set_sensitive(true);
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder = builder.default_headers(headers);
+        }
+        Ok(builder)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,6 +232,14 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Cluster(ClusterCommand::Init(args)) => init::init(&args).map(|_| ()),
+        Command::Cluster(ClusterCommand::RotateCerts(args)) => {
+            let rotated = init::rotate(&args)?;
+            println!(
+                "rewrote {}; send SIGHUP to each node to load them",
+                rotated.join(", ")
+            );
+            Ok(())
+        }
         Command::Dev(args) => init::dev(args),
         Command::Admin(command) => client::block_on(admin::run(command)),
         Command::Bench(args) => bench::run(args),

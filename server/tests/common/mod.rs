@@ -30,7 +30,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "[node]\nid = 1\nname = \"test-1\"\nregion = \"test\"\ndata_dir = \"data\"\n\n[http]\nlisten = \"{addr}\"\nworkers = 2\n\n{extra}"
+                "[node]\nid = 1\nname = \"test-1\"\nregion = \"test\"\ndata_dir = \"data\"\n\n[http]\nlisten = \"{addr}\"\nworkers = 2\nplaintext = true\n\n[auth]\nenabled = false\n\n{extra}"
             ),
         )
         .unwrap();
