@@ -423,8 +423,8 @@ impl Node {
         }
     }
 
-    /// Spawns the process (without waiting for readiness).
-    fn spawn(&self) -> Result<()> {
+    /// Spawns the process without waiting for readiness (start peers together, then wait).
+    pub fn spawn(&self) -> Result<()> {
         let mut child = self.child();
         if let Some(running) = child.as_mut() {
             if running.try_wait().ok().flatten().is_none() {
