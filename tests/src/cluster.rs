@@ -267,7 +267,11 @@ impl Node {
         let config = NodeConfig::parse(&text)
             .with_context(|| format!("parsing {}", config_path.display()))?;
         let data_dir = dir.join(&config.data_dir);
-        let args = vec!["serve".into(), "--config".into(), config_path.clone().into()];
+        let args = vec![
+            "serve".into(),
+            "--config".into(),
+            config_path.clone().into(),
+        ];
         let mut node = Self::launch(NodeLaunch {
             index,
             config,

@@ -293,7 +293,10 @@ async fn compose_configs_run_as_processes_and_converge() {
     // peer address names a service this one shares a network with (compose DNS), at the port
     // that service's own config listens on.
     for (service, config) in services.iter().zip(&generated) {
-        assert_eq!(config.name, service.name, "the service is named after its node");
+        assert_eq!(
+            config.name, service.name,
+            "the service is named after its node"
+        );
         assert_eq!(service.hostname.as_deref(), Some(config.name.as_str()));
         for (peer, address) in &config.peers {
             let (host, port) = split_host_port(address);
@@ -312,7 +315,8 @@ async fn compose_configs_run_as_processes_and_converge() {
     // Each container has its own IP address; on one host, each process gets its own ports.
     let base = ports::pick_base_port(services.len()).unwrap();
     let http = |i: usize| SocketAddr::from(([127, 0, 0, 1], base + i as u16));
-    let peer = |i: usize| SocketAddr::from(([127, 0, 0, 1], base + ports::PEER_PORT_OFFSET + i as u16));
+    let peer =
+        |i: usize| SocketAddr::from(([127, 0, 0, 1], base + ports::PEER_PORT_OFFSET + i as u16));
     let bin = meridian_bin().unwrap();
     let mut nodes = Vec::new();
     for (i, (service, config)) in services.iter().zip(&generated).enumerate() {
@@ -411,7 +415,13 @@ async fn compose_configs_run_as_processes_and_converge() {
                 .register_value(&format!("from-{}", node.region()))
                 .await
                 .unwrap();
-            assert_eq!(value, Some(json!(node.name())), "{} on {}", node.name(), other.name());
+            assert_eq!(
+                value,
+                Some(json!(node.name())),
+                "{} on {}",
+                node.name(),
+                other.name()
+            );
         }
     }
 
@@ -437,7 +447,12 @@ async fn compose_configs_run_as_processes_and_converge() {
     // `docker compose stop` sends SIGTERM: every node drains and exits cleanly.
     for node in &nodes {
         let status = node.stop().await.unwrap();
-        assert!(status.success(), "{} exited with {status}\n{}", node.name(), tails());
+        assert!(
+            status.success(),
+            "{} exited with {status}\n{}",
+            node.name(),
+            tails()
+        );
     }
 }
 
@@ -512,7 +527,10 @@ fn normalize(path: &Path) -> PathBuf {
 /// The files a projected volume provides, by path under its mount: (kind, object, key, optional).
 fn projected_files(volume: &Yaml) -> BTreeMap<String, (String, String, String, bool)> {
     let mut files = BTreeMap::new();
-    for source in volume["projected"]["sources"].as_sequence().expect("a projected volume") {
+    for source in volume["projected"]["sources"]
+        .as_sequence()
+        .expect("a projected volume")
+    {
         for kind in ["configMap", "secret"] {
             let spec = &source[kind];
             if spec.is_null() {
@@ -551,7 +569,10 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
     let root = tempfile::tempdir().unwrap();
     let cluster_dir = run_compose_init(&compose, root.path());
     let init_args = &compose.service("init").command;
-    let regions: Vec<&str> = flag_value(init_args, "--regions").unwrap().split(',').collect();
+    let regions: Vec<&str> = flag_value(init_args, "--regions")
+        .unwrap()
+        .split(',')
+        .collect();
 
     let pod_labels = |region: &str| {
         manifests.get("StatefulSet", &format!("meridian-{region}"))["spec"]["template"]["metadata"]
@@ -571,7 +592,11 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
         let set = manifests.get("StatefulSet", &format!("meridian-{region}"));
         let spec = &set["spec"];
         let labels = pod_labels(region);
-        assert_eq!(spec["replicas"].as_u64(), Some(1), "{region}: one node per config");
+        assert_eq!(
+            spec["replicas"].as_u64(),
+            Some(1),
+            "{region}: one node per config"
+        );
         assert!(selects(&spec["selector"]["matchLabels"], &labels));
         let governing = manifests.get("Service", &str_of(&spec["serviceName"]));
         assert_eq!(str_of(&governing["spec"]["clusterIP"]), "None", "headless");
@@ -664,7 +689,10 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
                 .unwrap_or_else(|| panic!("{region}: no container port {name}"))
                 .clone()
         };
-        assert_eq!(port_named("http")["containerPort"].as_u64(), Some(u64::from(http_port)));
+        assert_eq!(
+            port_named("http")["containerPort"].as_u64(),
+            Some(u64::from(http_port))
+        );
         let peer_port = port_named("peer");
         assert_eq!(
             peer_port["containerPort"].as_u64(),
@@ -679,7 +707,8 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
             let get = &container[probe]["httpGet"];
             assert_eq!(str_of(&get["path"]), path, "{region} {probe}");
             assert!(
-                str_of(&get["port"]) == "http" || get["port"].as_u64() == Some(u64::from(http_port)),
+                str_of(&get["port"]) == "http"
+                    || get["port"].as_u64() == Some(u64::from(http_port)),
                 "{region} {probe} probes the HTTP port"
             );
         }
@@ -694,26 +723,44 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
             security["runAsNonRoot"].as_bool() == Some(true)
                 || pod_security["runAsNonRoot"].as_bool() == Some(true)
         );
-        assert!(pod_security["runAsUser"].as_u64().is_some_and(|uid| uid != 0));
+        assert!(
+            pod_security["runAsUser"]
+                .as_u64()
+                .is_some_and(|uid| uid != 0)
+        );
         let resources = &container["resources"];
         for key in ["cpu", "memory"] {
-            assert!(!resources["requests"][key].is_null(), "{region}: requests.{key}");
+            assert!(
+                !resources["requests"][key].is_null(),
+                "{region}: requests.{key}"
+            );
         }
-        assert!(!resources["limits"]["memory"].is_null(), "{region}: limits.memory");
+        assert!(
+            !resources["limits"]["memory"].is_null(),
+            "{region}: limits.memory"
+        );
 
         // The peer Service other nodes dial, named as the configs name this node.
         let peer_service = manifests.get("Service", &node);
         assert!(selects(&peer_service["spec"]["selector"], &labels));
-        assert_eq!(peer_service["spec"]["publishNotReadyAddresses"].as_bool(), Some(true));
+        assert_eq!(
+            peer_service["spec"]["publishNotReadyAddresses"].as_bool(),
+            Some(true)
+        );
         // Every peer address of this node is a Service with that UDP port.
         for (peer, address) in &generated.peers {
             let (host, port) = split_host_port(address);
             assert_eq!(host, peer);
             let service = manifests.get("Service", host);
             assert!(
-                service["spec"]["ports"].as_sequence().unwrap().iter().any(|p| {
-                    p["port"].as_u64() == Some(u64::from(port)) && str_of(&p["protocol"]) == "UDP"
-                }),
+                service["spec"]["ports"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|p| {
+                        p["port"].as_u64() == Some(u64::from(port))
+                            && str_of(&p["protocol"]) == "UDP"
+                    }),
                 "Service {host} does not expose UDP {port}"
             );
         }
@@ -724,8 +771,8 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
             &labels
         ));
         assert!(selects(
-            &manifests.get("PodDisruptionBudget", &format!("meridian-{region}"))["spec"]
-                ["selector"]["matchLabels"],
+            &manifests.get("PodDisruptionBudget", &format!("meridian-{region}"))["spec"]["selector"]
+                ["matchLabels"],
             &labels
         ));
     }
@@ -735,7 +782,10 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
     assert_eq!(policies.len(), 1);
     let policy = &policies[0]["spec"];
     for region in &regions {
-        assert!(selects(&policy["podSelector"]["matchLabels"], &pod_labels(region)));
+        assert!(selects(
+            &policy["podSelector"]["matchLabels"],
+            &pod_labels(region)
+        ));
         let node = format!("{region}-1");
         let peer_port = load_generated(&cluster_dir.join(&node).join("config.toml"))
             .peer_listen
@@ -754,9 +804,14 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
                 }) || rule["ports"].is_null()
             })
             .collect();
-        assert!(!covering.is_empty(), "UDP {peer_port} is not allowed at all");
+        assert!(
+            !covering.is_empty(),
+            "UDP {peer_port} is not allowed at all"
+        );
         for rule in covering {
-            let from = rule["from"].as_sequence().expect("UDP only from listed peers");
+            let from = rule["from"]
+                .as_sequence()
+                .expect("UDP only from listed peers");
             assert!(from.iter().all(|peer| {
                 let labels = pod_labels(region);
                 selects(&peer["podSelector"]["matchLabels"], &labels)
@@ -843,9 +898,13 @@ impl promql_parser::util::ExprVisitor for Collect<'_> {
 }
 
 /// Sample names of a Prometheus/OpenMetrics text, each with the label names seen on it.
+/// (prometheus-client omits families without samples, so the test makes traffic of every kind.)
 fn exported(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut metrics: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let end = line.find(['{', ' ']).unwrap_or(line.len());
         let labels = metrics.entry(line[..end].to_owned()).or_default();
         if line[end..].starts_with('{') {
@@ -906,27 +965,38 @@ async fn dashboard_queries_only_metrics_a_node_exports() {
     }
 
     // Two regions, with traffic of every kind the dashboard shows: writes and reads at two
-    // levels, an error, replication both ways, an anti-entropy round.
-    let cluster = Cluster::start(ClusterSpec::new(&["us-east", "eu-west"]))
-        .await
-        .unwrap();
+    // levels, an error, replication both ways, a read repair, an anti-entropy round.
+    let cluster = Cluster::start(
+        ClusterSpec::new(&["us-east", "eu-west"])
+            .extra_config("[debug]\nallow_state_overwrite = true"),
+    )
+    .await
+    .unwrap();
     let client = cluster.node(0).client();
+    meridian_tests::wait_until(CONVERGE, "eu-west-1 reachable from us-east-1", || {
+        let client = client.clone();
+        async move {
+            let info = client.cluster_info().await?;
+            Ok(info["peers"][0]["reachable"] == true)
+        }
+    })
+    .await
+    .unwrap();
     client.incr("dashboard", 1).await.unwrap();
     client.put_register("dashboard", &json!("x")).await.unwrap();
     let quorum = client.with_consistency("GLOBAL_QUORUM");
     quorum.incr("dashboard", 1).await.unwrap();
     quorum.counter("dashboard").await.unwrap();
     let bad = client
-        .request(Method::POST, &["v1", "gcounters", "dashboard"], Some(&json!({"increment": -1})))
+        .request(
+            Method::POST,
+            &["v1", "gcounters", "dashboard"],
+            Some(&json!({"increment": -1})),
+        )
         .await
         .unwrap();
     assert_eq!(bad.status, 400);
-    cluster
-        .node(1)
-        .client()
-        .incr("dashboard", 1)
-        .await
-        .unwrap();
+    cluster.node(1).client().incr("dashboard", 1).await.unwrap();
     cluster
         .wait_converged(CONVERGE, |c| async move {
             let value = c.counter("dashboard").await?;
@@ -935,6 +1005,44 @@ async fn dashboard_queries_only_metrics_a_node_exports() {
         })
         .await
         .unwrap();
+    // A read repair: an element planted on eu-west-1 without an op reaches us-east-1 only
+    // through the ALL read's merge, which us-east-1 then writes back to itself.
+    cluster
+        .node(1)
+        .client()
+        .request(
+            Method::POST,
+            &[
+                "v1",
+                "admin",
+                "debug",
+                "merge-unlogged",
+                "sets",
+                "dashboard",
+            ],
+            Some(&json!({ "element": "planted" })),
+        )
+        .await
+        .unwrap()
+        .ok("plant an element")
+        .unwrap();
+    client
+        .with_consistency("ALL")
+        .set_elements("dashboard")
+        .await
+        .unwrap();
+    let scraper = client.clone();
+    meridian_tests::wait_until(CONVERGE, "a read repair counted", move || {
+        let scraper = scraper.clone();
+        async move {
+            Ok(scraper
+                .metrics()
+                .await?
+                .contains("meridian_read_repairs_total{"))
+        }
+    })
+    .await
+    .unwrap();
     let mut url = client.url(&["v1", "admin", "anti-entropy"]).unwrap();
     url.set_query(Some("peer=eu-west-1"));
     client
@@ -956,7 +1064,9 @@ async fn dashboard_queries_only_metrics_a_node_exports() {
         };
         for label in &uses.matchers[metric] {
             if !labels.contains(label) && !target_labels.contains(&label.as_str()) {
-                problems.push(format!("{metric} has no label {label:?} (it has {labels:?})"));
+                problems.push(format!(
+                    "{metric} has no label {label:?} (it has {labels:?})"
+                ));
             }
         }
     }
@@ -1030,8 +1140,14 @@ fn dockerfile_keeps_the_rules() {
         );
         if keyword == "RUN" && args.contains("apt-get install") {
             assert!(args.contains("--no-install-recommends"), "RUN {args}");
-            assert!(args.contains("apt-get update"), "update in the same layer: {args}");
-            assert!(args.contains("rm -rf /var/lib/apt/lists/*"), "clean apt lists: {args}");
+            assert!(
+                args.contains("apt-get update"),
+                "update in the same layer: {args}"
+            );
+            assert!(
+                args.contains("rm -rf /var/lib/apt/lists/*"),
+                "clean apt lists: {args}"
+            );
         }
         if keyword == "CMD" || keyword == "ENTRYPOINT" {
             let exec: Vec<String> = serde_json::from_str(&args)
@@ -1059,10 +1175,16 @@ fn dockerfile_keeps_the_rules() {
     };
     let user = last("USER");
     let name = user.split(':').next().unwrap();
-    assert!(name != "root" && name != "0", "USER {user}: run as non-root");
+    assert!(
+        name != "root" && name != "0",
+        "USER {user}: run as non-root"
+    );
     assert!(last("HEALTHCHECK").contains("/healthz"));
     assert_eq!(last("ENTRYPOINT"), r#"["/usr/local/bin/meridian"]"#);
 
     let ignore = read(&deploy_dir().join("../.dockerignore"));
-    assert!(ignore.lines().any(|l| l.trim() == "/target"), ".dockerignore keeps target/ out");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "/target"),
+        ".dockerignore keeps target/ out"
+    );
 }

@@ -117,10 +117,7 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         "--base-port leaves no room for {total} nodes (ports base..base+{total} and base+100..)"
     );
     if args.dir.join("ca.pem").exists() && args.keep_existing {
-        eprintln!(
-            "{} already holds a cluster; keeping it",
-            args.dir.display()
-        );
+        eprintln!("{} already holds a cluster; keeping it", args.dir.display());
         return existing_configs(&args.dir);
     }
     if args.dir.join("ca.pem").exists() && !args.force {
