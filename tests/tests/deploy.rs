@@ -99,7 +99,7 @@ impl Compose {
     fn load() -> Self {
         let doc = read_yaml(&deploy_dir().join("docker-compose.yml"));
         let mut services = BTreeMap::new();
-        for (name, spec) in doc["services"].as_mapping().expect("services").iter() {
+        for (name, spec) in doc["services"].as_mapping().expect("services") {
             let name = str_of(name);
             let environment = match &spec["environment"] {
                 Yaml::Mapping(map) => map.iter().map(|(k, v)| (str_of(k), str_of(v))).collect(),
@@ -471,7 +471,7 @@ impl Manifests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if !name.ends_with(".yaml") || name == "kustomization.yaml" {
+            if path.extension().is_none_or(|e| e != "yaml") || name == "kustomization.yaml" {
                 continue;
             }
             files.push(name);
@@ -1170,8 +1170,10 @@ fn dockerfile_keeps_the_rules() {
             .iter()
             .rev()
             .find(|(k, _)| k == keyword)
-            .map(|(_, a)| a.clone())
-            .unwrap_or_else(|| panic!("the final stage has no {keyword}"))
+            .map_or_else(
+                || panic!("the final stage has no {keyword}"),
+                |(_, a)| a.clone(),
+            )
     };
     let user = last("USER");
     let name = user.split(':').next().unwrap();
@@ -1187,4 +1189,55 @@ fn dockerfile_keeps_the_rules() {
         ignore.lines().any(|l| l.trim() == "/target"),
         ".dockerignore keeps target/ out"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The overrides deploy files rely on
+
+/// `serve` overrides for what a container network decides: wrong ones are one-line errors.
+#[test]
+fn address_overrides_refuse_what_the_config_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = meridian_bin().unwrap();
+    let init = Command::new(&bin)
+        .args([
+            "cluster",
+            "init",
+            "--regions",
+            "a,b",
+            "--base-port",
+            "20000",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let config = dir.path().join("a-1/config.toml");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--peer-address", "nobody=127.0.0.1:1"],
+            "the config has no peer named \"nobody\"",
+        ),
+        (&["--peer-address", "b-1"], "expected NAME=HOST:PORT"),
+        (&["--peer-listen", "localhost"], "invalid value"),
+    ];
+    for (args, message) in cases {
+        let output = Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    let standalone = Command::new(&bin)
+        .args(["serve", "--peer-listen", "127.0.0.1:1", "--data-dir"])
+        .arg(dir.path().join("standalone"))
+        .output()
+        .unwrap();
+    assert!(!standalone.status.success());
+    assert!(String::from_utf8_lossy(&standalone.stderr).contains("no [peer] section"));
 }
