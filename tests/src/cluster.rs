@@ -206,6 +206,26 @@ impl ClusterSpec {
     }
 }
 
+/// What [`Node::launch`] runs.
+#[derive(Clone, Debug)]
+pub struct NodeLaunch {
+    /// Position among the nodes the caller manages.
+    pub index: usize,
+    /// The node's effective settings, as the process will run them (flags and environment
+    /// applied): the harness's client talks to `config.http`.
+    pub config: NodeConfig,
+    /// Working directory; `stdout.log` and `stderr.log` go here.
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub data_dir: PathBuf,
+    /// Arguments after the binary.
+    pub args: Vec<OsString>,
+    /// Environment variables on top of the harness's (log filter, no colours).
+    pub env: Vec<(String, String)>,
+    /// The `meridian` binary ([`meridian_bin`]).
+    pub bin: PathBuf,
+}
+
 /// One `meridian serve` process of a cluster. Methods take `&self`; the process
 /// handle is behind a mutex that is never held across an await.
 pub struct Node {
@@ -215,6 +235,9 @@ pub struct Node {
     config_path: PathBuf,
     data_dir: PathBuf,
     bin: PathBuf,
+    /// Arguments after the binary: `serve --config <config_path>` unless launched with its
+    /// own command line ([`Node::launch`]).
+    args: Vec<OsString>,
     env: Vec<(String, String)>,
     ready_timeout: Duration,
     stop_timeout: Duration,
@@ -245,9 +268,48 @@ impl Node {
         let config = NodeConfig::parse(&text)
             .with_context(|| format!("parsing {}", config_path.display()))?;
         let data_dir = dir.join(&config.data_dir);
+        let args = vec![
+            "serve".into(),
+            "--config".into(),
+            config_path.clone().into(),
+        ];
+        let mut node = Self::launch(NodeLaunch {
+            index,
+            config,
+            dir,
+            config_path,
+            data_dir,
+            args,
+            env: spec.env.clone(),
+            bin,
+        })?;
+        node.ready_timeout = spec.ready_timeout;
+        node.stop_timeout = spec.stop_timeout;
+        Ok(node)
+    }
+
+    /// A node run with its own command line rather than by [`Cluster::start`] (e.g. the
+    /// command line of a deploy file). Not started yet: call [`Node::start`].
+    pub fn launch(launch: NodeLaunch) -> Result<Self> {
+        let NodeLaunch {
+            index,
+            config,
+            dir,
+            config_path,
+            data_dir,
+            args,
+            env: extra_env,
+            bin,
+        } = launch;
         // The one place tests learn the cluster's CA and token: every client the harness
         // hands out carries them.
-        let credentials = Credentials::discover(dir.parent().unwrap_or(&dir), config.https)?;
+        // `cluster init` writes each node's config into its own folder of the cluster dir.
+        let cluster_dir = config_path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&dir)
+            .to_owned();
+        let credentials = Credentials::discover(&cluster_dir, config.https)?;
         let scheme = if config.https { "https" } else { "http" };
         let client = Client::connect(&format!("{scheme}://{}", config.http), &credentials)?;
         let mut env = vec![(LOG_ENV.to_owned(), default_log_filter())];
@@ -260,7 +322,7 @@ impl Node {
         if std::env::var_os("NO_COLOR").is_none() {
             env.push(("NO_COLOR".to_owned(), "1".to_owned()));
         }
-        env.extend(spec.env.iter().cloned());
+        env.extend(extra_env);
         Ok(Self {
             index,
             config,
@@ -268,9 +330,10 @@ impl Node {
             config_path,
             data_dir,
             bin,
+            args,
             env,
-            ready_timeout: spec.ready_timeout,
-            stop_timeout: spec.stop_timeout,
+            ready_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(15),
             client,
             credentials,
             child: Mutex::new(None),
@@ -382,8 +445,8 @@ impl Node {
         }
     }
 
-    /// Spawns the process (without waiting for readiness).
-    fn spawn(&self) -> Result<()> {
+    /// Spawns the process without waiting for readiness (start peers together, then wait).
+    pub fn spawn(&self) -> Result<()> {
         let mut child = self.child();
         if let Some(running) = child.as_mut() {
             if running.try_wait().ok().flatten().is_none() {
@@ -410,22 +473,14 @@ impl Node {
         )
         .context("writing to the node's stderr log")?;
         let spawned = Command::new(&self.bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
+            .args(&self.args)
             .current_dir(&self.dir)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .with_context(|| {
-                format!(
-                    "spawning {} serve --config {}",
-                    self.bin.display(),
-                    self.config_path.display()
-                )
-            })?;
+            .with_context(|| format!("spawning {} {:?}", self.bin.display(), self.args))?;
         tracing::debug!(node = %self.config.name, pid = spawned.id(), "node spawned");
         *child = Some(spawned);
         Ok(())

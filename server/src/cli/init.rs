@@ -35,7 +35,7 @@ pub struct InitArgs {
     #[arg(long, default_value = "ip", value_parser = ["ip", "name"])]
     pub peer_hosts: String,
     /// Replace an existing cluster directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_existing")]
     pub force: bool,
     /// Extra host names or IP addresses for the HTTP certificates (how clients reach nodes,
     /// e.g. a load balancer's name); repeatable.
@@ -47,6 +47,10 @@ pub struct InitArgs {
     /// Serve the HTTP API without authentication (trusted networks only).
     #[arg(long)]
     pub no_auth: bool,
+    /// When DIR already holds a cluster, keep it and succeed (a re-run init container or
+    /// compose service must not fail, nor mint a second CA).
+    #[arg(long)]
+    pub keep_existing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -344,6 +348,10 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         u32::from(args.base_port) + 100 + total as u32 <= 65_535 && args.base_port >= 1024,
         "--base-port leaves no room for {total} nodes (ports base..base+{total} and base+100..)"
     );
+    if args.dir.join("ca.pem").exists() && args.keep_existing {
+        eprintln!("{} already holds a cluster; keeping it", args.dir.display());
+        return existing_configs(&args.dir);
+    }
     if args.dir.join("ca.pem").exists() && !args.force {
         bail!(
             "{} already holds a cluster; pass --force to replace it",
@@ -448,17 +456,22 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
     Ok(configs)
 }
 
+/// The node configs of a cluster directory written earlier.
+fn existing_configs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path().join("config.toml")))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 /// Initialises a loopback cluster once, then runs all its nodes in this process.
 pub fn dev(args: DevArgs) -> Result<()> {
     super::serve::init_logging(super::serve::LogFormat::Text);
     let configs = if args.dir.join("ca.pem").exists() {
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&args.dir)
-            .with_context(|| format!("cannot read {}", args.dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path().join("config.toml")))
-            .filter(|p| p.exists())
-            .collect();
-        found.sort();
-        found
+        existing_configs(&args.dir)?
     } else {
         init(&InitArgs {
             regions: args.regions.clone(),
@@ -472,6 +485,7 @@ pub fn dev(args: DevArgs) -> Result<()> {
             http_hosts: Vec::new(),
             http_plaintext: false,
             no_auth: false,
+            keep_existing: false,
         })?
     };
     let configs = configs

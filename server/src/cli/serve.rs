@@ -19,6 +19,20 @@ pub struct ServeArgs {
     /// Overrides [node] data_dir; without --config, runs a standalone node on this directory.
     #[arg(long, env = "MERIDIAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Overrides [peer] listen (the QUIC endpoint).
+    #[arg(long, env = "MERIDIAN_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// Overrides the address of the peer NAME: `NAME=HOST:PORT`, repeatable (comma-separated in
+    /// the environment). For when the network, not the config, decides where a peer is: the
+    /// same generated config runs under container DNS, Kubernetes, or on one host.
+    #[arg(
+        long = "peer-address",
+        env = "MERIDIAN_PEER_ADDRESSES",
+        value_name = "NAME=HOST:PORT",
+        value_delimiter = ',',
+        value_parser = parse_peer_address
+    )]
+    peer_addresses: Vec<(String, String)>,
     /// Overrides [http] workers (0: one per core).
     #[arg(long, env = "MERIDIAN_WORKERS")]
     workers: Option<usize>,
@@ -44,6 +58,15 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+fn parse_peer_address(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, address)) if !name.is_empty() && address.contains(':') => {
+            Ok((name.to_owned(), address.to_owned()))
+        }
+        _ => Err(format!("{text:?}: expected NAME=HOST:PORT")),
+    }
+}
+
 pub fn load(args: &ServeArgs) -> Result<Config> {
     let mut config = match (&args.config, &args.data_dir) {
         (Some(path), _) => Config::load(path)?,
@@ -58,6 +81,18 @@ pub fn load(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(workers) = args.workers {
         config.http.workers = workers;
+    }
+    if let Some(listen) = args.peer_listen {
+        match config.peer.as_mut() {
+            Some(peer) => peer.listen = listen,
+            None => bail!("--peer-listen: the config has no [peer] section"),
+        }
+    }
+    for (name, address) in &args.peer_addresses {
+        let Some(peer) = config.peers.iter_mut().find(|p| &p.name == name) else {
+            bail!("--peer-address {name}={address}: the config has no peer named {name:?}");
+        };
+        peer.address.clone_from(address);
     }
     config.validate()?;
     Ok(config)
