@@ -142,6 +142,68 @@ pub enum Message {
     PushReply {
         merged: u64,
     },
+    /// Anti-entropy dialogue version 2: salted short fingerprints instead of full hashes, and
+    /// states fetched by leaf fingerprint (see [`crate::ae`]). Answered by [`Message::SyncReply`]
+    /// (or `ReadFailed`). Nodes keep serving the version-1 requests above, so an older peer can
+    /// still sync with a newer one.
+    SyncRequest(AeRequest),
+    SyncReply(AeReply),
+}
+
+/// The version of the anti-entropy dialogue that [`AeRequest`] carries.
+pub const AE_DIALOGUE_VERSION: u8 = 2;
+
+/// A request of the version-2 anti-entropy dialogue.
+///
+/// Fingerprints are `fp_len`-byte keyed hashes under the requester's `salt` (fresh each round;
+/// see [`crate::merkle::fingerprint_into`]); `fp_len` must be in 1..=[`crate::merkle::MAX_FINGERPRINT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AeRequest {
+    /// The full 32-byte root hash: identical replicas stop here. `version` is the dialogue
+    /// version the requester speaks ([`AE_DIALOGUE_VERSION`]); another one is refused.
+    Root { version: u8 },
+    /// The fingerprints of the [`crate::merkle::FANOUT`] children of each listed node at
+    /// `depth` (< [`crate::merkle::DEPTH`]). At most [`MAX_AE_PREFIXES`] prefixes.
+    Children {
+        salt: u64,
+        fp_len: u8,
+        depth: u8,
+        prefixes: Vec<u32>,
+    },
+    /// The fingerprints of the leaves (`leaf(key, state hash)`) of each listed bucket. At most
+    /// [`MAX_AE_BUCKETS`] buckets and [`MAX_AE_ITEMS`] leaves in all.
+    Leaves {
+        salt: u64,
+        fp_len: u8,
+        buckets: Vec<u32>,
+    },
+    /// The states of the keys whose leaf fingerprints are listed, per bucket: `(bucket,
+    /// concatenated fingerprints)`. At most [`MAX_AE_KEYS`] fingerprints in all.
+    Fetch {
+        salt: u64,
+        fp_len: u8,
+        wanted: Vec<(u32, Vec<u8>)>,
+    },
+}
+
+/// The answer to an [`AeRequest`] of the same variant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AeReply {
+    Root {
+        hash: [u8; 32],
+    },
+    /// `fp_len` bytes per child, `FANOUT` children per requested prefix, in request order.
+    Children {
+        fingerprints: Vec<u8>,
+    },
+    /// Per requested bucket, in request order: its leaves' fingerprints, concatenated.
+    Leaves {
+        buckets: Vec<Vec<u8>>,
+    },
+    /// (storage key, encoded state) of every key matching a wanted fingerprint.
+    States {
+        states: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 /// Most tree nodes one [`Message::TreeRequest`] may name.

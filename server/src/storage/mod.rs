@@ -133,6 +133,12 @@ pub(crate) enum Command {
         states: Vec<(Vec<u8>, State)>,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
+    /// Garbage collection: drop what the stable `frontier` covers in these storage keys.
+    Collect {
+        keys: Vec<Vec<u8>>,
+        frontier: VersionVector,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
     /// Time for a checkpoint (sent by the checkpoint timer).
     Checkpoint,
     /// Commit what came before, then stop.

@@ -49,7 +49,7 @@ pub(super) enum Pending {
         Option<RemoteError>,
     ),
     Truncate(oneshot::Sender<Result<u64, StorageError>>, u64),
-    /// Full states merged (anti-entropy): how many keys changed.
+    /// Full states merged (anti-entropy), or keys garbage-collected: how many keys changed.
     Merge(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
 
@@ -112,6 +112,9 @@ pub(super) struct Batch<'t> {
     states: Table<'t, &'static [u8], &'static [u8]>,
     wal: Table<'t, (u64, u64), &'static [u8]>,
     dirty: HashMap<Vec<u8>, State>,
+    /// Keys garbage collection left at bottom: deleted (and dropped from the Merkle tree)
+    /// instead of written back, unless something else in the group revived them.
+    collected: Vec<Vec<u8>>,
     pub(super) applied: VersionVector,
     /// Encoded ops, for the journal.
     records: Vec<Vec<u8>>,
@@ -126,6 +129,7 @@ impl<'t> Batch<'t> {
             states: txn.open_table(STATES)?,
             wal: txn.open_table(WAL)?,
             dirty: HashMap::new(),
+            collected: Vec::new(),
             applied,
             records: Vec::new(),
         })
@@ -223,6 +227,34 @@ impl<'t> Batch<'t> {
         Ok(changed)
     }
 
+    /// Garbage collection at a stable frontier: drops the metadata of `keys` that `frontier`
+    /// covers, re-reading each state in this transaction (a write since the caller's scan is
+    /// taken into account). Returns how many keys changed. Logs no op, like a merge: a crash
+    /// before the next checkpoint loses the collection, and the next pass redoes it.
+    pub(super) fn collect_garbage(
+        &mut self,
+        keys: Vec<Vec<u8>>,
+        frontier: &VersionVector,
+    ) -> Result<u64, StorageError> {
+        let mut changed = 0;
+        for storage_key in keys {
+            let Some((kind, key)) = super::tables::split_state_key(&storage_key) else {
+                continue;
+            };
+            let key = key.to_owned();
+            let state = self.state_at(storage_key.clone(), kind, &key)?;
+            let before = state.clone();
+            let bottom = state.collect_garbage(frontier);
+            if *state != before {
+                changed += 1;
+            }
+            if bottom {
+                self.collected.push(storage_key);
+            }
+        }
+        Ok(changed)
+    }
+
     /// Writes the touched states and the applied vector into `txn`'s tables. Also returns the
     /// Merkle updates (bucket, storage key, state hash) to apply once the commit succeeded.
     pub(super) fn finish(
@@ -234,14 +266,24 @@ impl<'t> Batch<'t> {
             mut states,
             wal,
             dirty,
+            collected,
             applied,
             records,
         } = self;
         let mut leaves = Vec::with_capacity(dirty.len());
         for (key, state) in dirty {
+            if state.is_bottom() && collected.contains(&key) {
+                states.remove(key.as_slice())?;
+                leaves.push((merkle::bucket_of(&key), key, None));
+                continue;
+            }
             let encoded = codec::encode_state(&state);
             states.insert(key.as_slice(), encoded.as_slice())?;
-            leaves.push((merkle::bucket_of(&key), key, merkle::state_hash(&encoded)));
+            leaves.push((
+                merkle::bucket_of(&key),
+                key,
+                Some(merkle::state_hash(&encoded)),
+            ));
         }
         drop((states, wal));
         let mut applied_table = txn.open_table(APPLIED)?;
@@ -258,8 +300,9 @@ impl<'t> Batch<'t> {
 /// the Merkle updates to apply after the commit.
 pub(super) type Finished = (VersionVector, Vec<Vec<u8>>, Vec<LeafUpdate>);
 
-/// One key's new state hash for the Merkle tree: (bucket, storage key, hash).
-pub(super) type LeafUpdate = (u32, Vec<u8>, merkle::Hash);
+/// One key's new state hash for the Merkle tree: (bucket, storage key, hash); `None` when
+/// garbage collection deleted the key.
+pub(super) type LeafUpdate = (u32, Vec<u8>, Option<merkle::Hash>);
 
 /// Applies a committed group's Merkle updates: memory only, the lock held for no I/O.
 pub(super) fn apply_leaves(tree: &RwLock<MerkleTree>, leaves: Vec<LeafUpdate>) {
@@ -268,7 +311,10 @@ pub(super) fn apply_leaves(tree: &RwLock<MerkleTree>, leaves: Vec<LeafUpdate>) {
     }
     let mut tree = tree.write().unwrap_or_else(PoisonError::into_inner);
     for (bucket, key, hash) in leaves {
-        tree.insert_in(bucket, &key, hash);
+        match hash {
+            Some(hash) => tree.insert_in(bucket, &key, hash),
+            None => tree.remove(&key),
+        };
     }
 }
 
@@ -406,6 +452,14 @@ impl Writer {
                 }
                 Command::Merge { states, reply } => {
                     let changed = batch.merge_states(states)?;
+                    pending.push(Pending::Merge(reply, changed));
+                }
+                Command::Collect {
+                    keys,
+                    frontier,
+                    reply,
+                } => {
+                    let changed = batch.collect_garbage(keys, &frontier)?;
                     pending.push(Pending::Merge(reply, changed));
                 }
                 Command::Shutdown | Command::Checkpoint => {}
