@@ -484,7 +484,58 @@ mod tests {
         assert_eq!(hex(&frame), "000000050009000100");
     }
 
+    #[test]
+    fn golden_sync_dialogue_v2() {
+        // SyncRequest is variant 17 (0x11); Root is its variant 0, dialogue version 2.
+        let frame = encode_frame(&Message::SyncRequest(AeRequest::Root {
+            version: AE_DIALOGUE_VERSION,
+        }))
+        .unwrap();
+        assert_eq!(hex(&frame), "0000000400110002");
+        // Children: variant 1, salt 5, 4-byte fingerprints, depth 2, prefixes [3, 300].
+        let msg = Message::SyncRequest(AeRequest::Children {
+            salt: 5,
+            fp_len: 4,
+            depth: 2,
+            prefixes: vec![3, 300],
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex(&frame), "0000000a0011010504020203ac02");
+        // SyncReply is variant 18 (0x12); States is its variant 3.
+        let msg = Message::SyncReply(AeReply::States {
+            states: vec![(b"\x01k".to_vec(), vec![9])],
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex(&frame), "000000090012030102016b0109");
+        assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+    }
+
     proptest! {
+        #[test]
+        fn sync_messages_round_trip(
+            salt in any::<u64>(),
+            fp_len in any::<u8>(),
+            numbers in proptest::collection::vec(any::<u32>(), 0..50),
+            blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..20),
+        ) {
+            let wanted: Vec<(u32, Vec<u8>)> =
+                numbers.iter().copied().zip(blobs.iter().cloned()).collect();
+            let msgs = [
+                Message::SyncRequest(AeRequest::Leaves { salt, fp_len, buckets: numbers.clone() }),
+                Message::SyncRequest(AeRequest::Fetch { salt, fp_len, wanted }),
+                Message::SyncReply(AeReply::Children { fingerprints: blobs.concat() }),
+                Message::SyncReply(AeReply::Leaves { buckets: blobs.clone() }),
+            ];
+            for msg in msgs {
+                let frame = encode_frame(&msg).unwrap();
+                prop_assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+                // Any prefix of a valid body is refused, never a panic.
+                for cut in 5..frame.len() {
+                    let _ = decode_payload(&frame[4..cut]);
+                }
+            }
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = decode_frame(&bytes);
