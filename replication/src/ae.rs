@@ -1,22 +1,38 @@
 //! Anti-entropy: the Merkle sync dialogue, independent of the transport.
 //!
-//! # One round with one peer (push-pull)
-//! 1. Compare the root's children, then descend only into differing nodes, one level per
-//!    request ([`Message::TreeRequest`]), down to the leaf buckets.
-//! 2. Exchange the (key, state hash) lists of differing buckets ([`Message::BucketRequest`]).
-//! 3. Keys whose hashes differ, or that one side lacks: fetch the peer's states and merge them
-//!    here ([`Message::StatesRequest`]); then push ours (read after that merge) for the peer to
-//!    merge ([`Message::PushStates`]). Both sides end with the join.
+//! # One round with one peer (push-pull), dialogue version 2
+//! 0. Compare the full 32-byte roots ([`AeRequest::Root`]): identical replicas stop after
+//!    this one small exchange.
+//! 1. Descend only into differing nodes, one level per request ([`AeRequest::Children`]),
+//!    comparing the children as short *fingerprints*: 4-byte keyed hashes under a salt the
+//!    requester draws afresh each round, down to the 2^16 leaf buckets.
+//! 2. For each differing bucket, compare the fingerprints of its leaves
+//!    (`leaf(key, state hash)`, [`AeRequest::Leaves`]) as multisets: a leaf of the peer's that
+//!    we lack names a key that differs or that we lack; a leaf of ours that the peer lacks, a
+//!    key it lacks or holds differently. No key names travel at this step.
+//! 3. Fetch the peer's states of the leaves we lack, by fingerprint ([`AeRequest::Fetch`]), and
+//!    merge them here.
+//! 4. Push ours (read after that merge) for the keys the peer lacks or holds differently,
+//!    except where our join equals what the peer sent (it already has it):
+//!    [`Message::PushStates`]. Both sides end with the join.
 //!
-//! Traffic is proportional to the difference: one 16-hash reply per differing interior node,
-//! one key list per differing bucket, and full states only of differing keys. Every list is
-//! bounded (see the `MAX_AE_*` limits in [`crate::wire`]); a round repairs at most
-//! `max_keys_per_round` keys and is paced by a keys/s and bytes/s budget; what is left waits
-//! for the next round.
+//! Traffic is proportional to the difference: per differing node one fingerprint per child,
+//! per differing bucket one fingerprint per key, and full states only of differing keys, each
+//! sent once in each direction at most (once when one side's state includes the other's).
+//! A fingerprint collision can hide a difference for one round only: the salt changes and the
+//! unequal roots keep later rounds looking. Every list is bounded (see the `MAX_AE_*` limits
+//! in [`crate::wire`]) and every request validated before it is served; a round repairs at
+//! most `max_keys_per_round` keys and is paced by a keys/s and bytes/s budget; what is left
+//! waits for the next round.
+//!
+//! Nodes still serve the version-1 requests (full 32-byte hashes, whole bucket key lists), so
+//! an older peer can sync with a newer one; a newer node syncing with an older one fails its
+//! rounds until the older one is upgraded.
 //!
 //! [`run_round`] drives a round through an [`AeTransport`] (QUIC in `node`, a direct call in
 //! tests); [`answer`] is the serving side.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -24,10 +40,18 @@ use meridian_crdt::{State, codec};
 
 use crate::merkle::{self, DEPTH, FANOUT, Hash};
 use crate::store::{ReplicaStore, StoreError};
-use crate::wire::{MAX_AE_BUCKETS, MAX_AE_ITEMS, MAX_AE_KEYS, MAX_AE_PREFIXES, Message};
+use crate::wire::{
+    AE_DIALOGUE_VERSION, AeReply, AeRequest, MAX_AE_BUCKETS, MAX_AE_ITEMS, MAX_AE_KEYS,
+    MAX_AE_PREFIXES, Message,
+};
 
-/// Buckets asked per [`Message::BucketRequest`].
+/// Buckets asked per [`AeRequest::Leaves`].
 const BUCKETS_PER_REQUEST: usize = 256;
+
+/// Bytes per fingerprint. With a fresh salt per round, 4 bytes make a collision that hides a
+/// difference for one round about a 2^-32 event per differing node compared, and the root
+/// (compared in full) keeps later rounds looking until they find it.
+const FP_LEN: u8 = 4;
 
 /// Knobs of a round.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,98 +134,151 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
         complete: true,
         ..RoundReport::default()
     };
-    let call = async |request: Message, report: &mut RoundReport| {
-        let (reply, sent, received) = peer.call(request).await?;
+    let call = async |request: AeRequest, report: &mut RoundReport| {
+        let (reply, sent, received) = peer.call(Message::SyncRequest(request)).await?;
         report.bytes_sent += sent;
         report.bytes_received += received;
         match reply {
+            Message::SyncReply(reply) => Ok(reply),
             Message::ReadFailed { reason } => Err(AeError::Failed(reason)),
-            other => Ok(other),
+            other => Err(AeError::Protocol(format!("unexpected reply {other:?}"))),
         }
     };
+    let salt = fresh_salt();
+    let fp = usize::from(FP_LEN);
 
-    // 1. Descend the tree through differing nodes only.
+    // 0. Equal roots: identical replicas, one small exchange.
+    let request = AeRequest::Root {
+        version: AE_DIALOGUE_VERSION,
+    };
+    let AeReply::Root { hash } = call(request, &mut report).await? else {
+        return Err(AeError::Protocol("expected a root".into()));
+    };
+    if hash == root_of(store)? {
+        return Ok(report);
+    }
+
+    // 1. Descend the tree through differing nodes only, comparing salted fingerprints.
     let mut differing: Vec<u32> = vec![0];
     for depth in 0..DEPTH {
         let mut next = Vec::new();
         for chunk in differing.chunks(MAX_AE_PREFIXES) {
-            let ours = store.tree_children(depth, chunk)?;
-            let request = Message::TreeRequest {
+            let mut ours = Vec::with_capacity(chunk.len() * FANOUT * fp);
+            for hash in store.tree_children(depth, chunk)? {
+                merkle::fingerprint_into(salt, &hash, fp, &mut ours);
+            }
+            let request = AeRequest::Children {
+                salt,
+                fp_len: FP_LEN,
                 depth,
                 prefixes: chunk.to_vec(),
             };
-            let Message::TreeReply { hashes } = call(request, &mut report).await? else {
-                return Err(AeError::Protocol("expected TreeReply".into()));
+            let AeReply::Children {
+                fingerprints: theirs,
+            } = call(request, &mut report).await?
+            else {
+                return Err(AeError::Protocol("expected children".into()));
             };
-            if hashes.len() != chunk.len() * FANOUT || ours.len() != hashes.len() {
+            if theirs.len() != ours.len() {
                 return Err(AeError::Protocol(format!(
-                    "{} hashes for {} nodes",
-                    hashes.len(),
+                    "{} fingerprint bytes for {} nodes",
+                    theirs.len(),
                     chunk.len()
                 )));
             }
-            for (i, &prefix) in chunk.iter().enumerate() {
-                for c in 0..FANOUT {
-                    let at = i * FANOUT + c;
-                    if ours[at] != hashes[at] {
-                        next.push((prefix << merkle::FANOUT_BITS) | c as u32);
-                    }
+            for (i, (a, b)) in ours.chunks(fp).zip(theirs.chunks(fp)).enumerate() {
+                if a != b {
+                    let (node, child) = (i / FANOUT, i % FANOUT);
+                    next.push((chunk[node] << merkle::FANOUT_BITS) | child as u32);
                 }
             }
         }
         differing = next;
         if differing.is_empty() {
+            // The roots differ but every fingerprint collided under this salt: the next
+            // round's salt finds the difference.
+            report.complete = false;
             return Ok(report);
         }
     }
     report.buckets_differing = differing.len() as u64;
 
-    // 2. Compare the differing buckets' items; 3. exchange the states of differing keys.
+    // 2. Compare the differing buckets' leaf fingerprints; 3. fetch the peer's states of the
+    //    leaves we lack, merge them; 4. push ours where the peer's differs from the join.
     let budget = limits.max_keys_per_round.max(1);
+    let batch = limits.batch_keys.clamp(1, MAX_AE_KEYS);
     let mut exchanged = 0usize;
     for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
-        let ours = store.bucket_items(chunk, MAX_AE_ITEMS)?;
-        let request = Message::BucketRequest {
+        let ours = leaf_fingerprints(store.bucket_items(chunk, MAX_AE_ITEMS)?, salt, fp);
+        let request = AeRequest::Leaves {
+            salt,
+            fp_len: FP_LEN,
             buckets: chunk.to_vec(),
         };
-        let Message::BucketReply { items: theirs } = call(request, &mut report).await? else {
-            return Err(AeError::Protocol("expected BucketReply".into()));
+        let AeReply::Leaves { buckets: theirs } = call(request, &mut report).await? else {
+            return Err(AeError::Protocol("expected leaves".into()));
         };
-        let (fetch, push, compared) = diff(ours, theirs);
-        report.keys_compared += compared;
-        let mut fetch = fetch;
-        let mut push = push;
-        let room = budget.saturating_sub(exchanged);
-        if fetch.len() + push.len() > room {
-            report.complete = false;
-            fetch.truncate(room);
-            push.truncate(room - fetch.len());
+        if theirs.len() != chunk.len() || theirs.iter().any(|l| l.len() % fp != 0) {
+            return Err(AeError::Protocol("malformed leaves reply".into()));
         }
-        exchanged += fetch.len() + push.len();
-        let batch = limits.batch_keys.clamp(1, MAX_AE_KEYS);
-        for keys in fetch.chunks(batch) {
-            let request = Message::StatesRequest {
-                keys: keys.to_vec(),
+        let mut wanted: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut push: Vec<Vec<u8>> = Vec::new();
+        for (&bucket, their_leaves) in chunk.iter().zip(&theirs) {
+            let mine = ours.get(&bucket).map_or(&[][..], Vec::as_slice);
+            let (missing_here, missing_there, compared) = diff_leaves(mine, their_leaves, fp);
+            report.keys_compared += compared;
+            wanted.extend(missing_here.into_iter().map(|f| (bucket, f)));
+            push.extend(missing_there);
+        }
+        let room = budget.saturating_sub(exchanged);
+        if wanted.len() + push.len() > room {
+            report.complete = false;
+            wanted.truncate(room);
+            push.truncate(room - wanted.len());
+        }
+        exchanged += wanted.len() + push.len();
+
+        // What the peer holds of each fetched key: a join equal to it need not go back.
+        let mut theirs_by_key: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for items in wanted.chunks(batch) {
+            let request = AeRequest::Fetch {
+                salt,
+                fp_len: FP_LEN,
+                wanted: group_by_bucket(items),
             };
-            let Message::StatesReply { states } = call(request, &mut report).await? else {
-                return Err(AeError::Protocol("expected StatesReply".into()));
+            let AeReply::States { states } = call(request, &mut report).await? else {
+                return Err(AeError::Protocol("expected states".into()));
             };
-            let decoded = decode_states(states.into_iter().filter_map(|(k, s)| Some((k, s?))))?;
-            report.keys_fetched += keys.len() as u64;
+            if let Some((key, _)) = states
+                .iter()
+                .find(|(k, _)| !chunk.contains(&merkle::bucket_of(k)))
+            {
+                return Err(AeError::Protocol(format!(
+                    "a state for {key:?}, outside the buckets asked for"
+                )));
+            }
+            let decoded = decode_states(states.iter().cloned())?;
+            report.keys_fetched += decoded.len() as u64;
             report.keys_repaired_here += store.merge_states(decoded).await?;
+            theirs_by_key.extend(states);
             pace(started, &report, limits).await;
         }
-        for keys in push.chunks(batch) {
+        let mut push_keys: BTreeSet<Vec<u8>> = push.into_iter().collect();
+        push_keys.extend(theirs_by_key.keys().cloned());
+        let push_keys: Vec<Vec<u8>> = push_keys.into_iter().collect();
+        for keys in push_keys.chunks(batch) {
             let states: Vec<(Vec<u8>, Vec<u8>)> = store
                 .read_states(keys.to_vec())
                 .await?
                 .into_iter()
                 .filter_map(|(k, s)| Some((k, s?)))
+                .filter(|(k, s)| theirs_by_key.get(k) != Some(s))
                 .collect();
+            if states.is_empty() {
+                continue;
+            }
             report.keys_pushed += states.len() as u64;
-            let Message::PushReply { merged } =
-                call(Message::PushStates { states }, &mut report).await?
-            else {
+            let Message::PushReply { merged } = peer_push(peer, states, &mut report).await? else {
                 return Err(AeError::Protocol("expected PushReply".into()));
             };
             report.keys_repaired_there += merged;
@@ -214,43 +291,85 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
     Ok(report)
 }
 
-/// Sorted (key, hash) lists of both sides → keys to fetch (theirs differ or only they have
-/// them), keys to push (only we have them, or they differ), and how many keys were compared.
-fn diff(
-    mut ours: Vec<(Vec<u8>, Hash)>,
-    mut theirs: Vec<(Vec<u8>, Hash)>,
-) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, u64) {
-    ours.sort_unstable();
-    theirs.sort_unstable();
-    ours.dedup_by(|a, b| a.0 == b.0);
-    theirs.dedup_by(|a, b| a.0 == b.0);
-    let (mut fetch, mut push) = (Vec::new(), Vec::new());
-    let mut compared = 0;
-    let (mut a, mut b) = (ours.into_iter().peekable(), theirs.into_iter().peekable());
-    loop {
-        compared += 1;
-        match (a.peek(), b.peek()) {
-            (None, None) => {
-                compared -= 1;
-                break;
-            }
-            (Some(_), None) => push.extend(a.next().map(|(k, _)| k)),
-            (None, Some(_)) => fetch.extend(b.next().map(|(k, _)| k)),
-            (Some((ka, ha)), Some((kb, hb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => push.extend(a.next().map(|(k, _)| k)),
-                std::cmp::Ordering::Greater => fetch.extend(b.next().map(|(k, _)| k)),
-                std::cmp::Ordering::Equal => {
-                    if ha != hb {
-                        fetch.push(ka.clone());
-                        push.push(ka.clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
+/// Sends our states for the peer to merge (the version-1 message, which both dialogues share).
+async fn peer_push<T: AeTransport>(
+    peer: &T,
+    states: Vec<(Vec<u8>, Vec<u8>)>,
+    report: &mut RoundReport,
+) -> Result<Message, AeError> {
+    let (reply, sent, received) = peer.call(Message::PushStates { states }).await?;
+    report.bytes_sent += sent;
+    report.bytes_received += received;
+    match reply {
+        Message::ReadFailed { reason } => Err(AeError::Failed(reason)),
+        other => Ok(other),
+    }
+}
+
+/// A salt no earlier round used (with overwhelming probability).
+fn fresh_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static ROUNDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(ROUNDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    hasher.finish()
+}
+
+/// The full root hash of `store`'s tree.
+fn root_of<S: ReplicaStore>(store: &S) -> Result<Hash, StoreError> {
+    Ok(merkle::combine(&store.tree_children(0, &[0])?))
+}
+
+/// A storage key and its leaf fingerprint.
+type Leaf = (Vec<u8>, Vec<u8>);
+
+/// Our (key, leaf fingerprint) items per bucket.
+fn leaf_fingerprints(
+    items: Vec<(Vec<u8>, Hash)>,
+    salt: u64,
+    fp: usize,
+) -> BTreeMap<u32, Vec<Leaf>> {
+    let mut out: BTreeMap<u32, Vec<Leaf>> = BTreeMap::new();
+    for (key, state) in items {
+        let mut f = Vec::with_capacity(fp);
+        merkle::fingerprint_into(salt, &merkle::leaf(&key, &state), fp, &mut f);
+        out.entry(merkle::bucket_of(&key))
+            .or_default()
+            .push((key, f));
+    }
+    out
+}
+
+/// One bucket's leaves on both sides → the peer's fingerprints we lack (their keys differ or
+/// are missing here), our keys whose fingerprints the peer lacks, and how many leaves were
+/// compared. Fingerprints are compared as multisets, so duplicates cannot hide a key.
+fn diff_leaves(ours: &[Leaf], theirs: &[u8], fp: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, u64) {
+    let mut unmatched: BTreeMap<&[u8], usize> = BTreeMap::new();
+    for f in theirs.chunks(fp) {
+        *unmatched.entry(f).or_default() += 1;
+    }
+    let mut missing_there = Vec::new();
+    for (key, f) in ours {
+        match unmatched.get_mut(f.as_slice()) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => missing_there.push(key.clone()),
         }
     }
-    (fetch, push, compared)
+    let missing_here = unmatched
+        .into_iter()
+        .flat_map(|(f, n)| std::iter::repeat_n(f.to_vec(), n))
+        .collect();
+    let compared = ours.len().max(theirs.len() / fp) as u64;
+    (missing_here, missing_there, compared)
+}
+
+/// (bucket, fingerprint) items → one concatenated fingerprint list per bucket.
+fn group_by_bucket(items: &[(u32, Vec<u8>)]) -> Vec<(u32, Vec<u8>)> {
+    let mut grouped: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    for (bucket, f) in items {
+        grouped.entry(*bucket).or_default().extend_from_slice(f);
+    }
+    grouped.into_iter().collect()
 }
 
 /// Decodes states from a peer, refusing undecodable ones and kind mismatches.
@@ -326,6 +445,10 @@ pub async fn answer<S: ReplicaStore>(store: &S, request: Message) -> Option<Mess
             Ok(states) => Message::StatesReply { states },
             Err(e) => failed(e.to_string()),
         },
+        Message::SyncRequest(request) => match answer_v2(store, request).await {
+            Ok(reply) => Message::SyncReply(reply),
+            Err(reason) => failed(reason),
+        },
         Message::PushStates { states } if states.len() > MAX_AE_KEYS => {
             failed(format!("{} states is too many", states.len()))
         }
@@ -339,6 +462,125 @@ pub async fn answer<S: ReplicaStore>(store: &S, request: Message) -> Option<Mess
         _ => return None,
     };
     Some(reply)
+}
+
+/// Serves one version-2 request, validating everything the peer chose.
+async fn answer_v2<S: ReplicaStore>(store: &S, request: AeRequest) -> Result<AeReply, String> {
+    let fp_len = |len: u8| {
+        let len = usize::from(len);
+        if (1..=merkle::MAX_FINGERPRINT).contains(&len) {
+            Ok(len)
+        } else {
+            Err(format!("fingerprint length {len} is not in 1..=32"))
+        }
+    };
+    let valid_buckets = |buckets: &mut dyn Iterator<Item = u32>| {
+        let mut n = 0;
+        for b in buckets {
+            n += 1;
+            if !merkle::valid_prefix(DEPTH, b) {
+                return Err(format!("no bucket {b}"));
+            }
+        }
+        if n > MAX_AE_BUCKETS {
+            return Err(format!("{n} buckets is too many"));
+        }
+        Ok(())
+    };
+    match request {
+        AeRequest::Root { version } if version != AE_DIALOGUE_VERSION => Err(format!(
+            "anti-entropy dialogue version {version} is not supported (this node speaks {AE_DIALOGUE_VERSION})"
+        )),
+        AeRequest::Root { .. } => Ok(AeReply::Root {
+            hash: root_of(store).map_err(|e| e.to_string())?,
+        }),
+        AeRequest::Children {
+            salt,
+            fp_len: len,
+            depth,
+            prefixes,
+        } => {
+            let fp = fp_len(len)?;
+            if prefixes.len() > MAX_AE_PREFIXES {
+                return Err(format!("{} prefixes is too many", prefixes.len()));
+            }
+            if depth >= DEPTH || prefixes.iter().any(|&p| !merkle::valid_prefix(depth, p)) {
+                return Err("no such tree node".into());
+            }
+            let hashes = store
+                .tree_children(depth, &prefixes)
+                .map_err(|e| e.to_string())?;
+            let mut fingerprints = Vec::with_capacity(hashes.len() * fp);
+            for hash in &hashes {
+                merkle::fingerprint_into(salt, hash, fp, &mut fingerprints);
+            }
+            Ok(AeReply::Children { fingerprints })
+        }
+        AeRequest::Leaves {
+            salt,
+            fp_len: len,
+            buckets,
+        } => {
+            let fp = fp_len(len)?;
+            valid_buckets(&mut buckets.iter().copied())?;
+            let items = store
+                .bucket_items(&buckets, MAX_AE_ITEMS)
+                .map_err(|e| e.to_string())?;
+            let mut by_bucket = leaf_fingerprints(items, salt, fp);
+            let buckets = buckets
+                .iter()
+                .map(|b| {
+                    by_bucket
+                        .get_mut(b)
+                        .map(|leaves| leaves.iter().flat_map(|(_, f)| f.clone()).collect())
+                        .unwrap_or_default()
+                })
+                .collect();
+            Ok(AeReply::Leaves { buckets })
+        }
+        AeRequest::Fetch {
+            salt,
+            fp_len: len,
+            wanted,
+        } => {
+            let fp = fp_len(len)?;
+            valid_buckets(&mut wanted.iter().map(|(b, _)| *b))?;
+            let count: usize = wanted.iter().map(|(_, f)| f.len() / fp).sum();
+            if count > MAX_AE_KEYS || wanted.iter().any(|(_, f)| f.len() % fp != 0) {
+                return Err(format!("{count} fingerprints is too many or malformed"));
+            }
+            let mut wanted_set: BTreeSet<(u32, &[u8])> = BTreeSet::new();
+            for (bucket, fps) in &wanted {
+                wanted_set.extend(fps.chunks(fp).map(|f| (*bucket, f)));
+            }
+            let buckets: Vec<u32> = wanted
+                .iter()
+                .map(|(b, _)| *b)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let items = store
+                .bucket_items(&buckets, MAX_AE_ITEMS)
+                .map_err(|e| e.to_string())?;
+            let keys: Vec<Vec<u8>> = leaf_fingerprints(items, salt, fp)
+                .into_iter()
+                .flat_map(|(bucket, leaves)| {
+                    leaves
+                        .into_iter()
+                        .filter(|(_, f)| wanted_set.contains(&(bucket, f.as_slice())))
+                        .map(|(k, _)| k)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let states = store.read_states(keys).await.map_err(|e| e.to_string())?;
+            Ok(AeReply::States {
+                states: states
+                    .into_iter()
+                    .filter_map(|(k, s)| Some((k, s?)))
+                    .collect(),
+            })
+        }
+    }
 }
 
 /// A peer reached by calling [`answer`] on its store directly: for tests and benchmarks.
@@ -364,10 +606,168 @@ impl<S: ReplicaStore> AeTransport for Direct<'_, S> {
 mod tests {
     use super::*;
     use crate::MemStore;
-    use meridian_crdt::{Kind, NodeId, OrSet};
+    use meridian_crdt::{CanonicalJson, Dot, Kind, LwwRegister, NodeId, OrSet, PnCounter, Stamp};
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn n(id: u64) -> NodeId {
         NodeId::new(id).unwrap()
+    }
+
+    /// A transport that counts the requests it carries.
+    struct Counting<'a>(Direct<'a, MemStore>, AtomicU64);
+
+    impl AeTransport for Counting<'_> {
+        async fn call(&self, request: Message) -> Result<(Message, u64, u64), AeError> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.call(request).await
+        }
+    }
+
+    /// One key's divergent state, from a small generated description.
+    fn state_of(kind: u8, origin: u64, value: u64) -> (Kind, State) {
+        let node = n(origin);
+        match kind % 3 {
+            0 => {
+                let json = CanonicalJson::parse(&value.to_string()).unwrap();
+                let reg = LwwRegister::default().write(
+                    Stamp::new(value, node),
+                    Dot::new(node, value + 1),
+                    (value % 5 != 0).then_some(json),
+                );
+                (Kind::Register, State::Register(reg))
+            }
+            1 => {
+                let c = PnCounter::default()
+                    .increment(node, value as i64 + 1)
+                    .unwrap();
+                (Kind::Counter, State::Counter(c))
+            }
+            _ => {
+                let e = CanonicalJson::parse(&format!("\"e{value}\"")).unwrap();
+                (Kind::Set, State::Set(OrSet::default().add(node, [e])))
+            }
+        }
+    }
+
+    fn run<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Random divergent pairs of stores: one round makes them identical (same states, same
+        /// root), and a second round finds nothing, exchanging only the roots.
+        #[test]
+        fn one_round_makes_random_divergent_stores_identical(
+            common in proptest::collection::vec((0_u8..3, 1_u64..4, 0_u64..50), 0..200),
+            only_a in proptest::collection::vec((0_u16..300, 0_u8..3, 1_u64..4, 0_u64..50), 0..40),
+            only_b in proptest::collection::vec((0_u16..300, 0_u8..3, 1_u64..4, 0_u64..50), 0..40),
+        ) {
+            run(async {
+                let a = MemStore::new(n(1), Duration::from_secs(10));
+                let b = MemStore::new(n(2), Duration::from_secs(10));
+                for (i, &(kind, origin, value)) in common.iter().enumerate() {
+                    let (kind, state) = state_of(kind, origin, value);
+                    a.merge_unlogged(kind, &format!("k{i}"), &state).unwrap();
+                    b.merge_unlogged(kind, &format!("k{i}"), &state).unwrap();
+                }
+                // Divergence: keys of the common range changed on one side (same kind), or
+                // new keys; both sides may touch the same key.
+                for (side, extra) in [(&a, &only_a), (&b, &only_b)] {
+                    for &(key, kind, origin, value) in extra {
+                        let (kind, state) = match common.get(usize::from(key)) {
+                            Some(&(k, _, _)) => state_of(k, origin, value + 100),
+                            None => state_of(kind, origin, value),
+                        };
+                        side.merge_unlogged(kind, &format!("k{key}"), &state).unwrap();
+                    }
+                }
+                let limits = AeLimits { keys_per_sec: 0, bytes_per_sec: 0, ..AeLimits::default() };
+                let report = run_round(&a, &Direct(&b), &limits).await.unwrap();
+                prop_assert!(report.complete);
+                prop_assert_eq!(a.states(), b.states());
+                prop_assert_eq!(a.merkle_root(), b.merkle_root());
+                let counting = Counting(Direct(&b), AtomicU64::new(0));
+                let again = run_round(&a, &counting, &limits).await.unwrap();
+                prop_assert_eq!(counting.1.load(Ordering::Relaxed), 1, "{:?}", again);
+                prop_assert_eq!(again.keys_compared, 0);
+                Ok(())
+            })?;
+        }
+
+        /// Whatever version-2 request a peer sends, answering it never panics, and invalid
+        /// ones are refused rather than served.
+        #[test]
+        fn arbitrary_requests_never_panic(
+            salt in any::<u64>(),
+            fp_len in any::<u8>(),
+            depth in any::<u8>(),
+            numbers in proptest::collection::vec(any::<u32>(), 0..20),
+            blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..20),
+            version in any::<u8>(),
+        ) {
+            run(async {
+                let a = MemStore::new(n(1), Duration::from_secs(10));
+                for i in 0..50 {
+                    a.increment(&format!("k{i}"), 1).unwrap();
+                }
+                let wanted = numbers.iter().copied().zip(blobs.iter().cloned()).collect();
+                for request in [
+                    AeRequest::Root { version },
+                    AeRequest::Children { salt, fp_len, depth, prefixes: numbers.clone() },
+                    AeRequest::Leaves { salt, fp_len, buckets: numbers.clone() },
+                    AeRequest::Fetch { salt, fp_len, wanted },
+                ] {
+                    let reply = answer(&a, Message::SyncRequest(request.clone())).await;
+                    prop_assert!(
+                        matches!(reply, Some(Message::SyncReply(_) | Message::ReadFailed { .. })),
+                        "{:?} → {:?}", request, reply
+                    );
+                    let bad_len = fp_len == 0 || usize::from(fp_len) > merkle::MAX_FINGERPRINT;
+                    if bad_len && !matches!(request, AeRequest::Root { .. }) {
+                        let refused = matches!(reply, Some(Message::ReadFailed { .. }));
+                        prop_assert!(refused);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_stores_exchange_only_the_root() {
+        let a = MemStore::new(n(1), Duration::from_secs(10));
+        let b = MemStore::new(n(2), Duration::from_secs(10));
+        for i in 0..500 {
+            let op = a.increment(&format!("k{i}"), 1).unwrap();
+            b.apply_remote(vec![op]).await.unwrap();
+        }
+        let counting = Counting(Direct(&b), AtomicU64::new(0));
+        let report = run_round(&a, &counting, &AeLimits::default())
+            .await
+            .unwrap();
+        assert_eq!(counting.1.load(Ordering::Relaxed), 1);
+        assert!(report.bytes_sent + report.bytes_received < 64, "{report:?}");
+    }
+
+    #[test]
+    fn leaves_diff_as_multisets() {
+        let ours = vec![
+            (b"a".to_vec(), vec![1, 1]),
+            (b"b".to_vec(), vec![2, 2]),
+            (b"c".to_vec(), vec![2, 2]),
+        ];
+        // Theirs: one [2,2] (so one of our two is unmatched), one [9,9] we lack.
+        let (here, there, compared) = diff_leaves(&ours, &[1, 1, 2, 2, 9, 9], 2);
+        assert_eq!(here, vec![vec![9, 9]]);
+        assert_eq!(there, vec![b"c".to_vec()]);
+        assert_eq!(compared, 3);
     }
 
     #[tokio::test]
@@ -387,7 +787,7 @@ mod tests {
             a.increment(&format!("only-a{i}"), 1).unwrap();
             b.increment(&format!("only-b{i}"), 2).unwrap();
         }
-        let element = meridian_crdt::CanonicalJson::parse("\"x\"").unwrap();
+        let element = CanonicalJson::parse("\"x\"").unwrap();
         let extra = State::Set(OrSet::default().add(n(9), [element]));
         b.merge_unlogged(Kind::Set, "s", &extra).unwrap();
         let report = run_round(&a, &Direct(&b), &limits).await.unwrap();

@@ -79,6 +79,30 @@ pub struct ReplicationConfig {
     pub shutdown_timeout: Duration,
     /// The anti-entropy worker's schedule and budget.
     pub anti_entropy: AntiEntropyConfig,
+    /// Garbage collection at causal stability.
+    pub gc: GcConfig,
+}
+
+/// When garbage collection runs, and how long it waits for a silent node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcConfig {
+    /// Whether passes run at all.
+    pub enabled: bool,
+    /// Time between passes.
+    pub interval: Duration,
+    /// A node not heard from for this long no longer holds the frontier back; when it
+    /// returns it needs a full anti-entropy round (see [`crate::gc`]).
+    pub horizon: Duration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            horizon: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// When and how hard anti-entropy works.
@@ -134,6 +158,7 @@ impl ReplicationConfig {
             reconnect_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(3),
             anti_entropy: AntiEntropyConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 
@@ -162,6 +187,9 @@ impl ReplicationConfig {
         }
         if self.heartbeat_interval.is_zero() || self.peer_timeout <= self.heartbeat_interval {
             return bad("peer_timeout must exceed a non-zero heartbeat_interval".into());
+        }
+        if self.gc.interval.is_zero() || self.gc.horizon.is_zero() {
+            return bad("gc interval and horizon must be non-zero".into());
         }
         if self.reconnect_base.is_zero() || self.reconnect_max < self.reconnect_base {
             return bad("reconnect_max must be at least a non-zero reconnect_base".into());

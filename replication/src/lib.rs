@@ -31,10 +31,14 @@
 //! - `node`: the tokio/quinn driver running them; [`Replicator`] is its handle.
 //! - [`merkle`] and [`ae`]: the anti-entropy Merkle tree and the sync dialogue (sans-IO
 //!   round logic over an [`ae::AeTransport`]); `node` runs it on a schedule over QUIC.
+//! - [`gc`]: the stable frontier for garbage collection ([`gc::StabilityTracker`], sans-IO)
+//!   and the down-node horizon; `node` hands the frontier to [`ReplicaStore::collect_garbage`]
+//!   on a schedule.
 //! - [`mem`]: [`MemStore`], the in-memory [`ReplicaStore`] used by tests and simulation.
 
 pub mod ae;
 mod config;
+pub mod gc;
 pub mod mem;
 pub mod merkle;
 mod node;
@@ -47,10 +51,12 @@ pub mod wire;
 use std::net::SocketAddr;
 
 pub use ae::{AeError, AeLimits, RoundReport};
-pub use config::{AntiEntropyConfig, PeerConfig, ReplicationConfig, TlsMaterial};
+pub use config::{AntiEntropyConfig, GcConfig, PeerConfig, ReplicationConfig, TlsMaterial};
+pub use gc::{Frontier, GcStats, StabilityTracker};
 pub use mem::MemStore;
 pub use node::{
-    AntiEntropyStatus, PeerAntiEntropy, PeerLag, PeerStatus, ReadError, Replicator, Truncation,
+    AntiEntropyStatus, GcStatus, PeerAntiEntropy, PeerLag, PeerStatus, ReadError, Replicator,
+    Truncation,
 };
 pub use store::{ReplicaStore, StateRead, StoreError};
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use meridian_crdt::{CrdtError, Dot, Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use tokio::sync::watch;
 
+use crate::gc::GcStats;
 use crate::merkle::{self, Hash, MerkleTree};
 use crate::store::{ReplicaStore, StateRead, StoreError};
 
@@ -336,6 +337,31 @@ impl ReplicaStore for MemStore {
         }
         Ok(changed)
     }
+
+    async fn collect_garbage(&self, frontier: &VersionVector) -> Result<GcStats, StoreError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut stats = GcStats::default();
+        let mut removed = Vec::new();
+        for ((kind, key), state) in &mut inner.states {
+            stats.keys_examined += 1;
+            let before = state.clone();
+            let storage_key = merkle::storage_key(*kind, key);
+            if state.collect_garbage(frontier) {
+                stats.keys_removed += 1;
+                inner.tree.remove(&storage_key);
+                removed.push((*kind, key.clone()));
+            } else if *state != before {
+                stats.keys_compacted += 1;
+                let hash = merkle::state_hash(&codec::encode_state(state));
+                inner.tree.insert(&storage_key, hash);
+            }
+        }
+        for key in removed {
+            inner.states.remove(&key);
+        }
+        Ok(stats)
+    }
 }
 
 impl MemStore {
@@ -435,6 +461,185 @@ mod tests {
         assert!(a.observe_stamp(Stamp::new(now.time + (1 << 28), n(2)))); // ~60 ms ahead
         assert!(!a.observe_stamp(Stamp::new(now.time + (10 << 32), n(2)))); // 10 s ahead
         assert!(a.now() > now);
+    }
+
+    mod gc {
+        use super::*;
+        use crate::gc::{Frontier, StabilityTracker};
+        use meridian_crdt::CanonicalJson;
+        use proptest::prelude::*;
+        use std::time::Instant;
+
+        const NODES: u64 = 3;
+        const KEYS: u8 = 3;
+
+        #[derive(Clone, Debug)]
+        enum Step {
+            /// Node writes key (a value, or a delete when `None`).
+            Write(u64, u8, Option<u8>),
+            /// `to` pulls up to `count` of `origin`'s ops from `origin`.
+            Deliver { origin: u64, to: u64, count: usize },
+            /// `from` acks its applied vector to `to`.
+            Report { from: u64, to: u64 },
+            /// `node` runs a garbage-collection pass at its frontier.
+            Gc(u64),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                (1..=NODES, 0..KEYS, proptest::option::of(0_u8..4))
+                    .prop_map(|(node, key, v)| Step::Write(node, key, v)),
+                (1..=NODES, 1..=NODES, 1_usize..4).prop_map(|(origin, to, count)| Step::Deliver {
+                    origin,
+                    to,
+                    count
+                }),
+                (1..=NODES, 1..=NODES).prop_map(|(from, to)| Step::Report { from, to }),
+                (1..=NODES).prop_map(Step::Gc),
+            ]
+        }
+
+        struct Replica {
+            store: MemStore,
+            tracker: StabilityTracker,
+        }
+
+        fn write(store: &MemStore, key: u8, value: Option<u8>) -> Op {
+            let value = value.map(|v| CanonicalJson::parse(&v.to_string()).unwrap());
+            store
+                .write_local(format!("k{key}"), Kind::Register, |state, dot, stamp| {
+                    let State::Register(r) = state else {
+                        return Err(CrdtError::KindMismatch);
+                    };
+                    Ok(State::Register(r.write(stamp, dot, value)))
+                })
+                .unwrap()
+        }
+
+        /// What the node pull path does: feed the ops' stamps to the clock, then apply.
+        async fn deliver(replicas: &[Replica], origin: u64, to: u64, count: usize) {
+            if origin == to {
+                return;
+            }
+            let (src, dst) = (&replicas[origin as usize - 1], &replicas[to as usize - 1]);
+            let after = dst.store.applied().get(n(origin));
+            let ops = src
+                .store
+                .read_wal(n(origin), after, count, usize::MAX)
+                .unwrap();
+            for op in &ops {
+                dst.store.observe_stamp(op.stamp);
+            }
+            dst.store.apply_remote(ops).await.unwrap();
+        }
+
+        fn report(replicas: &mut [Replica], from: u64, to: u64, now: Instant) {
+            if from != to {
+                let applied = replicas[from as usize - 1].store.applied();
+                replicas[to as usize - 1]
+                    .tracker
+                    .on_report(n(from), &applied, now);
+            }
+        }
+
+        async fn gc(replica: &mut Replica, now: Instant) {
+            let own = replica.store.applied();
+            if let Frontier::Stable(frontier) = replica.tracker.frontier(&own, now) {
+                replica.store.collect_garbage(&frontier).await.unwrap();
+            }
+        }
+
+        fn values(store: &MemStore) -> Vec<Option<CanonicalJson>> {
+            (0..KEYS)
+                .map(|k| match store.get(Kind::Register, &format!("k{k}")) {
+                    Some(State::Register(r)) => r.value().cloned(),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Writes and deletes on three replicas, delivered in random per-origin order,
+            /// with acks and GC passes at random points: every replica ends with the values a
+            /// replica that never collects garbage has, and with identical states.
+            #[test]
+            fn gc_at_the_frontier_never_changes_the_lww_winner(
+                steps in proptest::collection::vec(step(), 1..80),
+            ) {
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                rt.block_on(async {
+                    let now = Instant::now();
+                    let mut replicas: Vec<Replica> = (1..=NODES)
+                        .map(|id| Replica {
+                            store: MemStore::new(n(id), Duration::from_secs(10)),
+                            tracker: StabilityTracker::new(
+                                (1..=NODES).filter(|&p| p != id).map(n),
+                                &BTreeMap::new(),
+                                Duration::from_secs(3600),
+                                now,
+                            ),
+                        })
+                        .collect();
+                    let reference = MemStore::new(n(9), Duration::from_secs(10));
+                    let mut all_ops = Vec::new();
+                    for step in steps {
+                        match step {
+                            Step::Write(node, key, value) => {
+                                all_ops.push(write(&replicas[node as usize - 1].store, key, value));
+                            }
+                            Step::Deliver { origin, to, count } => {
+                                deliver(&replicas, origin, to, count).await;
+                            }
+                            Step::Report { from, to } => report(&mut replicas, from, to, now),
+                            Step::Gc(node) => gc(&mut replicas[node as usize - 1], now).await,
+                        }
+                    }
+                    // Heal: everything reaches everyone, everyone reports, everyone collects.
+                    for origin in 1..=NODES {
+                        for to in 1..=NODES {
+                            deliver(&replicas, origin, to, usize::MAX).await;
+                        }
+                    }
+                    for _ in 0..2 {
+                        for from in 1..=NODES {
+                            for to in 1..=NODES {
+                                report(&mut replicas, from, to, now);
+                            }
+                        }
+                        for r in &mut replicas {
+                            gc(r, now).await;
+                        }
+                    }
+                    reference.apply_remote(all_ops).await.unwrap();
+                    let expected = values(&reference);
+                    for r in &replicas {
+                        prop_assert_eq!(&values(&r.store), &expected);
+                        prop_assert_eq!(r.store.states(), replicas[0].store.states());
+                        prop_assert_eq!(r.store.merkle_root(), replicas[0].store.merkle_root());
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+
+        #[tokio::test]
+        async fn stable_tombstones_leave_the_store_and_the_tree() {
+            let a = MemStore::new(n(1), Duration::from_secs(10));
+            let before = a.merkle_root();
+            write(&a, 0, Some(1));
+            let delete = write(&a, 0, None);
+            let mut frontier = VersionVector::new();
+            frontier.raise(n(1), delete.dot.seq - 1);
+            let kept = a.collect_garbage(&frontier).await.unwrap();
+            assert_eq!(kept.keys_removed, 0);
+            frontier.raise(n(1), delete.dot.seq);
+            let stats = a.collect_garbage(&frontier).await.unwrap();
+            assert_eq!((stats.keys_examined, stats.keys_removed), (1, 1));
+            assert!(a.states().is_empty());
+            assert_eq!(a.merkle_root(), before);
+        }
     }
 
     #[test]

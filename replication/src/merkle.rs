@@ -63,8 +63,8 @@ pub fn bucket_of(key: &[u8]) -> u32 {
     u32::from(u16::from_be_bytes([b[0], b[1]]))
 }
 
-/// A key's contribution to its bucket's hash.
-fn leaf(key: &[u8], state: &Hash) -> Hash {
+/// A key's contribution to its bucket's hash: what anti-entropy fingerprints per key.
+pub fn leaf(key: &[u8], state: &Hash) -> Hash {
     let mut hasher = blake3::Hasher::new();
     hasher.update(key);
     hasher.update(state);
@@ -130,19 +130,21 @@ impl MerkleTree {
         true
     }
 
-    /// Forgets `key` (its state was garbage collected). Returns false when it was not there.
+    /// Forgets `key` (its state was garbage-collected to nothing). Returns false when absent.
     pub fn remove(&mut self, key: &[u8]) -> bool {
-        let index = bucket_of(key) as usize % BUCKETS;
+        let index = bucket_of(key) as usize;
         let (Some(hash), Some(keys)) = (self.buckets.get_mut(index), self.keys.get_mut(index))
         else {
             return false;
         };
-        let Some(old) = keys.remove(key) else {
-            return false;
-        };
-        xor(hash, &leaf(key, &old));
-        self.len -= 1;
-        true
+        match keys.remove(key) {
+            Some(old) => {
+                xor(hash, &leaf(key, &old));
+                self.len -= 1;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The state hash recorded for `key`.
@@ -172,14 +174,7 @@ impl MerkleTree {
             return self.buckets.get(prefix as usize).copied().unwrap_or(ZERO);
         }
         let children = self.children(depth, prefix);
-        if children.iter().all(|c| *c == ZERO) {
-            return ZERO;
-        }
-        let mut hasher = blake3::Hasher::new();
-        for child in &children {
-            hasher.update(child);
-        }
-        *hasher.finalize().as_bytes()
+        combine(&children)
     }
 
     /// The [`FANOUT`] children hashes of node `prefix` at `depth` (< [`DEPTH`]).
@@ -211,6 +206,36 @@ impl MerkleTree {
     pub fn bucket_len(&self, bucket: u32) -> usize {
         self.keys.get(bucket as usize).map_or(0, BTreeMap::len)
     }
+}
+
+/// An interior node's hash from its children: zero for an empty subtree, so both sides agree
+/// on emptiness without hashing.
+pub fn combine(children: &[Hash]) -> Hash {
+    if children.iter().all(|c| *c == ZERO) {
+        return ZERO;
+    }
+    let mut hasher = blake3::Hasher::new();
+    for child in children {
+        hasher.update(child);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// The longest fingerprint anti-entropy may ask for.
+pub const MAX_FINGERPRINT: usize = 32;
+
+/// A `len`-byte fingerprint of `hash` under `salt`, appended to `out`.
+///
+/// Anti-entropy compares short fingerprints instead of 32-byte hashes. A keyed hash rather
+/// than a plain truncation, because the requester picks a fresh salt every round: two
+/// different hashes that collide on their fingerprints hide a difference for that one round
+/// only, and the full root hash (compared unshortened) stays unequal until a later round
+/// finds it. `len` is clamped to 1..=[`MAX_FINGERPRINT`].
+pub fn fingerprint_into(salt: u64, hash: &Hash, len: usize, out: &mut Vec<u8>) {
+    let mut key = [0_u8; 32];
+    key[..8].copy_from_slice(&salt.to_le_bytes());
+    let digest = blake3::keyed_hash(&key, hash);
+    out.extend_from_slice(&digest.as_bytes()[..len.clamp(1, MAX_FINGERPRINT)]);
 }
 
 /// The children hashes of each `(depth, prefix)`, concatenated: what a
@@ -292,17 +317,28 @@ mod tests {
     }
 
     #[test]
-    fn removing_a_key_restores_the_tree_without_it() {
-        let mut with = MerkleTree::new();
-        let mut without = MerkleTree::new();
-        for i in 0..100_u32 {
-            with.insert(format!("k{i}").as_bytes(), state_hash(&i.to_be_bytes()));
-            without.insert(format!("k{i}").as_bytes(), state_hash(&i.to_be_bytes()));
-        }
-        with.insert(b"gone", state_hash(b"tombstone"));
-        assert!(with.remove(b"gone"));
-        assert!(!with.remove(b"gone"));
-        assert_eq!(with.root(), without.root());
-        assert_eq!(with.len(), without.len());
+    fn removing_a_key_restores_the_previous_hashes() {
+        let mut t = MerkleTree::new();
+        t.insert(b"a", state_hash(b"1"));
+        let before = t.root();
+        t.insert(b"b", state_hash(b"2"));
+        assert!(t.remove(b"b"));
+        assert!(!t.remove(b"b"));
+        assert_eq!(t.root(), before);
+        assert_eq!(t.len(), 1);
+        assert!(t.remove(b"a"));
+        assert_eq!(t.root(), ZERO);
+    }
+
+    #[test]
+    fn fingerprints_depend_on_the_salt() {
+        let h = state_hash(b"x");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        fingerprint_into(1, &h, 4, &mut a);
+        fingerprint_into(2, &h, 4, &mut b);
+        assert_eq!(a.len(), 4);
+        assert_ne!(a, b);
+        fingerprint_into(1, &h, 0, &mut a);
+        assert_eq!(a.len(), 5, "clamped to at least one byte");
     }
 }

@@ -34,6 +34,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::ae::{AeError, AeTransport, RoundReport};
 use crate::config::{PeerConfig, ReplicationConfig};
+use crate::gc::{Frontier, GcStats, StabilityTracker};
 use crate::outbound::{Action, Limits, Outbound};
 use crate::plan::{Backoff, Inbound, Liveness, SkewEstimator, plan_subscription};
 use crate::store::{ReplicaStore, StateRead, StoreError};
@@ -246,6 +247,34 @@ struct Shared {
     started: Instant,
     /// Anti-entropy counters and each peer's last round.
     ae: Mutex<AeBook>,
+    /// Every node's applied vector as reported, for the GC frontier.
+    stability: Mutex<StabilityTracker>,
+    /// What garbage collection has done.
+    gc: Mutex<GcStatus>,
+}
+
+/// Garbage collection at causal stability, for `/v1/cluster` and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcStatus {
+    pub enabled: bool,
+    /// The frontier of the last pass; `None` while some node has not reported.
+    pub frontier: Option<VersionVector>,
+    /// Nodes whose usable report the frontier is waiting for.
+    pub waiting_for: Vec<NodeId>,
+    /// Nodes silent for longer than the GC horizon: the frontier ignores them.
+    pub excluded: Vec<NodeId>,
+    /// Nodes that were excluded and have not finished an anti-entropy round with us since:
+    /// their old writes may revive keys deleted meanwhile (see `meridian_replication::gc`).
+    pub needs_resync: Vec<NodeId>,
+    pub passes: u64,
+    pub failed_passes: u64,
+    pub last_pass_ms_ago: Option<u64>,
+    /// The last pass that ran, and the sums since start-up.
+    pub last: Option<GcStats>,
+    pub totals: GcStats,
+    pub last_error: Option<String>,
+    last_pass: Option<Instant>,
 }
 
 /// What anti-entropy has done, for `/v1/cluster` and metrics.
@@ -339,6 +368,9 @@ async fn ae_round<S: ReplicaStore>(
     entry.last_round = Some(Instant::now());
     match &result {
         Ok(report) => {
+            if report.complete {
+                shared.stability().on_resynced(peer);
+            }
             entry.rounds += 1;
             entry.last_report = Some(report.clone());
             entry.last_error = None;
@@ -360,6 +392,63 @@ async fn ae_round<S: ReplicaStore>(
         }
     }
     result
+}
+
+/// One garbage-collection pass: the frontier, then storage drops what it covers.
+async fn gc_pass<S: ReplicaStore>(shared: &Shared, store: &S) {
+    let frontier = shared
+        .stability()
+        .frontier(&store.applied(), Instant::now());
+    let result = match &frontier {
+        Frontier::Stable(vector) => Some(store.collect_garbage(vector).await),
+        Frontier::Waiting(_) => None,
+    };
+    let mut book = shared.gc.lock().unwrap_or_else(PoisonError::into_inner);
+    book.last_pass = Some(Instant::now());
+    match frontier {
+        Frontier::Stable(vector) => {
+            book.frontier = Some(vector);
+            book.waiting_for.clear();
+        }
+        Frontier::Waiting(nodes) => {
+            book.frontier = None;
+            book.waiting_for = nodes.into_iter().collect();
+        }
+    }
+    match result {
+        Some(Ok(stats)) => {
+            book.passes += 1;
+            book.totals.add(&stats);
+            book.last = Some(stats);
+            book.last_error = None;
+            if stats.keys_removed + stats.keys_compacted > 0 {
+                info!(?stats, "garbage collection at the stable frontier");
+            }
+        }
+        Some(Err(e)) => {
+            book.failed_passes += 1;
+            warn!(error = %e, "garbage collection failed; retried next pass");
+            book.last_error = Some(e.to_string());
+        }
+        None => {}
+    }
+}
+
+/// The garbage collector: one pass every `gc.interval`.
+async fn gc_loop<S: ReplicaStore>(
+    shared: Arc<SharedHandle>,
+    store: Arc<S>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(shared.config.gc.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => gc_pass(&shared, &*store).await,
+        }
+    }
 }
 
 /// The anti-entropy worker: every interval (plus jitter) one round with each peer, in a
@@ -439,6 +528,7 @@ impl Shared {
     fn heard(&self, peer: NodeId, outgoing: bool) {
         if let Some(slot) = self.slot(peer) {
             let now = Instant::now();
+            self.stability().on_heard(peer, now);
             let ours = if outgoing {
                 self.status.applied().get(peer)
             } else {
@@ -482,6 +572,12 @@ impl Shared {
             state.rtt = Some(rtt);
             state.skew.sample(wall_ms, store.wall_clock_ms(), rtt);
         }
+    }
+
+    fn stability(&self) -> MutexGuard<'_, StabilityTracker> {
+        self.stability
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set_error(&self, peer: NodeId, error: &SessionError) {
@@ -640,6 +736,16 @@ impl Replicator {
             refused_connections: AtomicU64::new(0),
             status,
             client_config: Mutex::new(client_config),
+            stability: Mutex::new(StabilityTracker::new(
+                config.peers.iter().map(|p| p.id),
+                &persisted,
+                config.gc.horizon,
+                now,
+            )),
+            gc: Mutex::new(GcStatus {
+                enabled: config.gc.enabled,
+                ..GcStatus::default()
+            }),
             config,
             started: now,
             ae: Mutex::new(AeBook::default()),
@@ -672,6 +778,9 @@ impl Replicator {
             ae_queue,
             cancel.clone(),
         ));
+        if shared.config.gc.enabled {
+            tracker.spawn(gc_loop(shared.clone(), store.clone(), cancel.clone()));
+        }
         drop(store);
         let supervisor = tokio::spawn(supervise(
             shared.clone(),
@@ -764,6 +873,30 @@ impl Replicator {
             .unwrap_or_else(PoisonError::into_inner) = client;
         info!("replication TLS identity reloaded");
         Ok(())
+    }
+
+    /// Garbage collection: the current frontier, excluded and resyncing nodes, what passes did.
+    pub fn gc(&self) -> GcStatus {
+        let now = Instant::now();
+        let mut status = self
+            .shared
+            .gc
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let stability = self.shared.stability();
+        status.excluded = stability.excluded(now).into_iter().collect();
+        status.needs_resync = stability.needs_resync().into_iter().collect();
+        status.last_pass_ms_ago = status
+            .last_pass
+            .map(|t| now.duration_since(t).as_millis() as u64);
+        status
+    }
+
+    /// Runs a garbage-collection pass now (tests and the admin API).
+    pub async fn collect_garbage_now<S: ReplicaStore>(&self, store: &S) -> GcStatus {
+        gc_pass(&self.shared, store).await;
+        self.gc()
     }
 
     /// The bound address (useful when `listen` had port 0).
@@ -1136,6 +1269,8 @@ fn kind(message: &Message) -> &'static str {
         Message::StatesReply { .. } => "StatesReply",
         Message::PushStates { .. } => "PushStates",
         Message::PushReply { .. } => "PushReply",
+        Message::SyncRequest(_) => "SyncRequest",
+        Message::SyncReply(_) => "SyncReply",
     }
 }
 
@@ -1531,6 +1666,7 @@ fn record_ack(shared: &Shared, peer: NodeId, applied: &VersionVector) -> bool {
         state.their_applied.clone_from(applied);
         state.check_caught_up(peer, ours, Instant::now());
     }
+    shared.stability().on_report(peer, applied, Instant::now());
     shared.acks.send_if_modified(|acks| {
         let entry = acks.entry(peer).or_default();
         replace_if_changed(entry, applied.clone())

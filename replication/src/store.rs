@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector};
 
+use crate::gc::GcStats;
 use crate::merkle::Hash;
 use tokio::sync::watch;
 
@@ -140,6 +141,20 @@ pub trait ReplicaStore: Send + Sync + 'static {
         &self,
         states: Vec<(Vec<u8>, State)>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Garbage collection at causal stability: drops the metadata that `frontier` (a
+    /// [`crate::gc::Frontier::Stable`] vector) makes unnecessary, through
+    /// [`meridian_crdt::Crdt::collect_garbage`] on each state — today, register tombstones
+    /// whose dot it covers. A state that becomes nothing is deleted and leaves the Merkle tree;
+    /// one that only shrinks is rewritten and rehashed. Logs no op and moves no applied vector.
+    ///
+    /// The replicator calls it every `gc.interval`; it may take a while on a large store, and
+    /// must not hold the write path for long at a time (work in small batches). Calling it
+    /// with a vector that is not a stable frontier can resurrect deleted values.
+    fn collect_garbage(
+        &self,
+        frontier: &VersionVector,
+    ) -> impl Future<Output = Result<GcStats, StoreError>> + Send;
 
     /// This node's physical clock in Unix milliseconds, used only to measure peers' clock skew
     /// (an HLC that observed a fast peer runs with it, so HLC readings would hide the skew).

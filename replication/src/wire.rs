@@ -142,6 +142,68 @@ pub enum Message {
     PushReply {
         merged: u64,
     },
+    /// Anti-entropy dialogue version 2: salted short fingerprints instead of full hashes, and
+    /// states fetched by leaf fingerprint (see [`crate::ae`]). Answered by [`Message::SyncReply`]
+    /// (or `ReadFailed`). Nodes keep serving the version-1 requests above, so an older peer can
+    /// still sync with a newer one.
+    SyncRequest(AeRequest),
+    SyncReply(AeReply),
+}
+
+/// The version of the anti-entropy dialogue that [`AeRequest`] carries.
+pub const AE_DIALOGUE_VERSION: u8 = 2;
+
+/// A request of the version-2 anti-entropy dialogue.
+///
+/// Fingerprints are `fp_len`-byte keyed hashes under the requester's `salt` (fresh each round;
+/// see [`crate::merkle::fingerprint_into`]); `fp_len` must be in 1..=[`crate::merkle::MAX_FINGERPRINT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AeRequest {
+    /// The full 32-byte root hash: identical replicas stop here. `version` is the dialogue
+    /// version the requester speaks ([`AE_DIALOGUE_VERSION`]); another one is refused.
+    Root { version: u8 },
+    /// The fingerprints of the [`crate::merkle::FANOUT`] children of each listed node at
+    /// `depth` (< [`crate::merkle::DEPTH`]). At most [`MAX_AE_PREFIXES`] prefixes.
+    Children {
+        salt: u64,
+        fp_len: u8,
+        depth: u8,
+        prefixes: Vec<u32>,
+    },
+    /// The fingerprints of the leaves (`leaf(key, state hash)`) of each listed bucket. At most
+    /// [`MAX_AE_BUCKETS`] buckets and [`MAX_AE_ITEMS`] leaves in all.
+    Leaves {
+        salt: u64,
+        fp_len: u8,
+        buckets: Vec<u32>,
+    },
+    /// The states of the keys whose leaf fingerprints are listed, per bucket: `(bucket,
+    /// concatenated fingerprints)`. At most [`MAX_AE_KEYS`] fingerprints in all.
+    Fetch {
+        salt: u64,
+        fp_len: u8,
+        wanted: Vec<(u32, Vec<u8>)>,
+    },
+}
+
+/// The answer to an [`AeRequest`] of the same variant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AeReply {
+    Root {
+        hash: [u8; 32],
+    },
+    /// `fp_len` bytes per child, `FANOUT` children per requested prefix, in request order.
+    Children {
+        fingerprints: Vec<u8>,
+    },
+    /// Per requested bucket, in request order: its leaves' fingerprints, concatenated.
+    Leaves {
+        buckets: Vec<Vec<u8>>,
+    },
+    /// (storage key, encoded state) of every key matching a wanted fingerprint.
+    States {
+        states: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 /// Most tree nodes one [`Message::TreeRequest`] may name.
@@ -422,7 +484,58 @@ mod tests {
         assert_eq!(hex(&frame), "000000050009000100");
     }
 
+    #[test]
+    fn golden_sync_dialogue_v2() {
+        // SyncRequest is variant 17 (0x11); Root is its variant 0, dialogue version 2.
+        let frame = encode_frame(&Message::SyncRequest(AeRequest::Root {
+            version: AE_DIALOGUE_VERSION,
+        }))
+        .unwrap();
+        assert_eq!(hex(&frame), "0000000400110002");
+        // Children: variant 1, salt 5, 4-byte fingerprints, depth 2, prefixes [3, 300].
+        let msg = Message::SyncRequest(AeRequest::Children {
+            salt: 5,
+            fp_len: 4,
+            depth: 2,
+            prefixes: vec![3, 300],
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex(&frame), "0000000a0011010504020203ac02");
+        // SyncReply is variant 18 (0x12); States is its variant 3.
+        let msg = Message::SyncReply(AeReply::States {
+            states: vec![(b"\x01k".to_vec(), vec![9])],
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex(&frame), "000000090012030102016b0109");
+        assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+    }
+
     proptest! {
+        #[test]
+        fn sync_messages_round_trip(
+            salt in any::<u64>(),
+            fp_len in any::<u8>(),
+            numbers in proptest::collection::vec(any::<u32>(), 0..50),
+            blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..20),
+        ) {
+            let wanted: Vec<(u32, Vec<u8>)> =
+                numbers.iter().copied().zip(blobs.iter().cloned()).collect();
+            let msgs = [
+                Message::SyncRequest(AeRequest::Leaves { salt, fp_len, buckets: numbers.clone() }),
+                Message::SyncRequest(AeRequest::Fetch { salt, fp_len, wanted }),
+                Message::SyncReply(AeReply::Children { fingerprints: blobs.concat() }),
+                Message::SyncReply(AeReply::Leaves { buckets: blobs.clone() }),
+            ];
+            for msg in msgs {
+                let frame = encode_frame(&msg).unwrap();
+                prop_assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+                // Any prefix of a valid body is refused, never a panic.
+                for cut in 5..frame.len() {
+                    let _ = decode_payload(&frame[4..cut]);
+                }
+            }
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = decode_frame(&bytes);

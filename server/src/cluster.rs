@@ -36,6 +36,7 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerView>,
     pub anti_entropy: AntiEntropyView,
     pub security: SecurityView,
+    pub gc: GcView,
 }
 
 /// Authentication and the certificates in use, so an operator can see that a reload took.
@@ -49,6 +50,27 @@ pub struct SecurityView {
     /// Successful reloads (SIGHUP) since start-up.
     pub reloads: u64,
     pub last_reload_error: Option<String>,
+}
+
+/// Garbage collection at causal stability.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct GcView {
+    pub enabled: bool,
+    /// Every node has applied everything this vector covers: tombstones below it may go.
+    /// Absent while some node has not yet sent a usable report (`waiting_for`).
+    pub frontier: Option<BTreeMap<String, u64>>,
+    pub waiting_for: Vec<String>,
+    /// Peers silent for longer than the GC horizon: the frontier ignores them.
+    pub excluded: Vec<String>,
+    /// Peers that were excluded and have not completed an anti-entropy round with this node
+    /// since; until then their old writes may revive keys deleted meanwhile.
+    pub needs_resync: Vec<String>,
+    pub passes: u64,
+    pub failed_passes: u64,
+    pub last_pass_ms_ago: Option<u64>,
+    pub keys_removed: u64,
+    pub keys_compacted: u64,
+    pub last_error: Option<String>,
 }
 
 /// Anti-entropy: this node's Merkle tree and the rounds since start-up.
@@ -227,6 +249,37 @@ impl ClusterView {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            gc: self.gc(),
+        }
+    }
+
+    /// The garbage collector's frontier and the peers it excludes.
+    pub fn gc(&self) -> GcView {
+        let Some(replicator) = &self.replicator else {
+            return GcView::default();
+        };
+        let status = replicator.gc();
+        let name = |id: NodeId| {
+            self.peers
+                .iter()
+                .find(|p| p.id == id.get())
+                .map_or_else(|| id.to_string(), |p| p.name.clone())
+        };
+        let names = |ids: Vec<NodeId>| ids.into_iter().map(name).collect();
+        GcView {
+            enabled: status.enabled,
+            frontier: status
+                .frontier
+                .map(|v| v.iter().map(|(o, s)| (o.to_string(), s)).collect()),
+            waiting_for: names(status.waiting_for),
+            excluded: names(status.excluded),
+            needs_resync: names(status.needs_resync),
+            passes: status.passes,
+            failed_passes: status.failed_passes,
+            last_pass_ms_ago: status.last_pass_ms_ago,
+            keys_removed: status.totals.keys_removed,
+            keys_compacted: status.totals.keys_compacted,
+            last_error: status.last_error,
         }
     }
 
@@ -365,6 +418,32 @@ impl ClusterView {
                 .ae_peer_last_round_ms
                 .get_or_create(&labels)
                 .set(peer.last_round_ms_ago.map_or(-1, gauge));
+        }
+        let gc = self.gc();
+        for (what, value) in [
+            ("passes", gc.passes),
+            ("failed_passes", gc.failed_passes),
+            ("keys_removed", gc.keys_removed),
+            ("keys_compacted", gc.keys_compacted),
+        ] {
+            metrics
+                .gc_totals
+                .get_or_create(&AeLabels { what })
+                .set(gauge(value));
+        }
+        for peer in &self.peers {
+            let labels = PeerLabels {
+                peer: peer.name.clone(),
+                region: peer.region.clone(),
+            };
+            metrics
+                .gc_peer_excluded
+                .get_or_create(&labels)
+                .set(i64::from(gc.excluded.contains(&peer.name)));
+            metrics
+                .gc_peer_needs_resync
+                .get_or_create(&labels)
+                .set(i64::from(gc.needs_resync.contains(&peer.name)));
         }
         for peer in self.peer_views() {
             let labels = PeerLabels {

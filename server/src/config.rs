@@ -53,6 +53,8 @@ pub struct Config {
     #[serde(default)]
     pub anti_entropy: AntiEntropySection,
     #[serde(default)]
+    pub gc: GcSection,
+    #[serde(default)]
     pub debug: DebugSection,
     /// The directory relative paths are resolved against: the config file's own.
     #[serde(skip)]
@@ -294,6 +296,28 @@ impl Default for AntiEntropySection {
     }
 }
 
+/// Garbage collection of tombstones at causal stability.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcSection {
+    pub enabled: bool,
+    /// Time between passes.
+    pub interval_ms: u64,
+    /// A node silent for longer no longer holds garbage collection back; when it returns it
+    /// is flagged as needing a full anti-entropy round (see README, "Garbage collection").
+    pub horizon_secs: u64,
+}
+
+impl Default for GcSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 60_000,
+            horizon_secs: 24 * 3600,
+        }
+    }
+}
+
 /// Test-only switches; never enable them in production.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -434,6 +458,7 @@ impl Config {
             storage: StorageSection::default(),
             replication: ReplicationSection::default(),
             anti_entropy: AntiEntropySection::default(),
+            gc: GcSection::default(),
             debug: DebugSection::default(),
             base_dir: PathBuf::new(),
         }

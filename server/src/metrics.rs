@@ -139,6 +139,12 @@ pub struct Metrics {
     pub ae_peer_last_round_ms: Family<PeerLabels, Gauge>,
     /// Keys in the Merkle tree.
     pub merkle_keys: Gauge,
+    /// Garbage collection totals: passes, failed passes, keys removed, keys compacted.
+    pub gc_totals: Family<AeLabels, Gauge>,
+    /// 1 when the peer is beyond the GC horizon (ignored by the frontier), else 0.
+    pub gc_peer_excluded: Family<PeerLabels, Gauge>,
+    /// 1 when the peer was excluded and has not completed an anti-entropy round since.
+    pub gc_peer_needs_resync: Family<PeerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -222,6 +228,9 @@ impl Metrics {
             ae_peer_rounds: Family::default(),
             ae_peer_last_round_ms: Family::default(),
             merkle_keys: Gauge::default(),
+            gc_totals: Family::default(),
+            gc_peer_excluded: Family::default(),
+            gc_peer_needs_resync: Family::default(),
         };
         if let Ok(mut registry) = metrics.registry.lock() {
             registry.register(
@@ -305,6 +314,24 @@ impl Metrics {
                 "merkle_keys",
                 "Keys in the anti-entropy Merkle tree",
                 metrics.merkle_keys.clone(),
+            );
+            registry.register(
+                "gc",
+                "Garbage collection totals since start-up, by what (passes, failed_passes, \
+                 keys_removed, keys_compacted)",
+                metrics.gc_totals.clone(),
+            );
+            registry.register(
+                "gc_peer_excluded",
+                "1 when the peer has been silent beyond the GC horizon and no longer holds \
+                 garbage collection back",
+                metrics.gc_peer_excluded.clone(),
+            );
+            registry.register(
+                "gc_peer_needs_resync",
+                "1 when the peer was excluded by the GC horizon and has not completed an \
+                 anti-entropy round since",
+                metrics.gc_peer_needs_resync.clone(),
             );
             registry.register(
                 "clock_refused_stamps",

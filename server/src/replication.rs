@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use meridian_crdt::{NodeId, VersionVector};
 use meridian_replication::{
-    AeLimits, AntiEntropyConfig, PeerConfig, ReplicationConfig, Replicator, TlsMaterial,
+    AeLimits, AntiEntropyConfig, GcConfig, PeerConfig, ReplicationConfig, Replicator, TlsMaterial,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -117,6 +117,11 @@ pub async fn start(
             keys_per_sec: ae.keys_per_sec,
             bytes_per_sec: ae.bytes_per_sec,
         },
+    };
+    replication.gc = GcConfig {
+        enabled: config.gc.enabled,
+        interval: Duration::from_millis(config.gc.interval_ms),
+        horizon: Duration::from_secs(config.gc.horizon_secs),
     };
     Ok(Replicator::start(
         replication,

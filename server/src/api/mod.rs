@@ -197,12 +197,8 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
         .check(request.method(), request.uri().path(), request.headers())
     {
         let response = refuse(&denied);
-        app.metrics.record_request(
-            &route,
-            &method,
-            response.status().as_u16(),
-            started.elapsed(),
-        );
+        app.metrics
+            .record_request(route, method, response.status().as_u16(), started.elapsed());
         return response;
     }
     let (mut response, session) = match request_token(&app, &request) {

@@ -515,12 +515,12 @@ impl Storage {
     /// Garbage collection at causal stability: drops every register tombstone whose dot
     /// `stable` covers, at most `max_keys` per call. `stable` must be causally stable (see
     /// `meridian_crdt::Crdt::collect_garbage`). Tombstones still in the memtable wait for the
-    /// next round. Returns how many were dropped.
+    /// next round.
     pub async fn collect_garbage(
         &self,
         stable: &VersionVector,
         max_keys: usize,
-    ) -> Result<u64, StorageError> {
+    ) -> Result<GcRound, StorageError> {
         self.inner
             .stable
             .lock()
@@ -546,8 +546,9 @@ impl Storage {
             }
             keys
         };
+        let examined = keys.len() as u64;
         if keys.is_empty() {
-            return Ok(0);
+            return Ok(GcRound::default());
         }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Purge {
@@ -556,7 +557,8 @@ impl Storage {
             reply,
         })
         .await?;
-        answer.await.map_err(|_| StorageError::ShuttingDown)?
+        let purged = answer.await.map_err(|_| StorageError::ShuttingDown)??;
+        Ok(GcRound { examined, purged })
     }
 
     /// Sizes of what the node stores, for operators and the garbage collection benchmark.
@@ -705,6 +707,14 @@ impl Storage {
     pub fn is_healthy(&self) -> bool {
         !self.inner.failed.load(Ordering::Acquire)
     }
+}
+
+/// One garbage collection round: tombstones the frontier covered, and how many the applier
+/// purged (fewer when a key was written meanwhile).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcRound {
+    pub examined: u64,
+    pub purged: u64,
 }
 
 /// What [`Storage::stats`] reports. Counts are of folded data (a second behind at most).

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector, codec};
+use meridian_replication::gc::GcStats;
 use meridian_replication::merkle::{self, Hash};
 use meridian_replication::store::{ReplicaStore, StateRead, StoreError};
 use tokio::sync::{oneshot, watch};
@@ -192,6 +193,36 @@ impl ReplicaStore for Storage {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
         let this = self.clone();
         async move { this.merge_full_states(states).await.map_err(unavailable) }
+    }
+
+    fn collect_garbage(
+        &self,
+        frontier: &VersionVector,
+    ) -> impl Future<Output = Result<GcStats, StoreError>> + Send {
+        let this = self.clone();
+        let frontier = frontier.clone();
+        async move { this.collect_stable(&frontier).await.map_err(unavailable) }
+    }
+}
+
+/// Tombstones handed to the applier per purge, so a pass never holds the write path for long.
+const GC_BATCH: usize = 1024;
+
+impl Storage {
+    /// Garbage collection at a stable frontier (see `meridian_replication::gc`): purges, in
+    /// batches through the applier, every folded register tombstone `frontier` covers.
+    pub async fn collect_stable(&self, frontier: &VersionVector) -> Result<GcStats, StorageError> {
+        let mut stats = GcStats::default();
+        loop {
+            let round = self.collect_garbage(frontier, GC_BATCH).await?;
+            stats.keys_examined += round.examined;
+            stats.keys_removed += round.purged;
+            // A short batch was the last; a batch that purged nothing (every key written since
+            // it was picked) would only be picked again.
+            if round.examined < GC_BATCH as u64 || round.purged == 0 {
+                return Ok(stats);
+            }
+        }
     }
 }
 
