@@ -113,6 +113,7 @@ pub async fn run(
         ready: ready.clone(),
         in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
         debug_overwrite: config.debug.allow_state_overwrite,
+        data_dir: Arc::new(config.data_dir()),
     };
     let app = api::router(state);
     tracing::info!(node = %node, name = %config.node.name, region = %config.node.region, http = %local, "node serving");

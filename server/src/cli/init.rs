@@ -53,16 +53,17 @@ pub struct DevArgs {
     regions: Vec<String>,
 }
 
-struct NodePlan {
-    id: u64,
-    name: String,
-    region: String,
-    http: SocketAddr,
-    peer: SocketAddr,
-    peer_host: String,
+pub(super) struct NodePlan {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) region: String,
+    pub(super) http: SocketAddr,
+    pub(super) peer: SocketAddr,
+    /// `host:port` other nodes dial to reach this one.
+    pub(super) peer_host: String,
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 40
         && name
@@ -70,7 +71,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-fn write_secret(path: &Path, contents: &str) -> Result<()> {
+pub(super) fn write_secret(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -84,8 +85,66 @@ fn write_secret(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn write_public(path: &Path, contents: &str) -> Result<()> {
+pub(super) fn write_public(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Issues `name`'s certificate, signed by the cluster CA, into `node_dir` (`node.pem`,
+/// `node.key`). It names the node (peers check the name against the Hello's node id),
+/// `localhost` and 127.0.0.1, and `bind` when that is a routable address.
+pub(super) fn issue_node_cert(
+    issuer: &Issuer<'_, KeyPair>,
+    name: &str,
+    bind: IpAddr,
+    node_dir: &Path,
+) -> Result<()> {
+    let key = KeyPair::generate().context("generating a node key")?;
+    let mut params = CertificateParams::new(vec![name.to_owned(), "localhost".to_owned()])
+        .context("node certificate parameters")?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    if !bind.is_unspecified() && !bind.is_loopback() {
+        params.subject_alt_names.push(SanType::IpAddress(bind));
+    }
+    params
+        .distinguished_name
+        .push(DnType::CommonName, name.to_owned());
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params
+        .signed_by(&key, issuer)
+        .context("signing a node certificate")?;
+    write_public(&node_dir.join("node.pem"), &cert.pem())?;
+    write_secret(&node_dir.join("node.key"), &key.serialize_pem())?;
+
+    Ok(())
+}
+
+/// The config file text of `plan`, with `peers` as its `[[peers]]`.
+pub(super) fn node_config(plan: &NodePlan, cluster: &str, peers: &[&NodePlan]) -> String {
+    let mut toml = format!(
+        "# Written by `meridian cluster init`. Relative paths are relative to this file.\n\
+         [node]\nid = {}\nname = \"{}\"\nregion = \"{}\"\ncluster = \"{}\"\ndata_dir = \"data\"\n\n\
+         [http]\nlisten = \"{}\"\n\n[peer]\nlisten = \"{}\"\n\n\
+         [tls]\nca = \"../ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n\
+         [session]\nsecret_file = \"../session.secret\"\n",
+        plan.id, plan.name, plan.region, cluster, plan.http, plan.peer
+    );
+    for other in peers {
+        let _ = write!(
+            toml,
+            "\n[[peers]]\nid = {}\nname = \"{}\"\nregion = \"{}\"\naddress = \"{}\"\n",
+            other.id, other.name, other.region, other.peer_host
+        );
+    }
+    toml
 }
 
 /// Writes the cluster and returns the config file of every node.
@@ -179,47 +238,10 @@ pub fn init(args: &InitArgs) -> Result<Vec<PathBuf>> {
         let node_dir = args.dir.join(&plan.name);
         std::fs::create_dir_all(node_dir.join("data"))
             .with_context(|| format!("cannot create {}", node_dir.display()))?;
-        let key = KeyPair::generate().context("generating a node key")?;
-        let mut params = CertificateParams::new(vec![plan.name.clone(), "localhost".to_owned()])
-            .context("node certificate parameters")?;
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        if !args.bind.is_unspecified() && !args.bind.is_loopback() {
-            params.subject_alt_names.push(SanType::IpAddress(args.bind));
-        }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, plan.name.clone());
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params
-            .signed_by(&key, &issuer)
-            .context("signing a node certificate")?;
-        write_public(&node_dir.join("node.pem"), &cert.pem())?;
-        write_secret(&node_dir.join("node.key"), &key.serialize_pem())?;
+        issue_node_cert(&issuer, &plan.name, args.bind, &node_dir)?;
 
-        let mut toml = format!(
-            "# Written by `meridian cluster init`. Relative paths are relative to this file.\n\
-             [node]\nid = {}\nname = \"{}\"\nregion = \"{}\"\ncluster = \"{}\"\ndata_dir = \"data\"\n\n\
-             [http]\nlisten = \"{}\"\n\n[peer]\nlisten = \"{}\"\n\n\
-             [tls]\nca = \"../ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n\
-             [session]\nsecret_file = \"../session.secret\"\n",
-            plan.id, plan.name, plan.region, args.cluster, plan.http, plan.peer
-        );
-        for other in plans.iter().filter(|p| p.id != plan.id) {
-            let _ = write!(
-                toml,
-                "\n[[peers]]\nid = {}\nname = \"{}\"\nregion = \"{}\"\naddress = \"{}\"\n",
-                other.id, other.name, other.region, other.peer_host
-            );
-        }
+        let others: Vec<&NodePlan> = plans.iter().filter(|p| p.id != plan.id).collect();
+        let toml = node_config(plan, &args.cluster, &others);
         let path = node_dir.join("config.toml");
         write_public(&path, &toml)?;
         Config::load(&path)

@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod client;
 mod init;
+mod membership;
 mod serve;
 
 use anyhow::Result;
@@ -98,7 +99,7 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Operator commands: anti-entropy on demand, the Merkle tree.
+    /// Operator commands: anti-entropy on demand, the Merkle tree, backup and restore.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
     /// Load generator: throughput and latency percentiles against a node.
@@ -112,6 +113,12 @@ enum Command {
 enum ClusterCommand {
     /// Write a config per node, a cluster CA, node certificates and the session secret.
     Init(init::InitArgs),
+    /// Add a node (in a new or existing region): its certificate and config, and a peer entry
+    /// in every existing config. Restart the existing nodes one at a time to let them know.
+    AddNode(membership::AddNodeArgs),
+    /// Take a node out of every other config (its own is renamed config.toml.removed). Stop
+    /// it, then restart the others one at a time.
+    RemoveNode(membership::RemoveNodeArgs),
 }
 
 /// Options shared by the client commands.
@@ -159,6 +166,17 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Cluster(ClusterCommand::Init(args)) => init::init(&args).map(|_| ()),
+        Command::Cluster(ClusterCommand::AddNode(args)) => {
+            let path = membership::add_node(&args)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::RemoveNode(args)) => {
+            for path in membership::remove_node(&args)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         Command::Dev(args) => init::dev(args),
         Command::Admin(command) => client::block_on(admin::run(command)),
         Command::Bench(args) => bench::run(args),

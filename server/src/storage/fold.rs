@@ -48,7 +48,11 @@ pub(super) fn commit(db: &Database, job: &FoldJob) -> Result<Vec<LeafUpdate>, St
         for (key, state) in &job.layer.states {
             let encoded = codec::encode_state(state);
             states.insert(key.as_slice(), encoded.as_slice())?;
-            leaves.push((merkle::bucket_of(key), key.clone(), merkle::state_hash(&encoded)));
+            leaves.push((
+                merkle::bucket_of(key),
+                key.clone(),
+                merkle::state_hash(&encoded),
+            ));
         }
         let mut wal = txn.open_table(WAL)?;
         for (&(origin, seq), op) in &job.layer.wal {

@@ -238,9 +238,8 @@ impl View<'_> {
         };
         let in_range = |k: &[u8]| {
             k >= start.as_slice()
-                && split_state_key(k).is_some_and(|(k_kind, user)| {
-                    k_kind == kind && user.starts_with(prefix)
-                })
+                && split_state_key(k)
+                    .is_some_and(|(k_kind, user)| k_kind == kind && user.starts_with(prefix))
         };
         // Newest first: the active layer shadows the frozen one, which shadows redb.
         let mut memory: BTreeMap<&[u8], &Arc<State>> = BTreeMap::new();
@@ -286,8 +285,8 @@ impl View<'_> {
                     return Ok((out, None));
                 };
                 let key = k.value().to_vec();
-                let state = codec::decode_state(value.value())
-                    .map_err(|e| corrupt(describe(&key), e))?;
+                let state =
+                    codec::decode_state(value.value()).map_err(|e| corrupt(describe(&key), e))?;
                 (key, Arc::new(state))
             } else {
                 if disk_key.is_some() && disk_key == memory_key {

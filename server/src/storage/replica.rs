@@ -62,10 +62,7 @@ impl Storage {
         // The WAL may hold ops applied but not yet durable in the journal; those must not
         // leave this node, or a crash could reissue their sequences with other contents.
         let durable = self.applied().get(origin);
-        let view = self
-            .inner
-            .memtable
-            .view(&self.inner.db);
+        let view = self.inner.memtable.view(&self.inner.db);
         let entries = view
             .wal_range(origin, start, durable, max_ops)
             .map_err(unavailable)?;
@@ -222,10 +219,7 @@ impl Storage {
         keys: Vec<Vec<u8>>,
     ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
         let (states, snapshot) = {
-            let view = self
-                .inner
-                .memtable
-                .view(&self.inner.db);
+            let view = self.inner.memtable.view(&self.inner.db);
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
                 let state = view.encoded_state(&key).map_err(unavailable)?;
