@@ -687,6 +687,8 @@ impl fmt::Debug for Cluster {
             .field("base_port", &self.base_port)
             .field("nodes", &self.nodes)
             .field("relays", &self.relays.len())
+            .field("spec", &self.spec)
+            .field("bin", &self.bin)
             .finish()
     }
 }

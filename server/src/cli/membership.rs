@@ -183,7 +183,7 @@ pub fn add_node(args: &AddNodeArgs) -> Result<PathBuf> {
     let taken: BTreeSet<&str> = everyone().map(|c| c.node.name.as_str()).collect();
     let name = match &args.name {
         Some(name) => name.clone(),
-        None => (1..)
+        None => (1..=taken.len() + 1)
             .map(|k| format!("{}-{k}", args.region))
             .find(|n| !taken.contains(n.as_str()))
             .context("no free name")?,
@@ -226,20 +226,17 @@ pub fn add_node(args: &AddNodeArgs) -> Result<PathBuf> {
             port.unwrap_or(7000).saturating_add(1),
         )
     });
-    let peer = match args.peer_listen {
-        Some(peer) => peer,
-        None => {
-            let listens: Vec<SocketAddr> = members
-                .iter()
-                .filter_map(|m| m.config.peer.as_ref().map(|p| p.listen))
-                .collect();
-            let port = listens.iter().map(SocketAddr::port).max();
-            let ip = listens
-                .first()
-                .map_or(first.http.listen.ip(), SocketAddr::ip);
-            SocketAddr::new(ip, port.unwrap_or(7100).saturating_add(1))
-        }
-    };
+    let peer = args.peer_listen.unwrap_or_else(|| {
+        let listens: Vec<SocketAddr> = members
+            .iter()
+            .filter_map(|m| m.config.peer.as_ref().map(|p| p.listen))
+            .collect();
+        let port = listens.iter().map(SocketAddr::port).max();
+        let ip = listens
+            .first()
+            .map_or(first.http.listen.ip(), SocketAddr::ip);
+        SocketAddr::new(ip, port.unwrap_or(7100).saturating_add(1))
+    });
     let by_name = members
         .iter()
         .any(|m| dialed_address(m, &members).starts_with(&format!("{}:", m.config.node.name)));

@@ -386,6 +386,7 @@ mod tests {
             Some(json!(7))
         );
         restored.shutdown().await;
+        drop(restored);
         // The restored directory belongs to node 3 now.
         assert!(matches!(
             open(&target, 4).unwrap_err(),
