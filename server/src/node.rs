@@ -140,6 +140,7 @@ pub async fn run(
         in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
         debug_overwrite: config.debug.allow_state_overwrite,
         auth: auth.clone(),
+        data_dir: Arc::new(config.data_dir()),
     };
     let reloader = Arc::new(Reloader {
         config: config.clone(),

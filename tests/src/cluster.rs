@@ -33,7 +33,7 @@ use tempfile::TempDir;
 
 use crate::client::{Client, Credentials, POLL_INTERVAL, wait_all_equal};
 use crate::config::{self, NodeConfig};
-use crate::ports::{MAX_NODES, pick_base_port};
+use crate::ports::{MAX_NODES, pick_base_port, pick_node_ports};
 use crate::relay::{Direction, DirectionStats, Fault, Relay, RelayControl};
 
 /// Environment variable naming the `meridian` binary to run.
@@ -750,6 +750,9 @@ pub struct Cluster {
     base_port: u16,
     dir: Option<TempDir>,
     path: PathBuf,
+    /// What the cluster was started with: nodes added later run with the same settings.
+    spec: ClusterSpec,
+    bin: PathBuf,
 }
 
 impl fmt::Debug for Cluster {
@@ -759,6 +762,8 @@ impl fmt::Debug for Cluster {
             .field("base_port", &self.base_port)
             .field("nodes", &self.nodes)
             .field("relays", &self.relays.len())
+            .field("spec", &self.spec)
+            .field("bin", &self.bin)
             .finish()
     }
 }
@@ -865,6 +870,8 @@ impl Cluster {
             base_port,
             dir: Some(dir),
             path,
+            spec: spec.clone(),
+            bin: bin.to_path_buf(),
         };
         cluster.customize_configs(spec)?;
         // Re-read: the snippet or the hook may have changed addresses or the data dir.
@@ -969,6 +976,109 @@ impl Cluster {
             let tail = tail_lines(&node.stderr_path(), 200).to_lowercase();
             tail.contains("address already in use") || tail.contains("addrinuse")
         })
+    }
+
+    /// Runs `meridian` with `args` in the cluster directory; returns its stdout, or fails with
+    /// its output when it exits non-zero.
+    pub async fn run_cli(&self, args: &[&str]) -> Result<String> {
+        let mut command = tokio::process::Command::new(&self.bin);
+        command
+            .args(args)
+            .current_dir(&self.path)
+            .env(LOG_ENV, default_log_filter())
+            .stdin(Stdio::null());
+        // Client commands talk to the nodes as the tests' clients do: the cluster's CA and
+        // admin token.
+        let ca = self.path.join("ca.pem");
+        if ca.is_file() {
+            command.env("MERIDIAN_CA", ca);
+        }
+        let token = self.path.join("tokens").join("admin.token");
+        if token.is_file() {
+            command.env("MERIDIAN_TOKEN_FILE", token);
+        }
+        let output = command
+            .output()
+            .await
+            .with_context(|| format!("running meridian {}", args.join(" ")))?;
+        ensure!(
+            output.status.success(),
+            "`meridian {}` failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Adds a node in `region` with `meridian cluster add-node` (which also adds it to every
+    /// member's config) on free ports, without starting it. Running members keep their old
+    /// view until restarted; [`Node::config`] of every member is re-read. Not with relays.
+    /// Returns the new node's index.
+    pub async fn add_node(&mut self, region: &str) -> Result<usize> {
+        ensure!(
+            !self.has_relays(),
+            "add_node does not put relays in front of the new node"
+        );
+        let (http, peer) = pick_node_ports()?;
+        let dir = self.path.display().to_string();
+        let http = format!("127.0.0.1:{http}");
+        let peer = format!("127.0.0.1:{peer}");
+        let stdout = self
+            .run_cli(&[
+                "cluster",
+                "add-node",
+                "--dir",
+                &dir,
+                "--region",
+                region,
+                "--http-listen",
+                &http,
+                "--peer-listen",
+                &peer,
+            ])
+            .await?;
+        let config_path = PathBuf::from(stdout.trim());
+        let node_dir = config_path
+            .parent()
+            .with_context(|| format!("add-node printed {stdout:?}"))?
+            .to_path_buf();
+        let index = self.nodes.len();
+        let node = Node::new(index, node_dir, &self.spec, self.bin.clone())?;
+        self.nodes.push(node);
+        self.reload_configs()?;
+        Ok(index)
+    }
+
+    /// Removes a (stopped) node with `meridian cluster remove-node`: the others' configs no
+    /// longer name it. The node stays in [`Cluster::nodes`] so indices keep their meaning.
+    pub async fn remove_node(&mut self, index: usize) -> Result<()> {
+        let node = &self.nodes[index];
+        ensure!(
+            !node.is_running(),
+            "stop {} before removing it",
+            node.name()
+        );
+        let dir = self.path.display().to_string();
+        let name = node.name().to_owned();
+        self.run_cli(&["cluster", "remove-node", "--dir", &dir, "--name", &name])
+            .await?;
+        self.reload_configs()
+    }
+
+    /// Re-reads every member's config file into [`Node::config`] (a removed node keeps its
+    /// last one).
+    fn reload_configs(&mut self) -> Result<()> {
+        for node in &mut self.nodes {
+            if node.config_path.is_file() {
+                let text = fs::read_to_string(&node.config_path)
+                    .with_context(|| format!("reading {}", node.config_path.display()))?;
+                node.config = NodeConfig::parse(&text)
+                    .with_context(|| format!("parsing {}", node.config_path.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// The cluster's directory (`ca.pem`, `session.secret`, one directory per node).

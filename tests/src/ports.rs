@@ -70,6 +70,25 @@ pub fn pick_base_port(nodes: usize) -> Result<u16> {
     bail!("found no free base port for {nodes} nodes after 200 tries")
 }
 
+/// Picks one HTTP port free for TCP and one peer port free for UDP and TCP (for a node added
+/// to a running cluster), and reserves both for this process.
+pub fn pick_node_ports() -> Result<(u16, u16)> {
+    let mut reserved = RESERVED.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let http = rng.random_range(BASE_PORT_RANGE);
+        let peer = rng.random_range(BASE_PORT_RANGE);
+        if http == peer || reserved.contains(&http) || reserved.contains(&peer) {
+            continue;
+        }
+        if tcp_port_free(http) && udp_port_free(peer) && tcp_port_free(peer) {
+            reserved.extend([http, peer]);
+            return Ok((http, peer));
+        }
+    }
+    bail!("found no free ports for a node after 200 tries")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

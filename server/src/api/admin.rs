@@ -1,9 +1,9 @@
-//! Operator endpoints: anti-entropy on demand, the Merkle tree's summary, and (behind
+//! Operator endpoints: anti-entropy on demand, the Merkle tree's summary, online backups, and (behind
 //! `[debug] allow_state_overwrite`) a way to corrupt a key for anti-entropy tests.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meridian_crdt::{CanonicalJson, Kind, NodeId, OrSet, State as CrdtState};
 use meridian_replication::merkle;
@@ -55,6 +55,61 @@ pub async fn tree(State(app): State<AppState>) -> Response {
         "nonempty_buckets": nonempty,
     }))
     .into_response()
+}
+
+/// Response header of `POST /v1/admin/backup`: the backup's summary as JSON.
+pub const BACKUP_INFO_HEADER: &str = "meridian-backup";
+
+/// Streams a consistent snapshot of this node's data (a redb file; see
+/// [`crate::storage::backup`]). The file is staged in the data directory and unlinked as soon
+/// as it is open, so nothing is left behind once the download ends, however it ends.
+pub async fn backup(State(app): State<AppState>) -> Response {
+    let path = app
+        .data_dir
+        .join(format!(".backup-{:016x}.redb", rand::random::<u64>()));
+    // The copy runs in its own task: if the client goes away mid-copy, the task still
+    // finishes and removes the staged file.
+    let (done, result) = tokio::sync::oneshot::channel();
+    let storage = app.storage.clone();
+    let staged = path.clone();
+    tokio::spawn(async move {
+        let outcome = storage.backup(&staged).await;
+        if outcome.is_err() || done.is_closed() {
+            let _ = tokio::fs::remove_file(&staged).await;
+        }
+        let _ = done.send(outcome);
+    });
+    let info = match result.await {
+        Ok(Ok(info)) => info,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "backup failed");
+            return Problem::internal(format!("backup failed: {error}")).into_response();
+        }
+        Err(_) => return Problem::internal("the backup task ended early").into_response(),
+    };
+    let file = tokio::fs::File::open(&path).await;
+    let _ = tokio::fs::remove_file(&path).await;
+    let file = match file {
+        Ok(file) => file,
+        Err(error) => {
+            return Problem::internal(format!("reading the staged backup: {error}"))
+                .into_response();
+        }
+    };
+    tracing::info!(keys = info.keys, bytes = info.bytes, "streaming a backup");
+    let summary = serde_json::to_string(&info).unwrap_or_default();
+    let mut response =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, info.bytes.into());
+    if let Ok(value) = HeaderValue::from_str(&summary) {
+        headers.insert(BACKUP_INFO_HEADER, value);
+    }
+    response
 }
 
 #[derive(Debug, Deserialize)]

@@ -56,6 +56,9 @@ pub struct AppState {
     pub debug_overwrite: bool,
     /// Bearer tokens and roles: checked first thing in [`guard`].
     pub auth: Arc<Auth>,
+    /// The node's data directory: online backups are staged there (same file system, so
+    /// no tmpfs fills up) before they are streamed.
+    pub data_dir: Arc<std::path::PathBuf>,
 }
 
 #[derive(OpenApi)]
@@ -125,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cluster", get(ops::cluster))
         .route("/v1/admin/anti-entropy", post(admin::anti_entropy))
         .route("/v1/admin/tree", get(admin::tree))
+        .route(BACKUP_ROUTE, post(admin::backup))
         .route(
             "/v1/admin/debug/merge-unlogged/sets/{key}",
             post(admin::merge_unlogged),
@@ -209,7 +213,7 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
                 tokio::time::Instant::from_std(started),
             ));
             request.extensions_mut().insert(session.clone());
-            (limited(&app, request, next).await, Some(session))
+            (limited(&app, route, request, next).await, Some(session))
         }
     };
     let headers = response.headers_mut();
@@ -254,9 +258,14 @@ fn refuse(denied: &Denied) -> Response {
     response
 }
 
+/// The backup route: exempt from the request timeout, since copying a large data set takes
+/// as long as it takes (and the copy goes on, unobserved, if the client stops waiting).
+const BACKUP_ROUTE: &str = "/v1/admin/backup";
+
 /// The concurrency limit and the request timeout.
-async fn limited(app: &AppState, request: Request, next: Next) -> Response {
+async fn limited(app: &AppState, route: &str, request: Request, next: Next) -> Response {
     match app.in_flight.clone().try_acquire_owned() {
+        Ok(_permit) if route == BACKUP_ROUTE => next.run(request).await,
         Err(_) => Problem::unavailable(
             "overloaded",
             "too many requests in flight; retry shortly",

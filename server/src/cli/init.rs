@@ -86,16 +86,17 @@ pub struct DevArgs {
     regions: Vec<String>,
 }
 
-struct NodePlan {
-    id: u64,
-    name: String,
-    region: String,
-    http: SocketAddr,
-    peer: SocketAddr,
-    peer_host: String,
+pub(super) struct NodePlan {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) region: String,
+    pub(super) http: SocketAddr,
+    pub(super) peer: SocketAddr,
+    /// `host:port` other nodes dial to reach this one.
+    pub(super) peer_host: String,
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 40
         && name
@@ -103,7 +104,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-fn write_secret(path: &Path, contents: &str) -> Result<()> {
+pub(super) fn write_secret(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -117,7 +118,7 @@ fn write_secret(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn write_public(path: &Path, contents: &str) -> Result<()> {
+pub(super) fn write_public(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -208,6 +209,48 @@ fn issue(
         .signed_by(&key, issuer)
         .context("signing a node certificate")?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Issues a node's mesh certificate (`node.pem`, `node.key`) and its HTTP API certificate
+/// (`http.pem`, `http.key`) into `node_dir`, both signed by the cluster CA and naming the
+/// node, `localhost`, 127.0.0.1 and `bind` when that is a routable address.
+pub(super) fn issue_node_cert(
+    issuer: &Issuer<'_, KeyPair>,
+    name: &str,
+    bind: IpAddr,
+    node_dir: &Path,
+) -> Result<()> {
+    let hosts = hosts_of(&[bind], &[]);
+    let (cert, key) = issue(issuer, name, &hosts, CertUse::Peer)?;
+    write_public(&node_dir.join("node.pem"), &cert)?;
+    write_secret(&node_dir.join("node.key"), &key)?;
+    let (cert, key) = issue(issuer, name, &hosts, CertUse::Http)?;
+    write_public(&node_dir.join("http.pem"), &cert)?;
+    write_secret(&node_dir.join("http.key"), &key)?;
+    Ok(())
+}
+
+/// The config of a node added to an existing cluster, HTTPS on, with `peers` as its
+/// `[[peers]]`; cluster-wide sections (`[auth]`, limits, ...) are copied from a member's
+/// config by the caller.
+pub(super) fn node_config(plan: &NodePlan, cluster: &str, peers: &[&NodePlan]) -> String {
+    let mut toml = format!(
+        "# Written by `meridian cluster init`. Relative paths are relative to this file.\n\
+         [node]\nid = {}\nname = \"{}\"\nregion = \"{}\"\ncluster = \"{}\"\ndata_dir = \"data\"\n\n\
+         [http]\nlisten = \"{}\"\n\n[http.tls]\ncert = \"http.pem\"\nkey = \"http.key\"\n\n\
+         [peer]\nlisten = \"{}\"\n\n\
+         [tls]\nca = \"../ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n\
+         [session]\nsecret_file = \"../session.secret\"\n",
+        plan.id, plan.name, plan.region, cluster, plan.http, plan.peer
+    );
+    for other in peers {
+        let _ = write!(
+            toml,
+            "\n[[peers]]\nid = {}\nname = \"{}\"\nregion = \"{}\"\naddress = \"{}\"\n",
+            other.id, other.name, other.region, other.peer_host
+        );
+    }
+    toml
 }
 
 /// The addresses a node's certificates should name besides its name and loopback.

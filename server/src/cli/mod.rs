@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod client;
 mod init;
+mod membership;
 mod serve;
 
 use anyhow::Result;
@@ -98,7 +99,7 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Operator commands: anti-entropy on demand, the Merkle tree.
+    /// Operator commands: anti-entropy on demand, the Merkle tree, backup and restore.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
     /// Load generator: throughput and latency percentiles against a node.
@@ -115,6 +116,12 @@ enum ClusterCommand {
     Init(init::InitArgs),
     /// Reissue every node's certificates from the cluster CA in place; then SIGHUP each node.
     RotateCerts(init::RotateArgs),
+    /// Add a node (in a new or existing region): its certificate and config, and a peer entry
+    /// in every existing config. Restart the existing nodes one at a time to let them know.
+    AddNode(membership::AddNodeArgs),
+    /// Take a node out of every other config (its own is renamed config.toml.removed). Stop
+    /// it, then restart the others one at a time.
+    RemoveNode(membership::RemoveNodeArgs),
 }
 
 /// Options shared by the client commands.
@@ -238,6 +245,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 "rewrote {}; send SIGHUP to each node to load them",
                 rotated.join(", ")
             );
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::AddNode(args)) => {
+            let path = membership::add_node(&args)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::RemoveNode(args)) => {
+            for path in membership::remove_node(&args)? {
+                println!("{}", path.display());
+            }
             Ok(())
         }
         Command::Dev(args) => init::dev(args),

@@ -12,6 +12,7 @@
 //! Reads look in the memtable, then in their own redb read transaction (an MVCC snapshot);
 //! they never wait for the applier beyond a brief lock, nor for a fold.
 
+pub mod backup;
 mod fold;
 mod intent;
 mod journal;
@@ -60,6 +61,10 @@ pub enum StorageError {
     WrongNode { expected: NodeId, found: u64 },
     #[error("data directory has schema version {0}, this build reads {SCHEMA_VERSION}")]
     Schema(u8),
+    #[error(
+        "the data file is a backup, not a node's data: seed a data directory with `meridian admin restore`"
+    )]
+    IsBackup,
     #[error("storage is shutting down")]
     ShuttingDown,
     #[error("commit failed: {0}")]
@@ -429,6 +434,9 @@ impl Storage {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(META_NODE_ID)?.map(|v| v.value().to_vec());
             match found {
+                None if meta.get(backup::META_BACKUP_OF)?.is_some() => {
+                    return Err(StorageError::IsBackup);
+                }
                 None => {
                     meta.insert(META_NODE_ID, node.get().to_be_bytes().as_slice())?;
                     meta.insert(META_SCHEMA, [SCHEMA_VERSION].as_slice())?;
