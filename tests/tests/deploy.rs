@@ -89,6 +89,8 @@ struct Service {
     volumes: Vec<(String, String)>,
     networks: BTreeSet<String>,
     hostname: Option<String>,
+    /// `healthcheck.test`, exec form.
+    healthcheck: Vec<String>,
 }
 
 struct Compose {
@@ -139,6 +141,7 @@ impl Compose {
                 volumes,
                 networks,
                 hostname: spec["hostname"].as_str().map(str::to_owned),
+                healthcheck: strings(&spec["healthcheck"]["test"]),
             };
             services.insert(name, service);
         }
@@ -181,6 +184,13 @@ impl Service {
 
     fn args_on_host(&self, root: &Path) -> Vec<String> {
         self.command.iter().map(|a| self.on_host(root, a)).collect()
+    }
+
+    fn env(&self, name: &str) -> Option<&str> {
+        self.environment
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -289,6 +299,51 @@ async fn compose_configs_run_as_processes_and_converge() {
         })
         .collect();
 
+    // `cluster init`'s defaults are what compose runs: HTTPS and bearer tokens on every node,
+    // with every file the config names inside the node's read-only cluster volume.
+    for (service, config) in services.iter().zip(&generated) {
+        let table = &config.table;
+        assert!(
+            table["http"].get("tls").is_some(),
+            "{}: HTTP without TLS",
+            service.name
+        );
+        assert_eq!(
+            table["auth"]["enabled"].as_bool(),
+            Some(true),
+            "{}",
+            service.name
+        );
+        let config_path = PathBuf::from(flag_value(&service.command, "--config").unwrap());
+        for file in [
+            &table["http"]["tls"]["cert"],
+            &table["http"]["tls"]["key"],
+            &table["auth"]["tokens_file"],
+        ] {
+            let path = normalize(&config_path.parent().unwrap().join(file.as_str().unwrap()));
+            let host = service.on_host(root.path(), path.to_str().unwrap());
+            assert!(
+                Path::new(&host).is_file(),
+                "{}: {} is not in its volumes",
+                service.name,
+                path.display()
+            );
+        }
+        // The port speaks only TLS and /healthz needs no token: the check is an HTTPS GET
+        // with no Authorization header.
+        let check = service.healthcheck.join(" ");
+        assert!(
+            check.contains("https://") && check.contains("/healthz"),
+            "{}: healthcheck {check:?} is not an HTTPS GET of /healthz",
+            service.name
+        );
+        assert!(
+            !check.contains("Authorization"),
+            "{}: {check}",
+            service.name
+        );
+    }
+
     // What the container network must provide, checked before the test replaces it: every
     // peer address names a service this one shares a network with (compose DNS), at the port
     // that service's own config listens on.
@@ -371,6 +426,54 @@ async fn compose_configs_run_as_processes_and_converge() {
         node.wait_ready(Duration::from_secs(30)).await.unwrap();
     }
     let tails = || nodes.iter().map(|n| n.log_tails(30)).collect::<String>();
+
+    // The `client` service reaches a node with the CA and token it takes from the cluster
+    // volume; without the token it is refused.
+    let client = compose.service("client");
+    let url = client.env("MERIDIAN_URL").expect("client: MERIDIAN_URL");
+    let (host, port) = split_host_port(url.strip_prefix("https://").expect("an https URL"));
+    let target = compose.service(host);
+    assert!(
+        !client.networks.is_disjoint(&target.networks),
+        "the client cannot reach {host}"
+    );
+    let i = services.iter().position(|s| s.name == host).unwrap();
+    let http_listen = flag_value(&target.command, "--http-listen").unwrap();
+    assert_eq!(split_host_port(http_listen).1, port, "{url}");
+    let mut env: BTreeMap<String, String> = client
+        .environment
+        .iter()
+        .map(|(k, v)| (k.clone(), client.on_host(root.path(), v)))
+        .collect();
+    env.insert("MERIDIAN_URL".to_owned(), format!("https://{}", http(i)));
+    for name in ["MERIDIAN_CA", "MERIDIAN_TOKEN_FILE"] {
+        let file = env.get(name).unwrap_or_else(|| panic!("client: no {name}"));
+        assert!(
+            Path::new(file).is_file(),
+            "client: {name} {file} not in its volume"
+        );
+    }
+    let run_client = |env: &BTreeMap<String, String>| {
+        Command::new(&bin)
+            .args(client.args_on_host(root.path()))
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap()
+    };
+    let output = run_client(&env);
+    assert!(
+        output.status.success(),
+        "the client service failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        tails()
+    );
+    env.remove("MERIDIAN_TOKEN_FILE");
+    let output = run_client(&env);
+    assert!(
+        !output.status.success(),
+        "a node answered the client without a token"
+    );
 
     // A write in every region.
     for (i, node) in nodes.iter().enumerate() {
@@ -651,15 +754,50 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
         );
         let config_dir = config_path.parent().unwrap();
         let table = &generated.table;
+        assert!(
+            table["http"].get("tls").is_some(),
+            "{region}: the config serves HTTP without TLS"
+        );
+        assert_eq!(
+            table["auth"]["enabled"].as_bool(),
+            Some(true),
+            "{region}: auth is off"
+        );
         for file in [
             &table["tls"]["ca"],
             &table["tls"]["cert"],
             &table["tls"]["key"],
             &table["session"]["secret_file"],
+            &table["http"]["tls"]["cert"],
+            &table["http"]["tls"]["key"],
+            &table["auth"]["tokens_file"],
         ] {
             let (kind, _, _, optional) = in_volume(&config_dir.join(file.as_str().unwrap()));
             assert_eq!(kind, "secret", "{region}: {file} comes from a Secret");
             assert!(!optional, "{region}: {file} is required");
+        }
+        // The mesh and the HTTP API have their own key pairs, each from the secret of this
+        // node; nodes get the tokens' digests, never the tokens, nor the CA key.
+        let secret_of = |file: &toml::Value| {
+            let (_, name, key, _) = in_volume(&config_dir.join(file.as_str().unwrap()));
+            (name, key)
+        };
+        let mesh = secret_of(&table["tls"]["key"]).0;
+        let http_key = secret_of(&table["http"]["tls"]["key"]).0;
+        assert_ne!(mesh, http_key, "{region}: one secret for both key pairs");
+        for name in [&mesh, &http_key] {
+            assert!(name.contains(&node), "{region}: {name} is not {node}'s own");
+        }
+        assert_eq!(
+            secret_of(&table["http"]["tls"]["cert"]).0,
+            http_key,
+            "{region}: the HTTP certificate and key come from different secrets"
+        );
+        for (path, (_, name, key, _)) in &provided {
+            assert!(
+                !path.contains("tokens/") && !path.ends_with(".token") && path != "ca.key",
+                "{region}: {path} ({name}/{key}) does not belong on a node"
+            );
         }
 
         // Data on the claim of a volumeClaimTemplate.
@@ -707,6 +845,10 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
         ] {
             let get = &container[probe]["httpGet"];
             assert_eq!(str_of(&get["path"]), path, "{region} {probe}");
+            // The port speaks only TLS; the probed routes are open, so no header carries a
+            // token.
+            assert_eq!(str_of(&get["scheme"]), "HTTPS", "{region} {probe}");
+            assert!(get["httpHeaders"].is_null(), "{region} {probe}");
             assert!(
                 str_of(&get["port"]) == "http"
                     || get["port"].as_u64() == Some(u64::from(http_port)),
