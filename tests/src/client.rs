@@ -547,6 +547,25 @@ where
     }
 }
 
+/// Everything a node holds, as a client sees it (the first page of every type's listing),
+/// plus its Merkle root: equal on converged nodes.
+pub async fn holdings(client: Client) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for kind in ["registers", "counters", "gcounters", "sets"] {
+        let page = client
+            .request(Method::GET, &["v1", kind], None)
+            .await?
+            .ok(kind)?;
+        out.insert(kind.to_owned(), page);
+    }
+    let tree = client
+        .request(Method::GET, &["v1", "admin", "tree"], None)
+        .await?
+        .ok("tree")?;
+    out.insert("root".into(), tree["root"].clone());
+    Ok(Value::Object(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

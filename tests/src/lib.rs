@@ -29,7 +29,9 @@ pub mod config;
 pub mod ports;
 pub mod relay;
 
-pub use client::{ApiResponse, Client, Credentials, wait_all_equal, wait_for, wait_until};
+pub use client::{
+    ApiResponse, Client, Credentials, holdings, wait_all_equal, wait_for, wait_until,
+};
 pub use cluster::{Cluster, ClusterSpec, ConfigHook, LinkControl, Node, NodeLaunch, meridian_bin};
 pub use config::NodeConfig;
 pub use relay::{Direction, DirectionStats, Fault, Relay, RelayControl, RelayOptions};

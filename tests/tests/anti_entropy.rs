@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use meridian_tests::{Client, Cluster, ClusterSpec, wait_until};
+use meridian_tests::{Client, Cluster, ClusterSpec, holdings, wait_until};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -34,26 +34,8 @@ enabled = false
 allow_state_overwrite = true
 ";
 
-/// Everything a node holds, as a client sees it, plus its Merkle root.
-async fn snapshot(client: Client) -> anyhow::Result<Value> {
-    let mut out = serde_json::Map::new();
-    for kind in ["registers", "counters", "gcounters", "sets"] {
-        let page = client
-            .request(Method::GET, &["v1", kind], None)
-            .await?
-            .ok(kind)?;
-        out.insert(kind.to_owned(), page);
-    }
-    let tree = client
-        .request(Method::GET, &["v1", "admin", "tree"], None)
-        .await?
-        .ok("tree")?;
-    out.insert("root".into(), tree["root"].clone());
-    Ok(Value::Object(out))
-}
-
 async fn converge(cluster: &Cluster) -> Value {
-    match cluster.wait_converged(CONVERGE, snapshot).await {
+    match cluster.wait_converged(CONVERGE, holdings).await {
         Ok(value) => value,
         Err(e) => panic!("did not converge: {e}\n{}", cluster.log_tails(30)),
     }
@@ -203,8 +185,8 @@ async fn a_corrupted_key_is_repaired_by_a_triggered_round() {
         .unwrap()
         .ok("corrupt")
         .unwrap();
-    let a = snapshot(clients[0].clone()).await.unwrap();
-    let b = snapshot(clients[1].clone()).await.unwrap();
+    let a = holdings(clients[0].clone()).await.unwrap();
+    let b = holdings(clients[1].clone()).await.unwrap();
     assert_ne!(a["root"], b["root"]);
     let round = sync(&clients[0], cluster.node(1).name()).await;
     assert_eq!(round["keys_repaired_here"], 1, "{round}");

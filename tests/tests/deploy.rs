@@ -795,7 +795,11 @@ fn kubernetes_manifests_fit_the_configs_cluster_init_writes() {
         );
         for (path, (_, name, key, _)) in &provided {
             assert!(
-                !path.contains("tokens/") && !path.ends_with(".token") && path != "ca.key",
+                !path.contains("tokens/")
+                    && !Path::new(path.as_str())
+                        .extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("token"))
+                    && path != "ca.key",
                 "{region}: {path} ({name}/{key}) does not belong on a node"
             );
         }

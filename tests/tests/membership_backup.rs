@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use meridian_tests::{Client, Cluster, ClusterSpec, wait_until};
-use reqwest::Method;
+use meridian_tests::{Cluster, ClusterSpec, holdings, wait_until};
 use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -69,28 +68,10 @@ async fn write_round(cluster: &Cluster, nodes: &[usize], tag: &str, model: &mut 
     }
 }
 
-/// Everything a node holds, as a client sees it, plus its Merkle root.
-async fn snapshot(client: Client) -> anyhow::Result<Value> {
-    let mut out = serde_json::Map::new();
-    for kind in ["registers", "counters", "gcounters", "sets"] {
-        let page = client
-            .request(Method::GET, &["v1", kind], None)
-            .await?
-            .ok(kind)?;
-        out.insert(kind.to_owned(), page);
-    }
-    let tree = client
-        .request(Method::GET, &["v1", "admin", "tree"], None)
-        .await?
-        .ok("tree")?;
-    out.insert("root".into(), tree["root"].clone());
-    Ok(Value::Object(out))
-}
-
 /// Waits until every running node holds the same states, then checks them against the model
 /// on every running node: every key, exact counter sums.
 async fn converge_to(cluster: &Cluster, model: &Model) {
-    if let Err(e) = cluster.wait_converged(CONVERGE, snapshot).await {
+    if let Err(e) = cluster.wait_converged(CONVERGE, holdings).await {
         panic!("did not converge: {e:#}");
     }
     let mut expected_set = model.set.clone();

@@ -2,7 +2,7 @@
 //! written by `meridian cluster init`.
 //!
 //! Both edit files only; running nodes learn the change when they restart (one at a time: a
-//! rolling restart, see `deploy/OPERATIONS-membership-backup.md`). Existing configs are edited
+//! rolling restart, see README "Operations"). Existing configs are edited
 //! as text (a `[[peers]]` block appended or cut out) so operators' comments and layout survive;
 //! every edited file is checked to load before any file is replaced.
 
