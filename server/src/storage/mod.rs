@@ -521,25 +521,36 @@ impl Storage {
     }
 
     /// Garbage collection at causal stability: drops every register tombstone whose dot
-    /// `stable` covers, at most `max_keys` per call. `stable` must be causally stable (see
+    /// `stable` covers, at most `max_keys` per call, scanning the tombstone index from after
+    /// `after` (a previous round's [`GcRound::last`]). `stable` must be causally stable (see
     /// `meridian_crdt::Crdt::collect_garbage`). Tombstones still in the memtable wait for the
-    /// next round.
+    /// next pass.
     pub async fn collect_garbage(
         &self,
         stable: &VersionVector,
         max_keys: usize,
+        after: Option<&[u8]>,
     ) -> Result<GcRound, StorageError> {
         self.inner
             .stable
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .merge(stable);
-        let keys = {
+        let (keys, last) = {
             let read = self.inner.db.begin_read()?;
             let table = read.open_table(TOMBSTONES)?;
             let mut keys = Vec::new();
-            for entry in table.iter()? {
+            let mut last = None;
+            let range = match after {
+                Some(after) => table.range::<&[u8]>((
+                    std::ops::Bound::Excluded(after),
+                    std::ops::Bound::Unbounded,
+                ))?,
+                None => table.range::<&[u8]>(..)?,
+            };
+            for entry in range {
                 let (key, dot) = entry?;
+                last = Some(key.value().to_vec());
                 let (origin, seq) = dot.value();
                 let covered = NodeId::new(origin)
                     .is_some_and(|origin| stable.contains(Dot::new(origin, seq)));
@@ -552,11 +563,14 @@ impl Storage {
                     }
                 }
             }
-            keys
+            (keys, last)
         };
         let examined = keys.len() as u64;
         if keys.is_empty() {
-            return Ok(GcRound::default());
+            return Ok(GcRound {
+                last,
+                ..GcRound::default()
+            });
         }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Purge {
@@ -566,7 +580,11 @@ impl Storage {
         })
         .await?;
         let purged = answer.await.map_err(|_| StorageError::ShuttingDown)??;
-        Ok(GcRound { examined, purged })
+        Ok(GcRound {
+            examined,
+            purged,
+            last,
+        })
     }
 
     /// Sizes of what the node stores, for operators and the garbage collection benchmark.
@@ -717,12 +735,14 @@ impl Storage {
     }
 }
 
-/// One garbage collection round: tombstones the frontier covered, and how many the applier
-/// purged (fewer when a key was written meanwhile).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// One garbage collection round: tombstones the frontier covered, how many the applier purged
+/// (fewer when a key was written meanwhile), and the last index key scanned (`None` once the
+/// scan reached the end).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcRound {
     pub examined: u64,
     pub purged: u64,
+    pub last: Option<Vec<u8>>,
 }
 
 /// What [`Storage::stats`] reports. Counts are of folded data (a second behind at most).

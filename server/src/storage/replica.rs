@@ -213,15 +213,18 @@ impl Storage {
     /// batches through the applier, every folded register tombstone `frontier` covers.
     pub async fn collect_stable(&self, frontier: &VersionVector) -> Result<GcStats, StorageError> {
         let mut stats = GcStats::default();
+        let mut after: Option<Vec<u8>> = None;
         loop {
-            let round = self.collect_garbage(frontier, GC_BATCH).await?;
+            let round = self
+                .collect_garbage(frontier, GC_BATCH, after.as_deref())
+                .await?;
             stats.keys_examined += round.examined;
             stats.keys_removed += round.purged;
-            // A short batch was the last; a batch that purged nothing (every key written since
-            // it was picked) would only be picked again.
-            if round.examined < GC_BATCH as u64 || round.purged == 0 {
+            // A batch that did not fill up reached the end of the index.
+            if round.examined < GC_BATCH as u64 || round.last.is_none() {
                 return Ok(stats);
             }
+            after = round.last;
         }
     }
 }

@@ -199,7 +199,7 @@ async fn garbage_collection_drops_stable_tombstones_and_they_stay_dropped() {
     // Not folded yet: the round leaves it for later.
     assert_eq!(
         storage
-            .collect_garbage(&everything(&storage), 100)
+            .collect_garbage(&everything(&storage), 100, None)
             .await
             .unwrap()
             .purged,
@@ -213,13 +213,17 @@ async fn garbage_collection_drops_stable_tombstones_and_they_stay_dropped() {
     let mut behind = everything(&storage);
     behind.set(storage.node_id(), 2);
     assert_eq!(
-        storage.collect_garbage(&behind, 100).await.unwrap().purged,
+        storage
+            .collect_garbage(&behind, 100, None)
+            .await
+            .unwrap()
+            .purged,
         0
     );
 
     assert_eq!(
         storage
-            .collect_garbage(&everything(&storage), 100)
+            .collect_garbage(&everything(&storage), 100, None)
             .await
             .unwrap()
             .purged,
@@ -268,14 +272,15 @@ async fn ten_thousand_deleted_registers_shrink_the_stored_state() {
     let deleted = storage.stats().unwrap();
     assert_eq!(deleted.tombstones, 10_000);
     let mut purged = 0;
+    let mut after: Option<Vec<u8>> = None;
     while purged < 10_000 {
         let round = storage
-            .collect_garbage(&everything(&storage), 4096)
+            .collect_garbage(&everything(&storage), 4096, after.as_deref())
             .await
-            .unwrap()
-            .purged;
-        assert!(round > 0, "a round made no progress at {purged}");
-        purged += round;
+            .unwrap();
+        assert!(round.purged > 0, "a round made no progress at {purged}");
+        purged += round.purged;
+        after = round.last;
     }
     storage.fold_now().await.unwrap();
     let collected = storage.stats().unwrap();
