@@ -37,6 +37,13 @@ async fn put(storage: &Storage, key: &str, value: serde_json::Value) {
         .unwrap();
 }
 
+async fn delete(storage: &Storage, key: &str) {
+    storage
+        .write(Kind::Register, key.to_owned(), Intent::DeleteRegister)
+        .await
+        .unwrap();
+}
+
 fn value(state: &State) -> Option<serde_json::Value> {
     match state {
         State::Register(r) => r.value().map(CanonicalJson::to_value),
@@ -55,10 +62,7 @@ async fn listing_merges_memory_over_redb() {
     // Newer states of some keys, a deletion and a new key, all in memory only.
     put(&storage, "c", json!("c-new")).await;
     put(&storage, "f", json!("f-new")).await;
-    storage
-        .write(Kind::Register, "b".to_owned(), Intent::DeleteRegister)
-        .await
-        .unwrap();
+    delete(&storage, "b").await;
 
     let (page, next) = storage.list(Kind::Register, "", None, 100).unwrap();
     assert_eq!(next, None);
@@ -191,10 +195,7 @@ async fn garbage_collection_drops_stable_tombstones_and_they_stay_dropped() {
     let storage = open(dir.path());
     put(&storage, "gone", json!("v")).await;
     put(&storage, "kept", json!("v")).await;
-    storage
-        .write(Kind::Register, "gone".to_owned(), Intent::DeleteRegister)
-        .await
-        .unwrap();
+    delete(&storage, "gone").await;
     let tombstone = storage.get(Kind::Register, "gone").unwrap().unwrap();
     // Not folded yet: the round leaves it for later.
     assert_eq!(

@@ -95,15 +95,6 @@ impl Pending {
     }
 }
 
-/// An applied group for the journal: its record (empty when it logged no op), its replies, and
-/// the applied vector once it is durable.
-pub(super) struct SyncJob {
-    record: Vec<u8>,
-    ops: usize,
-    pending: Vec<Pending>,
-    applied: VersionVector,
-}
-
 /// One group's working set: the states it touches, read once from the memtable or redb and
 /// published once at the end, so a hot key written by many requests of one group is looked
 /// up once.
@@ -371,12 +362,7 @@ impl Writer {
                 } else {
                     journal::encode_record(&records)
                 };
-                self.syncer.append(SyncJob {
-                    record,
-                    ops,
-                    pending,
-                    applied,
-                });
+                self.syncer.append(&record, ops, pending, applied);
                 ops
             }
             Err(error) => {
@@ -547,15 +533,11 @@ impl Syncer {
         }
     }
 
-    fn append(&mut self, job: SyncJob) {
-        let SyncJob {
-            record,
-            ops,
-            pending,
-            applied,
-        } = job;
+    /// Appends a group's journal record (empty when it logged no op) and keeps its replies,
+    /// with the applied vector they report, for the next [`Self::flush`].
+    fn append(&mut self, record: &[u8], ops: usize, pending: Vec<Pending>, applied: VersionVector) {
         if !record.is_empty() {
-            if let Err(error) = self.journal.append(&record) {
+            if let Err(error) = self.journal.append(record) {
                 tracing::error!(%error, "journal append failed; refusing further writes");
                 self.failed.store(true, Ordering::Release);
             }
