@@ -36,6 +36,16 @@ impl CanonicalJson {
         serde_json::from_str(&self.0).unwrap_or_else(|_| Value::String(self.0.clone()))
     }
 
+    /// The text as a JSON value to embed in a response, without parsing it into a [`Value`]
+    /// and printing it again.
+    pub fn to_raw(&self) -> Box<serde_json::value::RawValue> {
+        serde_json::value::RawValue::from_string(self.0.clone()).unwrap_or_else(|_| {
+            // As in `to_value`: a string rather than a panic should the invariant break.
+            serde_json::value::to_raw_value(&self.0)
+                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
+        })
+    }
+
     /// Bytes of the canonical text: the measure for per-value size limits.
     pub fn len(&self) -> usize {
         self.0.len()

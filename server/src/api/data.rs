@@ -11,6 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use meridian_crdt::{CanonicalJson, Kind, State as CrdtState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
@@ -41,7 +42,8 @@ impl From<&Committed> for WriteMeta {
 pub struct RegisterView {
     pub key: String,
     /// The value; `null` only in the answer to a delete.
-    pub value: Value,
+    #[schema(value_type = Value)]
+    pub value: Box<RawValue>,
     /// HLC time of the winning write (RFC 3339).
     pub timestamp: String,
     /// Node id of the winning write's origin.
@@ -70,7 +72,8 @@ pub struct GCounterView {
 pub struct SetView {
     pub key: String,
     /// Elements in canonical order (by their canonical JSON text).
-    pub elements: Vec<Value>,
+    #[schema(value_type = Vec<Value>)]
+    pub elements: Vec<Box<RawValue>>,
     pub size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<WriteMeta>,
@@ -159,7 +162,7 @@ fn register_view(
         value: entry
             .value
             .as_ref()
-            .map_or(Value::Null, CanonicalJson::to_value),
+            .map_or_else(|| RawValue::NULL.to_owned(), CanonicalJson::to_raw),
         timestamp: entry.stamp.to_rfc3339(),
         origin: entry.stamp.node.get(),
         key,
@@ -172,7 +175,7 @@ fn set_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResul
         return Err(Problem::internal("state of the wrong type"));
     };
     Ok(SetView {
-        elements: set.elements().map(CanonicalJson::to_value).collect(),
+        elements: set.elements().map(CanonicalJson::to_raw).collect(),
         size: set.len(),
         key,
         meta,
@@ -319,11 +322,10 @@ pub async fn get_register(
 ) -> ApiResult<Json<RegisterView>> {
     let key = path_key(&app, key)?;
     let state = read(&app, &level, &session, Kind::Register, &key).await?;
-    let view = register_view(key.clone(), &state, None)?;
-    if view.value.is_null() && matches!(&state, CrdtState::Register(r) if r.value().is_none()) {
+    if matches!(&state, CrdtState::Register(r) if r.entry().is_some() && r.value().is_none()) {
         return Err(Problem::not_found(format!("register {key:?} was deleted")));
     }
-    Ok(Json(view))
+    Ok(Json(register_view(key, &state, None)?))
 }
 
 /// Write a register (last writer wins by HLC time).
