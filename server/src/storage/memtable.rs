@@ -13,12 +13,22 @@
 //! it drops the frozen layer, so what the reader does not find in its frozen snapshot is in the
 //! redb snapshot it opens afterwards. The applied vector read under the same lock therefore
 //! covers every op the returned state reflects.
+//!
+//! # A shared snapshot of the states table
+//! Opening a redb read transaction and its table for every read cost as much as the lookup
+//! itself, and redb only changes when a fold commits. So readers share one open `states`
+//! table, tagged with how many folds had completed before its transaction began. The fold
+//! count is raised *before* a folded layer is dropped, so a reader that no longer finds a
+//! layer in memory also sees a count that demands a snapshot taken after that layer's commit;
+//! an older shared snapshot is then replaced. Each fold also lets go of the shared snapshot, so
+//! an idle node does not pin old pages in redb.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use meridian_crdt::{Kind, NodeId, State, VersionVector, codec};
-use redb::{Database, ReadTransaction, ReadableDatabase};
+use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase};
 
 use super::tables::{STATES, WAL, split_state_key, state_key};
 use super::{StorageError, corrupt};
@@ -37,10 +47,17 @@ pub(crate) struct Layer {
     pub(crate) applied: VersionVector,
 }
 
+/// The redb `states` table as some snapshot holds it.
+pub(crate) type StatesTable = ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 #[derive(Debug, Default)]
 pub(crate) struct Memtable {
     active: RwLock<Layer>,
     frozen: RwLock<Option<Arc<Layer>>>,
+    /// Folds whose layer has been (or is being) dropped: each one's commit came before.
+    folds: AtomicU64,
+    /// The shared snapshot of the states table and the fold count read before it was opened.
+    shared_states: Mutex<Option<(u64, Arc<StatesTable>)>>,
 }
 
 /// A consistent view for one read: the active layer (locked), the frozen layer, and a redb
@@ -48,8 +65,12 @@ pub(crate) struct Memtable {
 pub(crate) struct View<'m> {
     active: RwLockReadGuard<'m, Layer>,
     frozen: Option<Arc<Layer>>,
+    /// Folds completed when `frozen` was taken: the least a redb snapshot must cover.
+    folds: u64,
+    memtable: &'m Memtable,
     db: &'m Database,
     redb: std::cell::OnceCell<ReadTransaction>,
+    states: std::cell::OnceCell<Arc<StatesTable>>,
 }
 
 impl Memtable {
@@ -59,7 +80,7 @@ impl Memtable {
                 applied,
                 ..Layer::default()
             }),
-            frozen: RwLock::new(None),
+            ..Self::default()
         }
     }
 
@@ -70,9 +91,39 @@ impl Memtable {
         View {
             active,
             frozen,
+            folds: self.folds.load(Ordering::SeqCst),
+            memtable: self,
             db,
             redb: std::cell::OnceCell::new(),
+            states: std::cell::OnceCell::new(),
         }
+    }
+
+    /// A snapshot of the states table that covers at least `folds` folds: the shared one, or
+    /// a new one that replaces it.
+    pub(crate) fn states_table(
+        &self,
+        db: &Database,
+        folds: u64,
+    ) -> Result<Arc<StatesTable>, StorageError> {
+        let mut shared = self
+            .shared_states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((covered, table)) = shared.as_ref() {
+            if *covered >= folds {
+                return Ok(table.clone());
+            }
+        }
+        let covered = self.folds.load(Ordering::SeqCst);
+        let table = Arc::new(db.begin_read()?.open_table(STATES)?);
+        *shared = Some((covered, table.clone()));
+        Ok(table)
+    }
+
+    /// Folds completed so far; see [`Memtable::states_table`].
+    pub(crate) fn folds(&self) -> u64 {
+        self.folds.load(Ordering::SeqCst)
     }
 
     pub(crate) fn frozen(&self) -> Option<Arc<Layer>> {
@@ -127,6 +178,14 @@ impl Memtable {
 
     /// Drops the frozen layer once the fold has committed it to redb.
     pub(crate) fn folded(&self) {
+        // Counted before the layer goes: see "A shared snapshot" in the module docs.
+        self.folds.fetch_add(1, Ordering::SeqCst);
+        // An open snapshot keeps redb from reusing the pages later commits free; let the
+        // next reader open a fresh one rather than pin this one until someone reads.
+        *self
+            .shared_states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         *self.frozen.write().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
@@ -169,7 +228,12 @@ impl View<'_> {
         if let Some(state) = self.memory(key) {
             return Ok((!state.is_bottom()).then(|| state.clone()));
         }
-        let table = self.redb()?.open_table(STATES)?;
+        let table = if let Some(table) = self.states.get() {
+            table
+        } else {
+            let table = self.memtable.states_table(self.db, self.folds)?;
+            self.states.get_or_init(|| table)
+        };
         let Some(bytes) = table.get(key)? else {
             return Ok(None);
         };

@@ -28,14 +28,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use meridian_crdt::{Dot, Kind, NodeId, Op, State, VersionVector, codec};
-use redb::{Database, ReadTransaction, ReadableDatabase};
+use redb::Database;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::fold::FoldJob;
 use super::journal::{self, Journal};
-use super::memtable::{EncodedOp, Memtable};
+use super::memtable::{EncodedOp, Memtable, StatesTable};
 use super::replica::RemoteError;
-use super::tables::{STATES, state_key};
+use super::tables::state_key;
 use super::{Command, Committed, StorageError, StorageOptions, WriteError, corrupt};
 use crate::metrics::Metrics;
 
@@ -101,8 +101,8 @@ impl Pending {
 pub(super) struct Group<'a> {
     memtable: &'a Memtable,
     db: &'a Database,
-    /// Opened on the first key that is in neither memtable layer.
-    snapshot: Option<ReadTransaction>,
+    /// Taken on the first key that is in neither memtable layer.
+    snapshot: Option<Arc<StatesTable>>,
     dirty: HashMap<Vec<u8>, Arc<State>>,
     pub(super) applied: VersionVector,
     ops: Vec<((u64, u64), EncodedOp)>,
@@ -131,11 +131,15 @@ impl<'a> Group<'a> {
                 let state = if let Some(state) = self.memtable.lookup(entry.key()) {
                     state
                 } else {
-                    let snapshot = match &mut self.snapshot {
-                        Some(snapshot) => snapshot,
-                        slot @ None => slot.insert(self.db.begin_read()?),
+                    // The applier is the layers' only writer, and a fold's layer is dropped
+                    // only after its commit, so any snapshot covering the folds done by now
+                    // holds every state no longer in memory.
+                    let table = match &self.snapshot {
+                        Some(table) => table,
+                        None => self
+                            .snapshot
+                            .insert(self.memtable.states_table(self.db, self.memtable.folds())?),
                     };
-                    let table = snapshot.open_table(STATES)?;
                     match table.get(entry.key().as_slice())? {
                         Some(bytes) => Arc::new(
                             codec::decode_state(bytes.value())
