@@ -143,6 +143,7 @@ pub(super) struct Folder {
 
 impl Folder {
     pub(super) fn run(self) {
+        yield_to_requests();
         while let Ok(job) = self.jobs.recv() {
             let started = Instant::now();
             let mut attempt = 0;
@@ -179,5 +180,23 @@ impl Folder {
             let _ = self.done.send(());
         }
         tracing::debug!("fold thread stopped");
+    }
+}
+
+/// Lowers this thread's CPU priority (nice 9). A fold is a burst of tens of milliseconds of
+/// B-tree work once a second; at normal priority it takes its core from the request and
+/// applier threads for that long, which showed as the tail of write latency and replication
+/// lag on a busy machine. Nothing waits on a fold (the journal already made its writes
+/// durable), so it can run in what CPU time is left; it still gets a share, so it never starves.
+fn yield_to_requests() {
+    use thread_priority::{ThreadPriority, ThreadPriorityValue, set_current_thread_priority};
+    let lowered = ThreadPriorityValue::try_from(25u8)
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|value| {
+            set_current_thread_priority(ThreadPriority::Crossplatform(value))
+                .map_err(|e| format!("{e:?}"))
+        });
+    if let Err(error) = lowered {
+        tracing::debug!(%error, "cannot lower the fold thread's priority");
     }
 }
