@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState};
+use crate::api::{self, App, AppState};
 use crate::auth::Auth;
 use crate::cluster::ClusterView;
 use crate::config::{Config, ConfigError};
@@ -129,7 +129,7 @@ pub async fn run(
         SessionKeys::ephemeral(&config.node.cluster)
     };
     let ready = Arc::new(AtomicBool::new(false));
-    let state = AppState {
+    let state = AppState::new(App {
         sessions: Arc::new(sessions),
         storage: storage.clone(),
         limits: Arc::new(config.limits.clone()),
@@ -141,7 +141,7 @@ pub async fn run(
         debug_overwrite: config.debug.allow_state_overwrite,
         auth: auth.clone(),
         data_dir: Arc::new(config.data_dir()),
-    };
+    });
     let reloader = Arc::new(Reloader {
         config: config.clone(),
         auth,

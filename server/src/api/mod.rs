@@ -38,9 +38,27 @@ pub const SESSION_HEADER: &str = "session-token";
 /// Response header of reads: how stale this node's view of each peer region may be.
 pub const LAG_HEADER: &str = "replication-lag";
 
-/// Shared by every handler.
+/// Shared by every handler: one reference count per request rather than one per field.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<App>);
+
+impl AppState {
+    pub fn new(app: App) -> Self {
+        Self(Arc::new(app))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+/// What the handlers share; see [`AppState`].
+#[derive(Debug)]
+pub struct App {
     pub storage: Storage,
     pub limits: Arc<Limits>,
     pub timeouts: Arc<Timeouts>,
