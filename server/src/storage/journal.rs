@@ -293,7 +293,20 @@ impl Journal {
         let padded = self.tail.len().div_ceil(BLOCK) * BLOCK;
         let staging = self.staging.zeroed(padded);
         staging[..self.tail.len()].copy_from_slice(&self.tail);
-        self.file.write_all_at(staging, self.tail_offset)?;
+        if let Err(error) = self.file.write_all_at(staging, self.tail_offset) {
+            // Some file systems accept O_DIRECT at open and refuse the writes. Nothing of
+            // this tail was written: go on buffered, from the same offset.
+            if error.raw_os_error() != Some(libc::EINVAL) {
+                return Err(error);
+            }
+            tracing::warn!(%error, "direct journal writes refused; using buffered writes and fdatasync");
+            self.file = OpenOptions::new()
+                .write(true)
+                .open(segment_path(&self.dir, self.segment))?;
+            self.direct = false;
+            self.durable_prefix = 0;
+            return self.sync();
+        }
         let whole_blocks = self.tail.len() / BLOCK * BLOCK;
         self.tail.drain(..whole_blocks);
         self.tail_offset += whole_blocks as u64;
