@@ -101,8 +101,9 @@ impl Pending {
 pub(super) struct Group<'a> {
     memtable: &'a Memtable,
     db: &'a Database,
-    /// Taken on the first key that is in neither memtable layer.
-    snapshot: Option<Arc<StatesTable>>,
+    /// The states table as of at least this many folds, taken on the first key that is in
+    /// neither memtable layer and renewed if a fold completes meanwhile.
+    snapshot: Option<(u64, Arc<StatesTable>)>,
     dirty: HashMap<Vec<u8>, Arc<State>>,
     pub(super) applied: VersionVector,
     ops: Vec<((u64, u64), EncodedOp)>,
@@ -131,14 +132,18 @@ impl<'a> Group<'a> {
                 let state = if let Some(state) = self.memtable.lookup(entry.key()) {
                     state
                 } else {
-                    // The applier is the layers' only writer, and a fold's layer is dropped
-                    // only after its commit, so any snapshot covering the folds done by now
-                    // holds every state no longer in memory.
+                    // A fold may finish while the group runs and drop a layer this group
+                    // has not looked in yet, so the snapshot must cover the folds counted
+                    // *after* this lookup missed, not only those counted at the group's first
+                    // miss (the count is raised before a layer is dropped).
+                    let folds = self.memtable.folds();
                     let table = match &self.snapshot {
-                        Some(table) => table,
-                        None => self
-                            .snapshot
-                            .insert(self.memtable.states_table(self.db, self.memtable.folds())?),
+                        Some((covers, table)) if *covers >= folds => table.clone(),
+                        _ => {
+                            let table = self.memtable.states_table(self.db, folds)?;
+                            self.snapshot = Some((folds, table.clone()));
+                            table
+                        }
                     };
                     match table.get(entry.key().as_slice())? {
                         Some(bytes) => Arc::new(
@@ -588,5 +593,51 @@ impl Syncer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::tables::STATES;
+    use meridian_crdt::PnCounter;
+
+    fn counter(value: i64) -> State {
+        let node = NodeId::new(1).unwrap();
+        State::Counter(PnCounter::default().increment(node, value).unwrap())
+    }
+
+    fn commit_state(db: &Database, key: &[u8], state: &State) {
+        let txn = db.begin_write().unwrap();
+        txn.open_table(STATES)
+            .unwrap()
+            .insert(key, codec::encode_state(state).as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// A group reads key `a` from redb, then a fold commits the frozen layer (holding `b`)
+    /// and drops it, then the group reads `b`: it must see `b` as the fold committed it, not
+    /// as the snapshot taken for `a` (which predates that commit) had it.
+    #[test]
+    fn a_fold_finishing_mid_group_does_not_hide_its_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db.redb")).unwrap();
+        let (a, b) = (state_key(Kind::Counter, "a"), state_key(Kind::Counter, "b"));
+        commit_state(&db, &a, &counter(1));
+        let memtable = Memtable::new(VersionVector::new());
+        memtable.publish(
+            [(b.clone(), Arc::new(counter(7)))],
+            [],
+            &VersionVector::new(),
+        );
+        assert!(memtable.freeze().is_some());
+
+        let mut group = Group::new(&memtable, &db, VersionVector::new());
+        assert_eq!(group.state_at(a, Kind::Counter).unwrap(), &counter(1));
+        // The fold of the frozen layer: commit, then drop the layer.
+        commit_state(&db, &b, &counter(7));
+        memtable.folded();
+        assert_eq!(group.state_at(b, Kind::Counter).unwrap(), &counter(7));
     }
 }
