@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use meridian_crdt::{Kind, NodeId, State, VersionVector, codec};
-use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase};
+use redb::{Database, ReadOnlyTable, ReadableDatabase};
 
 use super::tables::{STATES, WAL, split_state_key, state_key};
 use super::{StorageError, corrupt};
@@ -61,7 +61,8 @@ pub(crate) struct Memtable {
 }
 
 /// A consistent view for one read: the active layer (locked), the frozen layer, and a redb
-/// snapshot opened after both, on first use (most hot keys are found in memory).
+/// snapshot covering every fold before them, taken on first use (most hot keys are found in
+/// memory).
 pub(crate) struct View<'m> {
     active: RwLockReadGuard<'m, Layer>,
     frozen: Option<Arc<Layer>>,
@@ -69,7 +70,6 @@ pub(crate) struct View<'m> {
     folds: u64,
     memtable: &'m Memtable,
     db: &'m Database,
-    redb: std::cell::OnceCell<ReadTransaction>,
     states: std::cell::OnceCell<Arc<StatesTable>>,
 }
 
@@ -94,7 +94,6 @@ impl Memtable {
             folds: self.folds.load(Ordering::SeqCst),
             memtable: self,
             db,
-            redb: std::cell::OnceCell::new(),
             states: std::cell::OnceCell::new(),
         }
     }
@@ -209,12 +208,14 @@ impl Memtable {
 }
 
 impl View<'_> {
-    fn redb(&self) -> Result<&ReadTransaction, StorageError> {
-        if let Some(txn) = self.redb.get() {
-            return Ok(txn);
+    /// The states table of a redb snapshot that covers this view's folds (see the module
+    /// docs), shared with other readers.
+    fn states(&self) -> Result<&StatesTable, StorageError> {
+        if let Some(table) = self.states.get() {
+            return Ok(table);
         }
-        let txn = self.db.begin_read()?;
-        Ok(self.redb.get_or_init(|| txn))
+        let table = self.memtable.states_table(self.db, self.folds)?;
+        Ok(self.states.get_or_init(|| table))
     }
 
     /// The applied vector of this view: it covers every op any state read from it reflects.
@@ -228,13 +229,7 @@ impl View<'_> {
         if let Some(state) = self.memory(key) {
             return Ok((!state.is_bottom()).then(|| state.clone()));
         }
-        let table = if let Some(table) = self.states.get() {
-            table
-        } else {
-            let table = self.memtable.states_table(self.db, self.folds)?;
-            self.states.get_or_init(|| table)
-        };
-        let Some(bytes) = table.get(key)? else {
+        let Some(bytes) = self.states()?.get(key)? else {
             return Ok(None);
         };
         let state = codec::decode_state(bytes.value()).map_err(|e| corrupt(describe(key), e))?;
@@ -254,8 +249,7 @@ impl View<'_> {
         if let Some(state) = self.memory(key) {
             return Ok((!state.is_bottom()).then(|| codec::encode_state(state)));
         }
-        let table = self.redb()?.open_table(STATES)?;
-        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+        Ok(self.states()?.get(key)?.map(|v| v.value().to_vec()))
     }
 
     /// Encoded ops of `origin` with sequences in `from..=to`, from every layer, in order. A
@@ -272,7 +266,8 @@ impl View<'_> {
             return Ok(out);
         }
         let o = origin.get();
-        let table = self.redb()?.open_table(WAL)?;
+        // Opened now, after the frozen snapshot: see the module docs.
+        let table = self.db.begin_read()?.open_table(WAL)?;
         for entry in table.range((o, from)..=(o, to))?.take(max_ops) {
             let (key, value) = entry?;
             out.insert(key.value().1, Arc::from(value.value()));
@@ -321,8 +316,7 @@ impl View<'_> {
             }
         }
         let mut memory = memory.into_iter().peekable();
-        let table = self.redb()?.open_table(STATES)?;
-        let mut disk = table.range(start.as_slice()..)?.peekable();
+        let mut disk = self.states()?.range(start.as_slice()..)?.peekable();
 
         let scan_budget = limit.saturating_mul(4).max(limit);
         let mut out = Vec::new();
