@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_crdt::{CanonicalJson, Kind, NodeId, State};
+use meridian_crdt::{CanonicalJson, Kind, NodeId, State, VersionVector};
 use meridian_replication::store::StoreError;
 use serde_json::json;
 
@@ -42,6 +42,15 @@ async fn delete(storage: &Storage, key: &str) {
         .write(Kind::Register, key.to_owned(), Intent::DeleteRegister)
         .await
         .unwrap();
+}
+
+/// Keys one garbage-collection round of up to 100 keys purges below `frontier`.
+async fn purged_in_one_round(storage: &Storage, frontier: &VersionVector) -> u64 {
+    storage
+        .collect_garbage(frontier, 100, None)
+        .await
+        .unwrap()
+        .purged
 }
 
 fn value(state: &State) -> Option<serde_json::Value> {
@@ -144,7 +153,7 @@ async fn the_wal_reads_across_folded_and_recent_ops_and_truncates() {
     let seqs: Vec<u64> = ops.iter().map(|op| op.dot.seq).collect();
     assert_eq!(seqs, [8, 9, 10, 11, 12]);
 
-    let mut below = meridian_crdt::VersionVector::new();
+    let mut below = VersionVector::new();
     below.set(node, 15);
     storage.truncate_wal(&below);
     storage.fold_now().await.unwrap();
@@ -185,7 +194,7 @@ async fn write_all(storage: &Storage, intent: impl Fn(usize) -> Intent) {
 }
 
 /// Everything this node has applied: stable, in a one-node world.
-fn everything(storage: &Storage) -> meridian_crdt::VersionVector {
+fn everything(storage: &Storage) -> VersionVector {
     storage.applied()
 }
 
@@ -199,11 +208,7 @@ async fn garbage_collection_drops_stable_tombstones_and_they_stay_dropped() {
     let tombstone = storage.get(Kind::Register, "gone").unwrap().unwrap();
     // Not folded yet: the round leaves it for later.
     assert_eq!(
-        storage
-            .collect_garbage(&everything(&storage), 100, None)
-            .await
-            .unwrap()
-            .purged,
+        purged_in_one_round(&storage, &everything(&storage)).await,
         0
     );
     storage.fold_now().await.unwrap();
@@ -213,21 +218,10 @@ async fn garbage_collection_drops_stable_tombstones_and_they_stay_dropped() {
     // A frontier that does not cover the delete keeps it.
     let mut behind = everything(&storage);
     behind.set(storage.node_id(), 2);
-    assert_eq!(
-        storage
-            .collect_garbage(&behind, 100, None)
-            .await
-            .unwrap()
-            .purged,
-        0
-    );
+    assert_eq!(purged_in_one_round(&storage, &behind).await, 0);
 
     assert_eq!(
-        storage
-            .collect_garbage(&everything(&storage), 100, None)
-            .await
-            .unwrap()
-            .purged,
+        purged_in_one_round(&storage, &everything(&storage)).await,
         1
     );
     assert!(storage.get(Kind::Register, "gone").unwrap().is_none());
