@@ -519,6 +519,21 @@ async fn cluster_endpoint_and_metrics_expose_per_peer_state() {
         let client = node.client();
         let info = client.cluster_info().await.unwrap();
         let text = client.metrics().await.unwrap();
+        // Every op from the others was applied here once, and each one's lag observed once:
+        // under a minute (a unit slip would put it years off), counted in the last bucket too.
+        let received = (35 - count) as f64;
+        let apply_lag = "meridian_replication_apply_lag_seconds";
+        let count_of = |suffix: &str, labels: &[(&str, &str)]| {
+            metric(&text, &format!("{apply_lag}_{suffix}"), labels)
+        };
+        assert_eq!(count_of("count", &[]), Some(received), "{text}");
+        assert_eq!(count_of("bucket", &[("le", "65.536")]), Some(received));
+        assert_eq!(count_of("bucket", &[("le", "+Inf")]), Some(received));
+        let total = count_of("sum", &[]).unwrap();
+        assert!(
+            total > 0.0 || received == 0.0,
+            "ops took time to arrive: {total}"
+        );
         for peer in info["peers"].as_array().unwrap() {
             let name = peer["name"].as_str().unwrap();
             let region = peer["region"].as_str().unwrap();

@@ -355,7 +355,7 @@ impl Storage {
         let memtable = Memtable::new(applied.clone());
         let mut group = writer::Group::new(&memtable, db, applied);
         if let Some(gap) = group
-            .apply_ops(ops)
+            .apply_ops(ops, None)
             .map_err(|e| corrupt("journal replay", e))?
         {
             return Err(corrupt("journal", gap));

@@ -50,9 +50,11 @@ pub(super) enum Pending {
         oneshot::Sender<Result<Committed, WriteError>>,
         Result<Committed, WriteError>,
     ),
+    /// With the origin HLC times of the ops it newly applied, for the apply-lag histogram.
     Remote(
         oneshot::Sender<Result<VersionVector, RemoteError>>,
         Option<RemoteError>,
+        Vec<u64>,
     ),
     /// Full states merged (anti-entropy), or tombstones purged: how many keys changed.
     Merge(oneshot::Sender<Result<u64, StorageError>>, u64),
@@ -65,7 +67,7 @@ impl Pending {
             Self::Local(tx, _) => {
                 let _ = tx.send(Err(WriteError::Storage(failed())));
             }
-            Self::Remote(tx, _) => {
+            Self::Remote(tx, ..) => {
                 let _ = tx.send(Err(RemoteError::Storage(failed())));
             }
             Self::Merge(tx, _) => {
@@ -82,10 +84,10 @@ impl Pending {
                 }
                 let _ = tx.send(result);
             }
-            Self::Remote(tx, None) => {
+            Self::Remote(tx, None, _) => {
                 let _ = tx.send(Ok(applied.clone()));
             }
-            Self::Remote(tx, Some(error)) => {
+            Self::Remote(tx, Some(error), _) => {
                 let _ = tx.send(Err(error));
             }
             Self::Merge(tx, changed) => {
@@ -168,7 +170,12 @@ impl<'a> Group<'a> {
 
     /// Applies logged ops (from a peer, or from the journal on replay) in order, skipping
     /// what is already applied. Returns the first gap, after which that origin is skipped.
-    pub(super) fn apply_ops(&mut self, ops: Vec<Op>) -> Result<Option<RemoteError>, StorageError> {
+    /// The HLC time of each op it applies goes to `applied_stamps`, if given.
+    pub(super) fn apply_ops(
+        &mut self,
+        ops: Vec<Op>,
+        mut applied_stamps: Option<&mut Vec<u64>>,
+    ) -> Result<Option<RemoteError>, StorageError> {
         let mut stopped: Vec<NodeId> = Vec::new();
         let mut error = None;
         for op in ops {
@@ -195,6 +202,9 @@ impl<'a> Group<'a> {
                 .merge(&op.delta)
                 .map_err(|e| corrupt(format!("{kind}/{}", op.key), e))?;
             self.append(&op);
+            if let Some(stamps) = applied_stamps.as_deref_mut() {
+                stamps.push(op.stamp.time);
+            }
         }
         Ok(error)
     }
@@ -407,8 +417,9 @@ impl Writer {
                     pending.push(Pending::Local(reply, result));
                 }
                 Command::Remote { ops, reply } => {
-                    let error = group.apply_ops(ops)?;
-                    pending.push(Pending::Remote(reply, error));
+                    let mut stamps = Vec::with_capacity(ops.len());
+                    let error = group.apply_ops(ops, Some(&mut stamps))?;
+                    pending.push(Pending::Remote(reply, error, stamps));
                 }
                 Command::Merge { states, reply } => {
                     let stable = self
@@ -569,6 +580,14 @@ impl Syncer {
         match synced {
             Ok(()) => {
                 self.metrics.record_commit(ops, started.elapsed());
+                let now = uhlc::system_time_clock().as_u64();
+                for (pending, _) in &self.waiting {
+                    for reply in pending {
+                        if let Pending::Remote(_, _, stamps) = reply {
+                            self.metrics.record_apply_lag(stamps, now);
+                        }
+                    }
+                }
                 if let Some((_, applied)) = self.waiting.last() {
                     self.applied_tx.send_replace(applied.clone());
                 }
