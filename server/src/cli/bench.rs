@@ -51,9 +51,12 @@ pub struct BenchArgs {
     /// time, so a stall is not hidden). Without it, every connection sends back to back.
     #[arg(long)]
     rate: Option<f64>,
-    /// Measure replication lag to this node: a probe writes a register on the first --url
-    /// every millisecond and polls it here; lag is the time from sending a write to reading it
-    /// at this node.
+    /// Measure replication lag to this node, two ways. From the node's own histogram (its
+    /// `/metrics`, which needs an admin or metrics token): each op from a peer, from the HLC
+    /// stamp its origin gave it to its durable apply here. And end to end: a probe writes a
+    /// register on the first --url every millisecond and polls it here; that figure is from
+    /// sending a write to reading it back, so it also holds the write's and the read's own
+    /// latency.
     #[arg(long)]
     lag_url: Option<String>,
     #[arg(long, value_enum, default_value_t = Workload::Put)]
@@ -238,10 +241,29 @@ fn request_for(
     Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
 }
 
+/// When an open-loop connection sends: at `first`, then every `interval`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Schedule {
+    first: Instant,
+    interval: Duration,
+}
+
+impl Schedule {
+    /// Lane `lane` of the `lanes` connections that share `rate` requests/s to one URL: each
+    /// sends every `lanes / rate` seconds, the lanes' slots spread evenly over that interval.
+    fn lane(start: Instant, rate: f64, lanes: usize, lane: usize) -> Self {
+        let interval = Duration::from_secs_f64(lanes as f64 / rate);
+        Self {
+            first: start + interval.mul_f64(lane as f64 / lanes as f64),
+            interval,
+        }
+    }
+}
+
 async fn connection(
     args: Arc<BenchArgs>,
     target: Arc<Target>,
-    interval: Option<Duration>,
+    schedule: Option<Schedule>,
     measure_from: Instant,
     stop: Arc<AtomicBool>,
     seed: u64,
@@ -255,15 +277,15 @@ async fn connection(
     };
     // xorshift: cheap, and each connection its own sequence.
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next_slot = Instant::now();
+    let mut next_slot = schedule.map_or_else(Instant::now, |s| s.first);
     while !stop.load(Ordering::Relaxed) {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         let request = request_for(&args, &target, state, &value)?;
         sender.ready().await?;
-        let sent = match interval {
-            Some(interval) => {
+        let sent = match schedule {
+            Some(Schedule { interval, .. }) => {
                 tokio::time::sleep_until(next_slot.into()).await;
                 let scheduled = next_slot;
                 next_slot += interval;
@@ -359,28 +381,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let per_url = args.connections.div_ceil(targets.len());
         for seed in 0..args.connections {
             let target = targets[seed % targets.len()].clone();
-            // Each connection carries an equal share of its URL's rate.
-            let interval = args
+            // Each connection carries an equal share of its URL's rate, and its slots are
+            // offset from its siblings' by an equal fraction of the interval: started in phase,
+            // the connections would send in bursts of one request each, and the queueing of
+            // those bursts, not the server, would set the latency.
+            let schedule = args
                 .rate
-                .map(|rate| Duration::from_secs_f64(per_url as f64 / rate));
+                .map(|rate| Schedule::lane(start, rate, per_url, seed / targets.len()));
             tasks.spawn(connection(
                 args.clone(),
                 target,
-                interval,
+                schedule,
                 measure_from,
                 stop.clone(),
                 seed as u64 + 1,
             ));
         }
-        let probe = lag_target.map(|to| {
+        let lag_target = lag_target.map(Arc::new);
+        let probe = lag_target.clone().map(|to| {
             tokio::spawn(lag_probe(
                 targets[0].clone(),
-                Arc::new(to),
+                to,
                 measure_from,
                 stop.clone(),
             ))
         });
-        tokio::time::sleep(Duration::from_secs(args.warmup + args.duration)).await;
+        tokio::time::sleep_until(measure_from.into()).await;
+        let lag_before = match &lag_target {
+            Some(to) => scrape_apply_lag(to).await,
+            None => None,
+        };
+        tokio::time::sleep_until((measure_from + Duration::from_secs(args.duration)).into()).await;
+        let apply_lag = match (&lag_target, lag_before) {
+            (Some(to), Some(before)) => scrape_apply_lag(to)
+                .await
+                .and_then(|after| ApplyLag::between(&before, &after)),
+            _ => None,
+        };
         stop.store(true, Ordering::Relaxed);
         let measured = measure_from.elapsed().as_secs_f64();
         let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -395,7 +432,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Some(probe) => Some(probe.await??),
             None => None,
         };
-        report(&args, &total, ok, errors, measured, lag.as_ref());
+        report(
+            &args,
+            &total,
+            (ok, errors, measured),
+            lag.as_ref(),
+            apply_lag.as_ref(),
+        );
         Ok(())
     })
 }
@@ -417,6 +460,62 @@ async fn http1(target: &Target) -> Result<hyper::client::conn::http1::SendReques
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+/// The node's histogram of replication apply lag (see `Metrics::apply_lag_seconds`).
+const APPLY_LAG_METRIC: &str = "meridian_replication_apply_lag_seconds";
+
+/// The lag node's apply-lag buckets now, or `None` (with a warning) if they cannot be read.
+async fn scrape_apply_lag(target: &Target) -> Option<super::prom::Buckets> {
+    let scraped = async {
+        let mut sender = http1(target).await?;
+        let mut request = Request::builder()
+            .uri("/metrics")
+            .header("host", &target.host);
+        if let Some(value) = &target.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, value);
+        }
+        let response = sender
+            .send_request(request.body(Full::new(Bytes::new()))?)
+            .await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("GET /metrics answered {status} (it needs an admin or metrics token)");
+        }
+        let text = String::from_utf8_lossy(&body);
+        super::prom::buckets(&text, APPLY_LAG_METRIC)
+            .with_context(|| format!("/metrics has no {APPLY_LAG_METRIC}"))
+    };
+    match scraped.await {
+        Ok(buckets) => Some(buckets),
+        Err(error) => {
+            eprintln!(
+                "warning: no replication apply lag from {}: {error:#}",
+                target.host
+            );
+            None
+        }
+    }
+}
+
+/// Replication apply lag over the measured window, from two scrapes of the lag node.
+struct ApplyLag {
+    p50_ms: f64,
+    p99_ms: f64,
+    ops: u64,
+}
+
+impl ApplyLag {
+    fn between(before: &super::prom::Buckets, after: &super::prom::Buckets) -> Option<Self> {
+        let at = |q| super::prom::quantile_between(before, after, q);
+        let ((p50, ops), (p99, _)) = (at(0.5)?, at(0.99)?);
+        Some(Self {
+            p50_ms: p50 * 1000.0,
+            p99_ms: p99 * 1000.0,
+            ops,
+        })
+    }
 }
 
 const PROBE_PATH: &str = "/v1/registers/meridian-bench-lag-probe";
@@ -501,10 +600,9 @@ async fn lag_probe(
 fn report(
     args: &BenchArgs,
     h: &Histogram<u64>,
-    ok: u64,
-    errors: u64,
-    seconds: f64,
+    (ok, errors, seconds): (u64, u64, f64),
     lag: Option<&Histogram<u64>>,
+    apply_lag: Option<&ApplyLag>,
 ) {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let lag_ms = |q: f64| lag.map(|l| l.value_at_quantile(q) as f64 / 1000.0);
@@ -524,6 +622,9 @@ fn report(
                 "lag_p50_ms": lag_ms(0.5), "lag_p99_ms": lag_ms(0.99),
                 "lag_max_ms": lag.map(|l| l.max() as f64 / 1000.0),
                 "lag_samples": lag.map(Histogram::len),
+                "apply_lag_p50_ms": apply_lag.map(|a| a.p50_ms),
+                "apply_lag_p99_ms": apply_lag.map(|a| a.p99_ms),
+                "apply_lag_ops": apply_lag.map(|a| a.ops),
             })
         );
     } else {
@@ -539,9 +640,15 @@ fn report(
             ok,
             errors
         );
+        if let Some(a) = apply_lag {
+            println!(
+                "replication lag, origin stamp to durable apply ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
+                a.ops, a.p50_ms, a.p99_ms
+            );
+        }
         if let Some(l) = lag {
             println!(
-                "replication lag ({} samples)  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms",
+                "write to remote read, probe ({} samples)  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms",
                 l.len(),
                 lag_ms(0.5).unwrap_or_default(),
                 lag_ms(0.99).unwrap_or_default(),
@@ -583,4 +690,22 @@ pub fn baseline(args: &BaselineArgs) -> Result<()> {
         .await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_loop_lanes_share_the_rate_and_interleave_evenly() {
+        let start = Instant::now();
+        // 4 connections at 1 000 requests/s: each every 4 ms, one of them every 1 ms.
+        let lanes: Vec<Schedule> = (0..4)
+            .map(|l| Schedule::lane(start, 1000.0, 4, l))
+            .collect();
+        for (l, lane) in lanes.iter().enumerate() {
+            assert_eq!(lane.interval, Duration::from_millis(4));
+            assert_eq!(lane.first - start, Duration::from_millis(l as u64));
+        }
+    }
 }

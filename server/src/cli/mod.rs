@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod init;
 mod membership;
+mod prom;
 mod serve;
 
 use anyhow::Result;
