@@ -2,7 +2,10 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_crdt::NodeId;
@@ -20,6 +23,40 @@ pub struct PeerConfig {
     pub region: String,
     /// Where its replication endpoint listens.
     pub address: SocketAddr,
+    /// The `host:port` that `address` was looked up from, when the peer is configured by
+    /// name: it is looked up again (through [`ReplicationConfig::resolver`]) before every
+    /// reconnection attempt, so a peer that comes back at a new IP address (a recreated
+    /// container) is found. `None` for a literal address, which is dialled as is.
+    pub host: Option<String>,
+}
+
+/// Looks a peer's `host:port` up. The default, [`Dns`], asks the system resolver; a test or
+/// a simulation supplies its own names.
+pub trait Resolve: fmt::Debug + Send + Sync {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<SocketAddr>> + Send + 'a>>;
+}
+
+/// The system resolver (`getaddrinfo`, through tokio): the first address it answers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dns;
+
+impl Resolve for Dns {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<SocketAddr>> + Send + 'a>> {
+        Box::pin(async move {
+            tokio::net::lookup_host(host).await?.next().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{host} has no address"),
+                )
+            })
+        })
+    }
 }
 
 /// The PEM bytes of this node's TLS identity. The server reads the files; this crate never
@@ -61,6 +98,8 @@ pub struct ReplicationConfig {
     /// The UDP address the QUIC endpoint binds (server and client at once).
     pub listen: SocketAddr,
     pub peers: Vec<PeerConfig>,
+    /// Looks up peers configured by name ([`PeerConfig::host`]) before each reconnection.
+    pub resolver: Arc<dyn Resolve>,
     pub tls: TlsMaterial,
     /// A batch closes at this many encoded op bytes (before compression).
     pub batch_max_bytes: usize,
@@ -148,6 +187,7 @@ impl ReplicationConfig {
             cluster: cluster.into(),
             listen,
             peers,
+            resolver: Arc::new(Dns),
             tls,
             batch_max_bytes: 64 * 1024,
             batch_max_delay: Duration::from_millis(2),

@@ -51,7 +51,9 @@ pub mod wire;
 use std::net::SocketAddr;
 
 pub use ae::{AeError, AeLimits, RoundReport};
-pub use config::{AntiEntropyConfig, GcConfig, PeerConfig, ReplicationConfig, TlsMaterial};
+pub use config::{
+    AntiEntropyConfig, Dns, GcConfig, PeerConfig, ReplicationConfig, Resolve, TlsMaterial,
+};
 pub use gc::{Frontier, GcStats, StabilityTracker};
 pub use mem::MemStore;
 pub use node::{

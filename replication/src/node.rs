@@ -162,6 +162,8 @@ pub struct PeerStatus {
 
 #[derive(Debug)]
 struct PeerState {
+    /// Where we dial it: the configured address, or what its host name last resolved to.
+    address: SocketAddr,
     liveness: Liveness,
     /// Any message on any connection with the peer, for display.
     last_heard: Option<Instant>,
@@ -693,6 +695,7 @@ impl Replicator {
             .iter()
             .map(|peer| {
                 let state = PeerState {
+                    address: peer.address,
                     liveness: Liveness::new(now, config.peer_timeout),
                     last_heard: None,
                     inbound_connected: false,
@@ -933,7 +936,7 @@ impl Replicator {
                     id,
                     name: slot.config.name.clone(),
                     region: slot.config.region.clone(),
-                    address: slot.config.address,
+                    address: state.address,
                     connected: state.liveness.is_connected(),
                     inbound_connected: state.inbound_connected,
                     reachable: reachable.contains(&id),
@@ -1689,7 +1692,12 @@ async fn dial_loop<S: ReplicaStore>(
         return;
     };
     let mut backoff = Backoff::new(shared.config.reconnect_base, shared.config.reconnect_max);
+    let mut first_attempt = true;
     while !cancel.is_cancelled() {
+        if !first_attempt {
+            follow_host(&shared, slot, &cancel).await;
+        }
+        first_attempt = false;
         let mut established = false;
         let result = subscribe(
             &shared,
@@ -1722,6 +1730,33 @@ async fn dial_loop<S: ReplicaStore>(
     }
 }
 
+/// Before a reconnection, looks the peer's host name (if it has one) up again and dials the
+/// answer from now on: a peer recreated at a new IP address keeps its name. A lookup that
+/// fails or hangs keeps the last address.
+async fn follow_host(shared: &Shared, slot: &PeerSlot, cancel: &CancellationToken) {
+    let Some(host) = &slot.config.host else {
+        return;
+    };
+    let lookup = timeout(
+        handshake_timeout(&shared.config),
+        shared.config.resolver.resolve(host),
+    );
+    let resolved = tokio::select! {
+        () = cancel.cancelled() => return,
+        resolved = lookup => resolved,
+    };
+    match resolved {
+        Ok(Ok(address)) => {
+            let previous = std::mem::replace(&mut slot.lock().address, address);
+            if previous != address {
+                info!(peer = %slot.config.id, %host, from = %previous, to = %address, "peer address changed");
+            }
+        }
+        Ok(Err(error)) => debug!(peer = %slot.config.id, %host, %error, "cannot resolve peer"),
+        Err(_) => debug!(peer = %slot.config.id, %host, "resolving the peer timed out"),
+    }
+}
+
 async fn subscribe<S: ReplicaStore>(
     shared: &Shared,
     store: &S,
@@ -1738,8 +1773,8 @@ async fn subscribe<S: ReplicaStore>(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let connecting =
-        endpoint.connect_with(client_config, slot.config.address, &slot.config.name)?;
+    let address = slot.lock().address;
+    let connecting = endpoint.connect_with(client_config, address, &slot.config.name)?;
     let conn = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         conn = timeout(limit, connecting) => conn.map_err(|_| SessionError::Timeout("connecting"))??,

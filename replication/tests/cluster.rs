@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use meridian_crdt::{Kind, NodeId, State};
 use meridian_replication::{
-    MemStore, PeerConfig, ReplicaStore, ReplicationConfig, ReplicationError, Replicator,
+    MemStore, PeerConfig, ReplicaStore, ReplicationConfig, ReplicationError, Replicator, Resolve,
     TlsMaterial, Truncation,
 };
 use rcgen::{
@@ -101,6 +101,7 @@ fn configs(ca: &Ca, count: u64) -> Vec<ReplicationConfig> {
                     name: name(p),
                     region: format!("region-{p}"),
                     address: addrs[(p - 1) as usize],
+                    host: None,
                 })
                 .collect();
             fast(ReplicationConfig::new(
@@ -294,6 +295,69 @@ async fn a_restarted_node_resumes_without_gap_or_duplicate() {
             .is_some_and(|vv| vv == &stores[0].applied())
     })
     .await;
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+/// Host names and where they point now: a DNS whose answers the test changes.
+#[derive(Debug, Default)]
+struct Names(std::sync::Mutex<BTreeMap<String, SocketAddr>>);
+
+impl Names {
+    fn point(&self, host: &str, address: SocketAddr) {
+        self.0.lock().unwrap().insert(host.to_owned(), address);
+    }
+}
+
+impl Resolve for Names {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<SocketAddr>> + Send + 'a>> {
+        let answer = self.0.lock().unwrap().get(host).copied();
+        Box::pin(async move {
+            answer.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, host))
+        })
+    }
+}
+
+/// A peer configured by name comes back at a new address, as a recreated container does
+/// with a new IP: the node looks the name up again before reconnecting, and pulls from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_back_at_a_new_address_is_found_again_by_its_name() {
+    init_tracing();
+    let ca = Ca::new("test CA");
+    let mut configs = configs(&ca, 2);
+    let names = Arc::new(Names::default());
+    let host = "node-2.internal:7100";
+    names.point(host, configs[1].listen);
+    configs[0].peers[0].host = Some(host.to_owned());
+    configs[0].resolver = names.clone();
+    let stores = [store(1), store(2)];
+    let mut nodes = [
+        start(&configs[0], &stores[0]),
+        start(&configs[1], &stores[1]),
+    ];
+    stores[1].increment("k", 1).unwrap();
+    wait_until("node 1 pulled node 2's first op", || {
+        counter(&stores[0], "k") == 1
+    })
+    .await;
+
+    // Node 2 moves: same identity and data, a new address, and its name follows it.
+    nodes[1].shutdown().await;
+    let old = configs[1].listen;
+    configs[1].listen = free_addr();
+    assert_ne!(configs[1].listen, old);
+    names.point(host, configs[1].listen);
+    nodes[1] = start(&configs[1], &stores[1]);
+    stores[1].increment("k", 10).unwrap();
+    wait_until("node 1 pulled from node 2's new address", || {
+        counter(&stores[0], "k") == 11
+    })
+    .await;
+    assert_eq!(nodes[0].peers()[0].address, configs[1].listen);
     for node in &nodes {
         node.shutdown().await;
     }

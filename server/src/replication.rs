@@ -90,6 +90,13 @@ pub async fn start(
             name: entry.name.clone(),
             region: entry.region.clone(),
             address: resolve(&entry.address).await?,
+            // A name is looked up again before each reconnection (a recreated container comes
+            // back at a new IP address); a literal address is dialled as written.
+            host: entry
+                .address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+                .then(|| entry.address.clone()),
         });
     }
     let mut replication = ReplicationConfig::new(
