@@ -21,7 +21,7 @@ async fn replication_lag() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(5000.0);
     let seconds = std::env::var("MERIDIAN_BENCH_SECONDS").unwrap_or_else(|_| "10".into());
-    let connections = std::env::var("MERIDIAN_BENCH_CONNECTIONS").unwrap_or_else(|_| "24".into());
+    let connections = std::env::var("MERIDIAN_BENCH_CONNECTIONS").unwrap_or_else(|_| "96".into());
     for delay_ms in [0u64, 50] {
         let cluster =
             Cluster::start(ClusterSpec::new(&["us-east", "eu-west", "ap-south"]).relays(true))
