@@ -135,8 +135,8 @@ pub(super) struct Folder {
     pub(super) tree: Arc<RwLock<MerkleTree>>,
     pub(super) jobs: sync_mpsc::Receiver<FoldJob>,
     pub(super) done: sync_mpsc::Sender<()>,
-    /// The applier's queue, to have it recycle the journal segments a fold covers.
-    pub(super) commands: tokio::sync::mpsc::Sender<super::Command>,
+    /// The journal's directory: a fold recycles the segments it covers.
+    pub(super) journal_dir: std::path::PathBuf,
     pub(super) metrics: Arc<Metrics>,
     pub(super) failed: Arc<AtomicBool>,
 }
@@ -169,10 +169,14 @@ impl Folder {
                 continue;
             };
             apply_leaves(&self.tree, leaves);
+            // Before the layer is released: the applier's next checkpoint waits for that, and
+            // then finds the pruned segment waiting as the spare to rotate into. (Were the
+            // prune to come later, a checkpoint in between would zero-fill 16 MB of a new
+            // segment inside the applier, with every write waiting on it.)
+            if let Err(error) = super::journal::prune_before(&self.journal_dir, job.segment) {
+                tracing::warn!(%error, "cannot recycle old journal segments");
+            }
             self.memtable.folded();
-            // Never blocks (the applier may be waiting for this fold); if the queue is full, the
-            // next fold's prune covers these segments too.
-            let _ = self.commands.try_send(super::Command::Prune(job.segment));
             self.metrics.record_checkpoint(started.elapsed());
             for reply in job.notify {
                 let _ = reply.send(());

@@ -323,26 +323,33 @@ impl Journal {
         Ok(self.segment)
     }
 
-    /// Drops segments before `segment`: the newest becomes the spare (if none is waiting), the
-    /// rest are deleted.
+    /// [`prune_before`] in this journal's directory.
     pub(crate) fn prune_before(&self, segment: u64) -> io::Result<()> {
-        let mut old: Vec<u64> = segments(&self.dir)?
-            .into_iter()
-            .filter(|&s| s < segment)
-            .collect();
-        let spare = self.dir.join(SPARE);
-        if let Some(newest) = old.pop() {
-            if spare.exists() {
-                std::fs::remove_file(segment_path(&self.dir, newest))?;
-            } else {
-                std::fs::rename(segment_path(&self.dir, newest), &spare)?;
-            }
-        }
-        for s in old {
-            std::fs::remove_file(segment_path(&self.dir, s))?;
-        }
-        Ok(())
+        prune_before(&self.dir, segment)
     }
+}
+
+/// Drops the segments of the journal in `dir` before `segment`: the newest becomes the spare
+/// (if none is waiting), the rest are deleted. Safe beside a [`Journal`] writing to a later
+/// segment: both touch the spare only by renaming it, so at worst a rotation misses a spare
+/// and zero-fills a new segment, or a pruned segment is deleted rather than kept.
+pub(crate) fn prune_before(dir: &Path, segment: u64) -> io::Result<()> {
+    let mut old: Vec<u64> = segments(dir)?
+        .into_iter()
+        .filter(|&s| s < segment)
+        .collect();
+    let spare = dir.join(SPARE);
+    if let Some(newest) = old.pop() {
+        if spare.exists() {
+            std::fs::remove_file(segment_path(dir, newest))?;
+        } else {
+            std::fs::rename(segment_path(dir, newest), &spare)?;
+        }
+    }
+    for s in old {
+        std::fs::remove_file(segment_path(dir, s))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

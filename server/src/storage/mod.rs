@@ -140,8 +140,6 @@ pub(crate) enum Command {
     Checkpoint,
     /// Fold now, waiting for a fold in progress; answers once the Merkle tree reflects it.
     Fold(oneshot::Sender<()>),
-    /// A fold covers every journal segment before this one.
-    Prune(u64),
     /// Garbage collection: drop these keys' register tombstones if `stable` covers them.
     Purge {
         keys: Vec<Vec<u8>>,
@@ -275,7 +273,7 @@ impl Storage {
             tree: tree.clone(),
             jobs: fold_rx,
             done: done_tx,
-            commands: commands.clone(),
+            journal_dir: journal_dir.clone(),
             metrics: metrics.clone(),
             failed: failed.clone(),
         };

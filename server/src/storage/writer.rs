@@ -319,14 +319,9 @@ impl Writer {
             }
             let mut checkpoint_due = false;
             let mut waiting = Vec::new();
-            let mut prune = None;
             commands.retain_mut(|c| match c {
                 Command::Checkpoint => {
                     checkpoint_due = true;
-                    false
-                }
-                Command::Prune(segment) => {
-                    prune = prune.max(Some(*segment));
                     false
                 }
                 Command::Fold(_) => {
@@ -342,11 +337,6 @@ impl Writer {
             }
             // Everything drained since the last fsync shares this one.
             self.syncer.flush();
-            if let Some(segment) = prune {
-                if let Err(error) = self.syncer.journal.prune_before(segment) {
-                    tracing::warn!(%error, "cannot delete old journal segments");
-                }
-            }
             if stop.is_some() {
                 break;
             }
@@ -438,7 +428,7 @@ impl Writer {
                     let purged = group.purge(keys, &stable)?;
                     pending.push(Pending::Merge(reply, purged));
                 }
-                Command::Shutdown | Command::Checkpoint | Command::Fold(_) | Command::Prune(_) => {}
+                Command::Shutdown | Command::Checkpoint | Command::Fold(_) => {}
             }
         }
         Ok(group.publish())
