@@ -187,6 +187,20 @@ impl Connect {
     }
 }
 
+impl Target {
+    /// A request to this target: its `Host`, and its `Authorization` when a token was given.
+    fn request(&self, method: &str, uri: &str) -> http::request::Builder {
+        let builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", &self.host);
+        match &self.authorization {
+            Some(value) => builder.header(hyper::header::AUTHORIZATION, value),
+            None => builder,
+        }
+    }
+}
+
 struct Worker {
     latencies: Histogram<u64>,
     ok: u64,
@@ -225,13 +239,7 @@ fn request_for(
             Some(json!({"add": [n]}).to_string()),
         ),
     };
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", &target.host);
-    if let Some(value) = &target.authorization {
-        builder = builder.header(hyper::header::AUTHORIZATION, value);
-    }
+    let mut builder = target.request(method, &path);
     if let Some(level) = &args.consistency {
         builder = builder.header("consistency-level", level);
     }
@@ -242,7 +250,7 @@ fn request_for(
 }
 
 /// When an open-loop connection sends: at `first`, then every `interval`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 struct Schedule {
     first: Instant,
     interval: Duration,
@@ -320,15 +328,10 @@ async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
             let mut sender = http1(&target).await?;
             let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
             for key in (lane..args.keys as u64).step_by(lanes as usize) {
-                let mut request = Request::builder()
-                    .method("PUT")
-                    .uri(format!("/v1/registers/k{key}"))
-                    .header("host", &target.host)
-                    .header("content-type", "application/json");
-                if let Some(value) = &target.authorization {
-                    request = request.header(hyper::header::AUTHORIZATION, value);
-                }
-                let request = request.body(Full::new(Bytes::from(value.clone())))?;
+                let request = target
+                    .request("PUT", &format!("/v1/registers/k{key}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(value.clone())))?;
                 sender.ready().await?;
                 let response = sender.send_request(request).await?;
                 if !response.status().is_success() {
@@ -469,15 +472,10 @@ const APPLY_LAG_METRIC: &str = "meridian_replication_apply_lag_seconds";
 async fn scrape_apply_lag(target: &Target) -> Option<super::prom::Buckets> {
     let scraped = async {
         let mut sender = http1(target).await?;
-        let mut request = Request::builder()
-            .uri("/metrics")
-            .header("host", &target.host);
-        if let Some(value) = &target.authorization {
-            request = request.header(hyper::header::AUTHORIZATION, value);
-        }
-        let response = sender
-            .send_request(request.body(Full::new(Bytes::new()))?)
-            .await?;
+        let request = target
+            .request("GET", "/metrics")
+            .body(Full::new(Bytes::new()))?;
+        let response = sender.send_request(request).await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
@@ -543,15 +541,10 @@ async fn lag_probe(
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 n += 1;
-                let mut request = Request::builder()
-                    .method("PUT")
-                    .uri(PROBE_PATH)
-                    .header("host", &from.host)
-                    .header("content-type", "application/json");
-                if let Some(value) = &from.authorization {
-                    request = request.header(hyper::header::AUTHORIZATION, value);
-                }
-                let request = request.body(Full::new(Bytes::from(n.to_string())))?;
+                let request = from
+                    .request("PUT", PROBE_PATH)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(n.to_string())))?;
                 sender.ready().await?;
                 if let Ok(mut q) = sent_at.lock() {
                     q.push_back((n, Instant::now()));
@@ -565,11 +558,9 @@ async fn lag_probe(
     let mut lag = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut sender = http1(&to).await?;
     while !stop.load(Ordering::Relaxed) {
-        let mut request = Request::builder().uri(PROBE_PATH).header("host", &to.host);
-        if let Some(value) = &to.authorization {
-            request = request.header(hyper::header::AUTHORIZATION, value);
-        }
-        let request = request.body(Full::new(Bytes::new()))?;
+        let request = to
+            .request("GET", PROBE_PATH)
+            .body(Full::new(Bytes::new()))?;
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let ok = response.status().is_success();
