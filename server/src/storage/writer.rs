@@ -570,19 +570,15 @@ impl Syncer {
         match synced {
             Ok(()) => {
                 self.metrics.record_commit(ops, started.elapsed());
-                let now = uhlc::system_time_clock().as_u64();
-                for (pending, _) in &self.waiting {
-                    for reply in pending {
-                        if let Pending::Remote(_, _, stamps) = reply {
-                            self.metrics.record_apply_lag(stamps, now);
-                        }
-                    }
-                }
                 if let Some((_, applied)) = self.waiting.last() {
                     self.applied_tx.send_replace(applied.clone());
                 }
+                let now = uhlc::system_time_clock().as_u64();
                 for (pending, applied) in self.waiting.drain(..) {
                     for reply in pending {
+                        if let Pending::Remote(_, _, stamps) = &reply {
+                            self.metrics.record_apply_lag(stamps, now);
+                        }
                         reply.succeed(&applied);
                     }
                 }
