@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use hdrhistogram::Histogram;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -1142,6 +1143,26 @@ impl Cluster {
                 format!("no relay for link {from} → {to}")
             }
         })
+    }
+
+    /// How late the relays forwarded datagrams past their due time (microseconds), over
+    /// every relay and direction since the start or the last [`Self::reset_relay_lateness`]:
+    /// the link delay a datagram saw is its configured delay plus this.
+    pub fn relay_lateness(&self) -> Result<Histogram<u64>> {
+        let mut merged = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+        for relay in self.relays.values() {
+            for direction in Direction::BOTH {
+                merged.add(relay.control().lateness(direction))?;
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Forgets the relays' lateness so far, to measure a window.
+    pub fn reset_relay_lateness(&self) {
+        for relay in self.relays.values() {
+            relay.control().reset_lateness();
+        }
     }
 
     /// Fault control of the directed link `from → to` (node indices).

@@ -19,10 +19,11 @@ use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use hdrhistogram::Histogram;
 use rand::Rng as _;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -219,10 +220,50 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// How late delayed datagrams left, in microseconds past their due time: the relay shares
+/// the machine with the nodes, so under load its timer fires late and the link delay a
+/// datagram sees is the configured delay plus this.
+#[derive(Debug)]
+struct Lateness(Mutex<Histogram<u64>>);
+
+impl Default for Lateness {
+    fn default() -> Self {
+        // 1 us to 60 s at 3 significant digits; recording saturates above that.
+        let histogram = Histogram::new_with_bounds(1, 60_000_000, 3)
+            .unwrap_or_else(|_| unreachable!("constant, valid histogram bounds"));
+        Self(Mutex::new(histogram))
+    }
+}
+
+impl Lateness {
+    fn record(&self, late: Duration) {
+        let micros = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .saturating_record(micros);
+    }
+
+    fn snapshot(&self) -> Histogram<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn reset(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reset();
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     faults: [RwLock<Fault>; 2],
     counters: [Counters; 2],
+    lateness: [Lateness; 2],
 }
 
 impl Shared {
@@ -305,6 +346,19 @@ impl RelayControl {
     /// The counters of one direction.
     pub fn stats(&self, direction: Direction) -> DirectionStats {
         self.shared.counters(direction).snapshot()
+    }
+
+    /// How late this direction's datagrams left, in microseconds past their due time, since
+    /// the start or the last [`Self::reset_lateness`].
+    pub fn lateness(&self, direction: Direction) -> Histogram<u64> {
+        self.shared.lateness[direction.index()].snapshot()
+    }
+
+    /// Forgets the lateness recorded so far (both directions), to measure a window.
+    pub fn reset_lateness(&self) {
+        for lateness in &self.shared.lateness {
+            lateness.reset();
+        }
     }
 }
 
@@ -608,6 +662,7 @@ async fn run_delay_queue(
 ) {
     let mut heap: BinaryHeap<Reverse<Queued>> = BinaryHeap::new();
     let counters = shared.counters(direction);
+    let lateness = &shared.lateness[direction.index()];
     loop {
         // Send everything due before waiting again, so a flood of arrivals cannot
         // starve delivery.
@@ -616,6 +671,7 @@ async fn run_delay_queue(
             let Some(Reverse(queued)) = heap.pop() else {
                 break;
             };
+            lateness.record(Instant::now().saturating_duration_since(queued.due));
             if shared.is_partitioned(direction) {
                 bump(&counters.dropped);
                 continue;
@@ -821,6 +877,31 @@ mod tests {
             "delivered after {:?}",
             start.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn lateness_is_recorded_once_per_forwarded_datagram_and_resets() {
+        let (relay, client, _echo) = setup().await;
+        let delay = Duration::from_millis(20);
+        relay.set_fault(Direction::Forward, Fault::delayed(delay));
+        let start = std::time::Instant::now();
+        for payload in [b"a", b"b", b"c"] {
+            client.send(payload).await.unwrap();
+        }
+        for _ in 0..3 {
+            recv_within(&client, Duration::from_secs(2)).await.unwrap();
+        }
+        let elapsed = start.elapsed();
+        let forward = relay.control().lateness(Direction::Forward);
+        assert_eq!(forward.len(), 3, "one sample per delayed datagram");
+        // Lateness is time past the due time: it cannot exceed what passed after the delay.
+        let bound = u64::try_from((elapsed - delay).as_micros()).unwrap();
+        assert!(forward.max() <= bound, "{} us > {bound} us", forward.max());
+        // The echoes came back through the (undelayed) reverse queue.
+        assert_eq!(relay.control().lateness(Direction::Reverse).len(), 3);
+        relay.control().reset_lateness();
+        assert!(relay.control().lateness(Direction::Forward).is_empty());
+        assert!(relay.control().lateness(Direction::Reverse).is_empty());
     }
 
     #[tokio::test]
