@@ -19,13 +19,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -204,6 +204,10 @@ impl PeerState {
 struct PeerSlot {
     config: PeerConfig,
     state: Mutex<PeerState>,
+    /// Woken when the peer connects to us: it is up, so a dial to it still waiting on a
+    /// handshake (with QUIC's Initial retransmits about a second apart) or on its backoff
+    /// starts again at once instead of delaying its ops by up to `reconnect_max`.
+    redial: Notify,
 }
 
 impl PeerSlot {
@@ -721,6 +725,7 @@ impl Replicator {
                     PeerSlot {
                         config: peer.clone(),
                         state: Mutex::new(state),
+                        redial: Notify::new(),
                     },
                 )
             })
@@ -1403,6 +1408,7 @@ async fn serve<S: ReplicaStore>(
         state.inbound_generation
     };
     debug!(peer = %peer, %remote, "peer connected to pull our WAL");
+    slot.redial.notify_waiters();
     tracker.spawn(serve_reads(
         store.clone(),
         conn.clone(),
@@ -1698,17 +1704,38 @@ async fn dial_loop<S: ReplicaStore>(
             follow_host(&shared, slot, &cancel).await;
         }
         first_attempt = false;
-        let mut established = false;
-        let result = subscribe(
+        // Listening from the start of the attempt, so a connection from the peer at any point
+        // of it (or of the backoff after it) is noticed.
+        let redial = slot.redial.notified();
+        tokio::pin!(redial);
+        redial.as_mut().enable();
+        let mut nudged = false;
+        let established = AtomicBool::new(false);
+        let attempt = subscribe(
             &shared,
             &*store,
             &endpoint,
             &tracker,
             slot,
             &cancel,
-            &mut established,
-        )
-        .await;
+            &established,
+        );
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                result = &mut attempt => break result,
+                () = &mut redial, if !nudged => {
+                    nudged = true;
+                    // An established session is left alone; one still connecting is dropped
+                    // (and with it the handshake) and dialled afresh.
+                    if !established.load(Ordering::Acquire) {
+                        debug!(peer = %peer, "peer connected to us: dialling it again now");
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        let established = established.load(Ordering::Acquire);
         slot.lock().liveness.on_disconnected(Instant::now());
         shared.refresh(Instant::now());
         if let Err(e) = &result {
@@ -1722,10 +1749,16 @@ async fn dial_loop<S: ReplicaStore>(
         if established {
             backoff.reset();
         }
+        if nudged && !established {
+            continue;
+        }
         let delay = backoff.next_delay(random());
         tokio::select! {
             () = cancel.cancelled() => return,
             () = sleep(delay) => {}
+            () = &mut redial, if !nudged => {
+                debug!(peer = %peer, "peer connected to us: dialling it now, not after the backoff");
+            }
         }
     }
 }
@@ -1764,7 +1797,7 @@ async fn subscribe<S: ReplicaStore>(
     tracker: &TaskTracker,
     slot: &PeerSlot,
     cancel: &CancellationToken,
-    established: &mut bool,
+    established: &AtomicBool,
 ) -> Result<(), SessionError> {
     let peer = slot.config.id;
     let limit = handshake_timeout(&shared.config);
@@ -1801,7 +1834,7 @@ async fn subscribe<S: ReplicaStore>(
                 )));
             }
         }
-        *established = true;
+        established.store(true, Ordering::Release);
         {
             let mut state = slot.lock();
             state.liveness.on_connected(Instant::now());

@@ -364,6 +364,33 @@ async fn a_peer_back_at_a_new_address_is_found_again_by_its_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_connects_is_dialled_back_at_once_not_after_the_backoff() {
+    init_tracing();
+    let ca = Ca::new("test CA");
+    let mut configs = configs(&ca, 2);
+    // Node 1 backs off far longer than this test waits: only the peer's own connection can
+    // make it dial again in time.
+    configs[0].reconnect_base = Duration::from_secs(3600);
+    configs[0].reconnect_max = Duration::from_secs(3600);
+    let stores = [store(1), store(2)];
+    let first = start(&configs[0], &stores[0]);
+    wait_until("node 1 failed to reach node 2 and backs off", || {
+        first.peers()[0].last_error.is_some()
+    })
+    .await;
+
+    let second = start(&configs[1], &stores[1]);
+    stores[1].increment("k", 7).unwrap();
+    wait_until("node 1 pulled node 2's op", || {
+        counter(&stores[0], "k") == 7
+    })
+    .await;
+    assert!(first.peers()[0].connected);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_of_a_dead_node_reach_survivors_through_a_relay() {
     init_tracing();
     let ca = Ca::new("test CA");
