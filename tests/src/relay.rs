@@ -895,7 +895,7 @@ mod tests {
         let forward = relay.control().lateness(Direction::Forward);
         assert_eq!(forward.len(), 3, "one sample per delayed datagram");
         // Lateness is time past the due time: it cannot exceed what passed after the delay.
-        let bound = u64::try_from((elapsed - delay).as_micros()).unwrap();
+        let bound = u64::try_from(elapsed.checked_sub(delay).unwrap().as_micros()).unwrap();
         assert!(forward.max() <= bound, "{} us > {bound} us", forward.max());
         // The echoes came back through the (undelayed) reverse queue.
         assert_eq!(relay.control().lateness(Direction::Reverse).len(), 3);
