@@ -1320,6 +1320,12 @@ async fn accept_loop<S: ReplicaStore>(
             let remote = incoming.remote_address();
             let conn = match timeout(handshake_timeout(&shared.config), incoming).await {
                 Ok(Ok(conn)) => conn,
+                Ok(Err(e)) if dialer_gave_up(&e) => {
+                    // Not a refusal: the peer dropped its own attempt half-way, as a node does
+                    // with an unanswered dial once it finds the peer listening.
+                    debug!(%remote, error = %e, "a peer abandoned its replication handshake");
+                    return;
+                }
                 Ok(Err(e)) => {
                     shared.refused_connections.fetch_add(1, Ordering::Relaxed);
                     warn!(%remote, error = %e, "refused a replication connection: handshake failed");
@@ -1334,6 +1340,14 @@ async fn accept_loop<S: ReplicaStore>(
             serve(shared, store, conn, tracker2, cancel).await;
         });
     }
+}
+
+/// The dialer closed the connection itself before the handshake completed: QUIC carries an
+/// application's close during the handshake as `APPLICATION_ERROR` (RFC 9000, 10.2.3), while a
+/// certificate it rejects shows as a crypto error.
+fn dialer_gave_up(error: &quinn::ConnectionError) -> bool {
+    matches!(error, quinn::ConnectionError::ConnectionClosed(close)
+        if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR)
 }
 
 /// Checks the subscriber's `Hello`: same protocol and cluster, a configured node, and a
@@ -1408,6 +1422,7 @@ async fn serve<S: ReplicaStore>(
         state.inbound_generation
     };
     debug!(peer = %peer, %remote, "peer connected to pull our WAL");
+    slot.lock().rtt = Some(conn.rtt());
     slot.redial.notify_waiters();
     tracker.spawn(serve_reads(
         store.clone(),
@@ -1710,32 +1725,37 @@ async fn dial_loop<S: ReplicaStore>(
         tokio::pin!(redial);
         redial.as_mut().enable();
         let mut nudged = false;
-        let established = AtomicBool::new(false);
+        let progress = Progress::default();
         let attempt = subscribe(
-            &shared,
-            &*store,
-            &endpoint,
-            &tracker,
-            slot,
-            &cancel,
-            &established,
+            &shared, &*store, &endpoint, &tracker, slot, &cancel, &progress,
         );
         tokio::pin!(attempt);
+        // Set when the peer connected to us while this attempt had no answer yet.
+        let mut give_up_at: Option<tokio::time::Instant> = None;
         let result = loop {
             tokio::select! {
                 result = &mut attempt => break result,
                 () = &mut redial, if !nudged => {
                     nudged = true;
-                    // An established session is left alone; one still connecting is dropped
-                    // (and with it the handshake) and dialled afresh.
-                    if !established.load(Ordering::Acquire) {
-                        debug!(peer = %peer, "peer connected to us: dialling it again now");
+                    if !progress.answered.load(Ordering::Acquire) {
+                        give_up_at = Some(tokio::time::Instant::now() + redial_grace(slot));
+                    }
+                }
+                () = sleep_until_opt(give_up_at), if give_up_at.is_some() => {
+                    // The peer listens, yet a few round trips later this attempt still has no
+                    // answer: its Initial went out before the peer listened and QUIC would
+                    // retransmit it only about a second after sending. A handshake that did
+                    // get an answer, or a session, is never dropped (half a handshake looks
+                    // like a refused connection to the peer).
+                    give_up_at = None;
+                    if !progress.answered.load(Ordering::Acquire) {
+                        debug!(peer = %peer, "peer is up but our dial is unanswered: dialling again");
                         break Ok(());
                     }
                 }
             }
         };
-        let established = established.load(Ordering::Acquire);
+        let established = progress.established.load(Ordering::Acquire);
         slot.lock().liveness.on_disconnected(Instant::now());
         shared.refresh(Instant::now());
         if let Err(e) = &result {
@@ -1761,6 +1781,29 @@ async fn dial_loop<S: ReplicaStore>(
             }
         }
     }
+}
+
+/// How long an unanswered dial may go on once the peer is known to listen: a few of its
+/// round trips (as its own connection to us measured), at least 100 ms.
+fn redial_grace(slot: &PeerSlot) -> Duration {
+    let rtt = slot.lock().rtt.unwrap_or_default();
+    (rtt * 3).max(Duration::from_millis(100))
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How far one dial attempt got, for [`dial_loop`] to read while [`subscribe`] runs.
+#[derive(Default)]
+struct Progress {
+    /// The peer answered the handshake.
+    answered: AtomicBool,
+    /// The subscription is up (greetings exchanged).
+    established: AtomicBool,
 }
 
 /// Before a reconnection, looks the peer's host name (if it has one) up again and dials the
@@ -1797,7 +1840,7 @@ async fn subscribe<S: ReplicaStore>(
     tracker: &TaskTracker,
     slot: &PeerSlot,
     cancel: &CancellationToken,
-    established: &AtomicBool,
+    progress: &Progress,
 ) -> Result<(), SessionError> {
     let peer = slot.config.id;
     let limit = handshake_timeout(&shared.config);
@@ -1807,10 +1850,16 @@ async fn subscribe<S: ReplicaStore>(
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     let address = slot.lock().address;
-    let connecting = endpoint.connect_with(client_config, address, &slot.config.name)?;
+    let mut connecting = endpoint.connect_with(client_config, address, &slot.config.name)?;
+    let handshake = async {
+        // Available once the peer's first flight arrived: from then on it is answering.
+        connecting.handshake_data().await?;
+        progress.answered.store(true, Ordering::Release);
+        connecting.await
+    };
     let conn = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
-        conn = timeout(limit, connecting) => conn.map_err(|_| SessionError::Timeout("connecting"))??,
+        conn = timeout(limit, handshake) => conn.map_err(|_| SessionError::Timeout("connecting"))??,
     };
     let result = async {
         let (mut control, mut recv) = conn.open_bi().await?;
@@ -1834,7 +1883,7 @@ async fn subscribe<S: ReplicaStore>(
                 )));
             }
         }
-        established.store(true, Ordering::Release);
+        progress.established.store(true, Ordering::Release);
         {
             let mut state = slot.lock();
             state.liveness.on_connected(Instant::now());
@@ -1987,5 +2036,30 @@ async fn pull<S: ReplicaStore>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_by_peer(code: quinn::TransportErrorCode) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn only_a_dialer_closing_its_own_handshake_is_not_a_refusal() {
+        assert!(dialer_gave_up(&closed_by_peer(
+            quinn::TransportErrorCode::APPLICATION_ERROR
+        )));
+        // TLS alert 42, bad_certificate: the dialer rejected us, or we it.
+        assert!(!dialer_gave_up(&closed_by_peer(
+            quinn::TransportErrorCode::crypto(42)
+        )));
+        assert!(!dialer_gave_up(&quinn::ConnectionError::TimedOut));
     }
 }
