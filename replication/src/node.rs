@@ -204,9 +204,9 @@ impl PeerState {
 struct PeerSlot {
     config: PeerConfig,
     state: Mutex<PeerState>,
-    /// Woken when the peer connects to us: it is up, so a dial to it still waiting on a
-    /// handshake (with QUIC's Initial retransmits about a second apart) or on its backoff
-    /// starts again at once instead of delaying its ops by up to `reconnect_max`.
+    /// Woken when the peer connects to us: it is up, so our dial to it stops waiting out its
+    /// backoff, or an unanswered handshake (QUIC retransmits the Initial only after about a
+    /// second), and starts again; see [`dial_loop`].
     redial: Notify,
 }
 
