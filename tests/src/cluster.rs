@@ -1149,7 +1149,7 @@ impl Cluster {
     /// every relay and direction since the start or the last [`Self::reset_relay_lateness`]:
     /// the link delay a datagram saw is its configured delay plus this.
     pub fn relay_lateness(&self) -> Result<Histogram<u64>> {
-        let mut merged = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+        let mut merged = crate::relay::lateness_histogram();
         for relay in self.relays.values() {
             for direction in Direction::BOTH {
                 merged.add(relay.control().lateness(direction))?;

@@ -228,11 +228,15 @@ struct Lateness(Mutex<Histogram<u64>>);
 
 impl Default for Lateness {
     fn default() -> Self {
-        // 1 us to 60 s at 3 significant digits; recording saturates above that.
-        let histogram = Histogram::new_with_bounds(1, 60_000_000, 3)
-            .unwrap_or_else(|_| unreachable!("constant, valid histogram bounds"));
-        Self(Mutex::new(histogram))
+        Self(Mutex::new(lateness_histogram()))
     }
+}
+
+/// An empty lateness histogram: 1 us to 60 s at 3 significant digits (recording saturates
+/// above that).
+pub(crate) fn lateness_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("constant, valid histogram bounds"))
 }
 
 impl Lateness {
