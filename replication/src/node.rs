@@ -679,12 +679,18 @@ impl Replicator {
         let idle = config.peer_timeout + config.heartbeat_interval;
         let server = tls::server_config(&config.tls, idle, config.window_bytes)?;
         let client_config = tls::client_config(&config.tls, idle, config.window_bytes)?;
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
-            ReplicationError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_error = |source| ReplicationError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(&config.tls)?,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| ReplicationError::Bind {

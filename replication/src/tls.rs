@@ -26,6 +26,37 @@ struct Identity {
     key: PrivateKeyDer<'static>,
 }
 
+/// Labels the secrets derived from the node's private key, so each is used for one thing.
+const RESET_KEY_LABEL: &[u8] = b"meridian replication: QUIC stateless reset key v1";
+const CID_KEY_LABEL: &[u8] = b"meridian replication: QUIC connection id key v1";
+
+/// The endpoint's configuration, with keys derived from the node's private key rather than
+/// drawn at random, so they survive a restart: the stateless-reset key, and the key that marks
+/// the connection ids it issues as its own. A node that crashed and came back then recognises
+/// its peers' packets for the old connections and answers them with a reset they accept, and
+/// they redial at once instead of waiting out the idle timeout. Both stay as secret as the
+/// private key (whoever had the reset key could close the node's connections).
+pub(crate) fn endpoint_config(
+    material: &TlsMaterial,
+) -> Result<quinn::EndpointConfig, ReplicationError> {
+    let key = PrivateKeyDer::from_pem_slice(&material.key_pem)
+        .map_err(|e| tls_err("node key")(e.to_string()))?;
+    let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.secret_der());
+    let reset = ring::hmac::sign(&master, RESET_KEY_LABEL);
+    let cid = ring::hmac::sign(&master, CID_KEY_LABEL);
+    let mut cid_key = [0_u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
 fn tls_err(what: &str) -> impl FnOnce(String) -> ReplicationError + '_ {
     move |e| ReplicationError::Tls(format!("{what}: {e}"))
 }

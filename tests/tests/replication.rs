@@ -364,6 +364,51 @@ async fn kill_9_under_load_loses_nothing_acked_and_resumes_from_cursors() {
     cluster.shutdown().await.unwrap();
 }
 
+/// A node killed with `kill -9` and started again answers its peers' packets for the old
+/// connections with a QUIC stateless reset they accept (its reset key derives from its private
+/// key, so it survives the restart): they redial at once instead of waiting out the idle
+/// timeout, here a minute long so that only a reset can end the old connections in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_resets_its_old_connections_and_peers_redial_at_once() {
+    let spec = ClusterSpec::new(REGIONS).extra_config("[replication]\npeer_timeout_ms = 60000\n");
+    let cluster = Cluster::start(spec).await.unwrap();
+    let (observer, victim) = (cluster.node(0), cluster.node(2));
+    victim.client().incr("before", 1).await.unwrap();
+    cluster
+        .wait_converged(CONVERGE, |c| async move { c.counter("before").await })
+        .await
+        .unwrap();
+
+    victim.kill().unwrap();
+    victim.start().await.unwrap();
+    let lost = format!("lost replication connection peer={}", victim.id());
+    let log = observer.stderr_path();
+    wait_until(
+        Duration::from_secs(30),
+        "the observer's old connection is reset",
+        || {
+            let (log, lost) = (log.clone(), lost.clone());
+            async move {
+                let text = std::fs::read_to_string(&log)?;
+                Ok(text
+                    .lines()
+                    .any(|l| l.contains(&lost) && l.contains("reset")))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", observer.log_tails(30)));
+
+    // And it pulls from the new incarnation.
+    victim.client().incr("after", 1).await.unwrap();
+    let after = cluster
+        .wait_converged(CONVERGE, |c| async move { c.counter("after").await })
+        .await
+        .unwrap();
+    assert_eq!(after, 1);
+    cluster.shutdown().await.unwrap();
+}
+
 /// The element-wise maximum of the clients' applied vectors.
 async fn max_applied(clients: &[Client]) -> BTreeMap<String, u64> {
     let mut merged: BTreeMap<String, u64> = BTreeMap::new();
