@@ -1425,10 +1425,11 @@ async fn serve<S: ReplicaStore>(
         }
         state.inbound_connected = true;
         state.inbound_generation += 1;
+        // What `redial_grace` measures an unanswered dial of ours against.
+        state.rtt = Some(conn.rtt());
         state.inbound_generation
     };
     debug!(peer = %peer, %remote, "peer connected to pull our WAL");
-    slot.lock().rtt = Some(conn.rtt());
     slot.redial.notify_waiters();
     tracker.spawn(serve_reads(
         store.clone(),
