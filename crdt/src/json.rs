@@ -84,13 +84,30 @@ impl<'de> Deserialize<'de> for CanonicalJson {
     /// Bytes from a disk or a peer are checked, not trusted: text that is not JSON, or not in
     /// canonical form, is an error rather than a second spelling of an existing element.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        let text = String::deserialize(deserializer)?;
+        if is_plain_canonical_string(&text) {
+            return Ok(Self(text));
+        }
         let canonical = Self::parse(&text).map_err(serde::de::Error::custom)?;
         if canonical.0 != text {
             return Err(serde::de::Error::custom("JSON is not in canonical form"));
         }
         Ok(canonical)
     }
+}
+
+/// Whether `text` is a JSON string with nothing to escape: then it is its own canonical form
+/// (serde_json escapes only `"`, `\` and control characters), and checking it needs no
+/// parse. Most register values and set elements are such strings, and every state read from
+/// disk and every op from a peer is checked.
+fn is_plain_canonical_string(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() >= 2
+        && bytes[0] == b'"'
+        && bytes[bytes.len() - 1] == b'"'
+        && bytes[1..bytes.len() - 1]
+            .iter()
+            .all(|&b| b != b'"' && b != b'\\' && b >= 0x20)
 }
 
 #[cfg(test)]
@@ -114,5 +131,18 @@ mod tests {
         assert!(postcard::from_bytes::<CanonicalJson>(&bytes).is_err());
         let bytes = postcard::to_allocvec(&r#"{"a":2,"b":1}"#).unwrap();
         assert!(postcard::from_bytes::<CanonicalJson>(&bytes).is_ok());
+    }
+
+    proptest::proptest! {
+        /// The shortcut for plain strings accepts exactly what the full check accepts.
+        #[test]
+        fn plain_string_shortcut_agrees_with_the_full_check(text in "\\PC{0,12}|\"[ -~\\\\\"\n\u{7f}é]{0,12}\"") {
+            let full = CanonicalJson::parse(&text).is_ok_and(|c| c.0 == text);
+            if is_plain_canonical_string(&text) {
+                proptest::prop_assert!(full, "shortcut accepted {text:?}");
+            }
+            let bytes = postcard::to_allocvec(&text).unwrap();
+            proptest::prop_assert_eq!(postcard::from_bytes::<CanonicalJson>(&bytes).is_ok(), full);
+        }
     }
 }
