@@ -105,7 +105,8 @@ impl Stamp {
         put_digits(&mut text[14..16], of_day / 60 % 60);
         put_digits(&mut text[17..19], of_day % 60);
         put_digits(&mut text[20..29], since_epoch.subsec_nanos().into());
-        text.iter().map(|&b| char::from(b)).collect()
+        // Only ASCII digits and separators were written, so this never takes the fallback.
+        String::from_utf8(text.to_vec()).unwrap_or_default()
     }
 }
 
