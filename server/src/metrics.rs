@@ -1,6 +1,8 @@
 //! Prometheus metrics: HTTP requests by route and status, group commits, storage.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -39,21 +41,19 @@ pub struct LevelLabels {
 
 /// The route patterns seen so far, each leaked once: the router has a fixed, small set of them
 /// (plus `unmatched`), so this is bounded.
-static ROUTES: std::sync::RwLock<std::collections::BTreeSet<&'static str>> =
-    std::sync::RwLock::new(std::collections::BTreeSet::new());
+static ROUTES: RwLock<std::collections::BTreeSet<&'static str>> =
+    RwLock::new(std::collections::BTreeSet::new());
 
 /// A `'static` copy of a route pattern.
 pub fn intern_route(route: &str) -> &'static str {
     if let Some(known) = ROUTES
         .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
         .get(route)
     {
         return known;
     }
-    let mut routes = ROUTES
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut routes = ROUTES.write().unwrap_or_else(PoisonError::into_inner);
     if let Some(known) = routes.get(route) {
         return known;
     }
@@ -101,6 +101,51 @@ pub struct AeLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// A `'static` label by identity (address and length). Equal texts at two addresses are two
+/// keys for one series, which is harmless: the family still merges them.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct LabelId(usize, usize);
+
+impl LabelId {
+    fn of(label: &'static str) -> Self {
+        Self(label.as_ptr().addr(), label.len())
+    }
+}
+
+/// Series handles of the per-request families by label identity. Looking a series up in a
+/// family hashes its label strings with SipHash under the family's lock; on the request path
+/// that cost more than the rest of the bookkeeping, so each series is found there once and
+/// then by three words here. The key sets are bounded: the router's routes, the method labels,
+/// the status codes this server answers, and the fixed level/op/outcome labels.
+#[derive(Debug)]
+struct SeriesCache<K, S>(RwLock<HashMap<K, S, BuildHasherDefault<rustc_hash::FxHasher>>>);
+
+impl<K, S> Default for SeriesCache<K, S> {
+    fn default() -> Self {
+        Self(RwLock::new(HashMap::default()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq, S: Clone> SeriesCache<K, S> {
+    fn with(&self, key: K, create: impl FnOnce() -> S, record: impl FnOnce(&S)) {
+        if let Some(series) = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            record(series);
+            return;
+        }
+        let series = create();
+        record(&series);
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, series);
+    }
+}
+
 /// Eight buckets per doubling from 1 ms to about 1 s (each 9 % wider than the last), then one
 /// per doubling to about a minute: fine enough that `histogram_quantile` places a p99 within a
 /// few milliseconds of the truth at WAN link delays, where a lag target is judged.
@@ -123,6 +168,8 @@ pub struct Metrics {
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_latency: HistogramFamily<RouteLabels>,
     pub consistency_latency: HistogramFamily<LevelLabels>,
+    request_series: SeriesCache<(LabelId, LabelId, u16), (Counter, Histogram)>,
+    consistency_series: SeriesCache<(LabelId, LabelId, LabelId), Histogram>,
     pub commit_batch_ops: Histogram,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
@@ -223,6 +270,8 @@ impl Metrics {
             http_requests,
             http_latency,
             consistency_latency,
+            request_series: SeriesCache::default(),
+            consistency_series: SeriesCache::default(),
             commit_batch_ops,
             commit_seconds,
             commit_failures,
@@ -400,16 +449,26 @@ impl Metrics {
         status: u16,
         elapsed: Duration,
     ) {
-        self.http_requests
-            .get_or_create(&RequestLabels {
-                route,
-                method,
-                status,
-            })
-            .inc();
-        self.http_latency
-            .get_or_create(&RouteLabels { route, method })
-            .observe(elapsed.as_secs_f64());
+        self.request_series.with(
+            (LabelId::of(route), LabelId::of(method), status),
+            || {
+                let labels = RequestLabels {
+                    route,
+                    method,
+                    status,
+                };
+                (
+                    self.http_requests.get_or_create(&labels).clone(),
+                    self.http_latency
+                        .get_or_create(&RouteLabels { route, method })
+                        .clone(),
+                )
+            },
+            |(count, latency)| {
+                count.inc();
+                latency.observe(elapsed.as_secs_f64());
+            },
+        );
     }
 
     /// One data read or write at a consistency level, with how it ended.
@@ -420,9 +479,15 @@ impl Metrics {
         outcome: &'static str,
         elapsed: Duration,
     ) {
-        self.consistency_latency
-            .get_or_create(&LevelLabels { level, op, outcome })
-            .observe(elapsed.as_secs_f64());
+        self.consistency_series.with(
+            (LabelId::of(level), LabelId::of(op), LabelId::of(outcome)),
+            || {
+                self.consistency_latency
+                    .get_or_create(&LevelLabels { level, op, outcome })
+                    .clone()
+            },
+            |latency| latency.observe(elapsed.as_secs_f64()),
+        );
     }
 
     /// The Prometheus text exposition of everything registered.
@@ -433,5 +498,39 @@ impl Metrics {
             let _ = encode(&mut out, &registry);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn cached_series_count_every_request_under_their_own_labels() {
+        let metrics = Metrics::new();
+        let route = intern_route("/v1/registers/{key}");
+        for _ in 0..3 {
+            metrics.record_request(route, "PUT", 200, Duration::from_millis(1));
+        }
+        metrics.record_request(route, "PUT", 400, Duration::from_millis(1));
+        // The same label text at another address names the same series.
+        let method = String::from("PUT").leak();
+        metrics.record_request(route, method, 200, Duration::from_millis(1));
+        metrics.record_consistency("LOCAL_ONE", "write", "ok", Duration::from_millis(2));
+        metrics.record_consistency("LOCAL_ONE", "write", "ok", Duration::from_millis(2));
+
+        let text = metrics.render();
+        let ok = r#"meridian_http_requests_total{route="/v1/registers/{key}",method="PUT",status="200"}"#;
+        let bad = r#"meridian_http_requests_total{route="/v1/registers/{key}",method="PUT",status="400"}"#;
+        assert_eq!(line(&text, ok), Some(format!("{ok} 4").as_str()));
+        assert_eq!(line(&text, bad), Some(format!("{bad} 1").as_str()));
+        let latency = r#"meridian_http_request_duration_seconds_count{route="/v1/registers/{key}",method="PUT"}"#;
+        assert_eq!(line(&text, latency), Some(format!("{latency} 5").as_str()));
+        let level = r#"meridian_consistency_request_duration_seconds_count{level="LOCAL_ONE",op="write",outcome="ok"}"#;
+        assert_eq!(line(&text, level), Some(format!("{level} 2").as_str()));
     }
 }
