@@ -16,8 +16,10 @@ pub struct CanonicalJson(String);
 impl CanonicalJson {
     pub fn new(value: &Value) -> Self {
         // serde_json's `Map` is a `BTreeMap` (the `preserve_order` feature is off in this
-        // workspace), so serialising it emits keys in sorted order.
-        Self(value.to_string())
+        // workspace), so serialising it emits keys in sorted order. `to_string` writes into a
+        // buffer sized for a small document at once, where `Display` grows one from empty
+        // through the formatter; the text is the same. A `Value` always serialises.
+        Self(serde_json::to_string(value).unwrap_or_else(|_| String::from("null")))
     }
 
     /// Parses any JSON text and canonicalises it.

@@ -378,3 +378,15 @@ fn decoded_states_with_extreme_sequences_merge_without_overflow() {
     assert_eq!(ab, top, "the top of the vector covers the cloud dot");
     check_decoded(&ab).unwrap();
 }
+
+proptest! {
+    /// The canonical text is serde_json's compact printing of the document, and canonicalising
+    /// it again changes nothing.
+    #[test]
+    fn canonical_text_is_compact_printing_and_a_fixed_point(json in arbitrary::json()) {
+        let value = json.to_value();
+        prop_assert_eq!(json.as_str(), value.to_string());
+        prop_assert_eq!(CanonicalJson::new(&value), json.clone());
+        prop_assert_eq!(CanonicalJson::parse(json.as_str()).unwrap(), json);
+    }
+}
