@@ -177,6 +177,9 @@ pub struct Metrics {
     pub checkpoint_seconds: Histogram,
     /// Ops from peers: from the HLC stamp their origin gave them to their durable apply here.
     pub apply_lag_seconds: Histogram,
+    /// Ops from peers: from the HLC stamp their origin gave them to their arrival here, before
+    /// they queue for the apply. Apply lag minus this is the time spent on this node.
+    pub receive_lag_seconds: Histogram,
     pub applied_seq: Family<OriginLabels, Gauge>,
     pub wal_ops: Gauge,
     pub peer_connected: Family<PeerLabels, Gauge>,
@@ -224,6 +227,7 @@ impl Metrics {
         let commit_failures = Counter::default();
         let checkpoint_seconds = latency_histogram();
         let apply_lag_seconds = Histogram::new(apply_lag_buckets());
+        let receive_lag_seconds = Histogram::new(apply_lag_buckets());
         registry.register(
             "http_requests",
             "HTTP requests by route, method and status",
@@ -261,6 +265,11 @@ impl Metrics {
             apply_lag_seconds.clone(),
         );
         registry.register(
+            "replication_receive_lag_seconds",
+            "Ops received from peers: time from the HLC stamp of their origin to their arrival on this node, before the local apply",
+            receive_lag_seconds.clone(),
+        );
+        registry.register(
             "storage_commit_failures",
             "Write transactions that failed to commit",
             commit_failures.clone(),
@@ -278,6 +287,7 @@ impl Metrics {
             read_repairs: Family::default(),
             checkpoint_seconds,
             apply_lag_seconds,
+            receive_lag_seconds,
             applied_seq: Family::default(),
             wal_ops: Gauge::default(),
             peer_connected: Family::default(),
@@ -412,11 +422,12 @@ impl Metrics {
     /// Records, for each op a peer sent, the time from `stamps` (NTP64 HLC times of the ops'
     /// origins) to `now` (NTP64). An origin clock ahead of ours counts as no lag.
     pub fn record_apply_lag(&self, stamps: &[u64], now: u64) {
-        for &stamp in stamps {
-            let lag = now.saturating_sub(stamp);
-            // NTP64: the upper 32 bits are seconds, the lower 32 the fraction of one.
-            self.apply_lag_seconds.observe(lag as f64 / 4_294_967_296.0);
-        }
+        observe_lags(&self.apply_lag_seconds, stamps.iter().copied(), now);
+    }
+
+    /// As [`Metrics::record_apply_lag`], for ops as they arrive from a peer.
+    pub fn record_receive_lag(&self, stamps: impl Iterator<Item = u64>, now: u64) {
+        observe_lags(&self.receive_lag_seconds, stamps, now);
     }
 
     pub fn record_commit(&self, ops: usize, elapsed: Duration) {
@@ -498,6 +509,15 @@ impl Metrics {
             let _ = encode(&mut out, &registry);
         }
         out
+    }
+}
+
+/// Observes `now - stamp` in seconds for each NTP64 stamp; a stamp ahead of `now` as zero.
+fn observe_lags(histogram: &Histogram, stamps: impl Iterator<Item = u64>, now: u64) {
+    for stamp in stamps {
+        let lag = now.saturating_sub(stamp);
+        // NTP64: the upper 32 bits are seconds, the lower 32 the fraction of one.
+        histogram.observe(lag as f64 / 4_294_967_296.0);
     }
 }
 

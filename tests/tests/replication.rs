@@ -579,6 +579,21 @@ async fn cluster_endpoint_and_metrics_expose_per_peer_state() {
             total > 0.0 || received == 0.0,
             "ops took time to arrive: {total}"
         );
+        // Their arrival is counted too, before the apply: every op at least once (a batch
+        // resent after a reconnection arrives twice), each under a minute.
+        let receive_lag = "meridian_replication_receive_lag_seconds";
+        let arrived = metric(&text, &format!("{receive_lag}_count"), &[]).unwrap();
+        assert!(arrived >= received, "{arrived} arrivals of {received} ops");
+        let within_a_minute = [("le", "65.536")];
+        let bucket = format!("{receive_lag}_bucket");
+        assert_eq!(metric(&text, &bucket, &within_a_minute), Some(arrived));
+        if (arrived - received).abs() < 0.5 {
+            let arrival_time = metric(&text, &format!("{receive_lag}_sum"), &[]).unwrap();
+            assert!(
+                arrival_time <= total,
+                "arrived ({arrival_time}) after applied ({total})"
+            );
+        }
         for peer in info["peers"].as_array().unwrap() {
             let name = peer["name"].as_str().unwrap();
             let region = peer["region"].as_str().unwrap();

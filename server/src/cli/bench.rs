@@ -415,11 +415,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None => None,
         };
         tokio::time::sleep_until((measure_from + Duration::from_secs(args.duration)).into()).await;
-        let apply_lag = match (&lag_target, lag_before) {
-            (Some(to), Some(before)) => scrape_apply_lag(to)
-                .await
-                .and_then(|after| ApplyLag::between(&before, &after)),
-            _ => None,
+        let (apply_lag, receive_lag) = match (&lag_target, lag_before) {
+            (Some(to), Some(before)) => match scrape_apply_lag(to).await {
+                Some(after) => (
+                    ApplyLag::between(&before.apply, &after.apply),
+                    before
+                        .receive
+                        .zip(after.receive)
+                        .and_then(|(before, after)| ApplyLag::between(&before, &after)),
+                ),
+                None => (None, None),
+            },
+            _ => (None, None),
         };
         stop.store(true, Ordering::Relaxed);
         let measured = measure_from.elapsed().as_secs_f64();
@@ -440,7 +447,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &total,
             (ok, errors, measured),
             lag.as_ref(),
-            apply_lag.as_ref(),
+            (apply_lag.as_ref(), receive_lag.as_ref()),
         );
         Ok(())
     })
@@ -467,9 +474,18 @@ async fn http1(target: &Target) -> Result<hyper::client::conn::http1::SendReques
 
 /// The node's histogram of replication apply lag (see `Metrics::apply_lag_seconds`).
 const APPLY_LAG_METRIC: &str = "meridian_replication_apply_lag_seconds";
+/// The same up to the ops' arrival, before the local apply (`Metrics::receive_lag_seconds`).
+const RECEIVE_LAG_METRIC: &str = "meridian_replication_receive_lag_seconds";
 
-/// The lag node's apply-lag buckets now, or `None` (with a warning) if they cannot be read.
-async fn scrape_apply_lag(target: &Target) -> Option<super::prom::Buckets> {
+/// The lag node's lag histograms at one instant.
+struct LagBuckets {
+    apply: super::prom::Buckets,
+    /// `None` from a node that predates the metric.
+    receive: Option<super::prom::Buckets>,
+}
+
+/// The lag node's lag buckets now, or `None` (with a warning) if they cannot be read.
+async fn scrape_apply_lag(target: &Target) -> Option<LagBuckets> {
     let scraped = async {
         let mut sender = http1(target).await?;
         let request = target
@@ -482,8 +498,12 @@ async fn scrape_apply_lag(target: &Target) -> Option<super::prom::Buckets> {
             bail!("GET /metrics answered {status} (it needs an admin or metrics token)");
         }
         let text = String::from_utf8_lossy(&body);
-        super::prom::buckets(&text, APPLY_LAG_METRIC)
-            .with_context(|| format!("/metrics has no {APPLY_LAG_METRIC}"))
+        let apply = super::prom::buckets(&text, APPLY_LAG_METRIC)
+            .with_context(|| format!("/metrics has no {APPLY_LAG_METRIC}"))?;
+        Ok(LagBuckets {
+            apply,
+            receive: super::prom::buckets(&text, RECEIVE_LAG_METRIC),
+        })
     };
     match scraped.await {
         Ok(buckets) => Some(buckets),
@@ -593,7 +613,7 @@ fn report(
     h: &Histogram<u64>,
     (ok, errors, seconds): (u64, u64, f64),
     lag: Option<&Histogram<u64>>,
-    apply_lag: Option<&ApplyLag>,
+    (apply_lag, receive_lag): (Option<&ApplyLag>, Option<&ApplyLag>),
 ) {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let lag_ms = |q: f64| lag.map(|l| l.value_at_quantile(q) as f64 / 1000.0);
@@ -616,6 +636,8 @@ fn report(
                 "apply_lag_p50_ms": apply_lag.map(|a| a.p50_ms),
                 "apply_lag_p99_ms": apply_lag.map(|a| a.p99_ms),
                 "apply_lag_ops": apply_lag.map(|a| a.ops),
+                "receive_lag_p50_ms": receive_lag.map(|a| a.p50_ms),
+                "receive_lag_p99_ms": receive_lag.map(|a| a.p99_ms),
             })
         );
     } else {
@@ -635,6 +657,12 @@ fn report(
             println!(
                 "replication lag, origin stamp to durable apply ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
                 a.ops, a.p50_ms, a.p99_ms
+            );
+        }
+        if let Some(r) = receive_lag {
+            println!(
+                "  of which origin stamp to arrival here ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
+                r.ops, r.p50_ms, r.p99_ms
             );
         }
         if let Some(l) = lag {

@@ -170,6 +170,7 @@ struct Inner {
     /// The anti-entropy Merkle tree: written by the fold thread after each fold, read by the
     /// sync dialogue. Rebuilt from the states table at open.
     tree: Arc<RwLock<MerkleTree>>,
+    metrics: Arc<Metrics>,
 }
 
 /// A handle to the node's storage; cheap to clone.
@@ -285,7 +286,7 @@ impl Storage {
             hlc: hlc.clone(),
             applied,
             queue,
-            metrics,
+            metrics: metrics.clone(),
             syncer,
             failed: failed.clone(),
             folder: fold_tx,
@@ -326,6 +327,7 @@ impl Storage {
             // queue closes behind it.
             threads: Mutex::new(vec![applier, folder]),
             tree,
+            metrics,
         });
         Ok(Self { inner })
     }

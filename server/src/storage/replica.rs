@@ -31,6 +31,10 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
 impl Storage {
     /// Applies ops shipped by a peer, durably, through the same group commit as local writes.
     pub async fn apply_remote_ops(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
+        let now = uhlc::system_time_clock().as_u64();
+        self.inner
+            .metrics
+            .record_receive_lag(ops.iter().map(|op| op.stamp.time), now);
         let (reply, answer) = oneshot::channel();
         self.send(Command::Remote { ops, reply })
             .await
