@@ -7,6 +7,7 @@
 //! what a node restart over the same disk looks like.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ pub struct MemStore {
     hlc: uhlc::HLC,
     inner: Mutex<Inner>,
     applied_tx: watch::Sender<VersionVector>,
+    /// Calls of `apply_remote`, counted as they start.
+    apply_calls: AtomicU64,
+    /// While false, `apply_remote` waits before applying: a slow disk, for tests.
+    applies_open: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for MemStore {
@@ -85,7 +90,19 @@ impl MemStore {
             hlc,
             inner: Mutex::new(Inner::default()),
             applied_tx: watch::Sender::new(VersionVector::new()),
+            apply_calls: AtomicU64::new(0),
+            applies_open: watch::Sender::new(true),
         }
+    }
+
+    /// How many times peers' ops were handed to this store.
+    pub fn apply_calls(&self) -> u64 {
+        self.apply_calls.load(Ordering::SeqCst)
+    }
+
+    /// Makes applies of peers' ops wait (`false`) until called again with `true`.
+    pub fn set_applies_open(&self, open: bool) {
+        self.applies_open.send_replace(open);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -217,6 +234,9 @@ impl ReplicaStore for MemStore {
     }
 
     async fn apply_remote(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
+        self.apply_calls.fetch_add(1, Ordering::SeqCst);
+        // The sender lives as long as the store, so the wait ends once applies are open.
+        let _ = self.applies_open.subscribe().wait_for(|open| *open).await;
         let mut inner = self.lock();
         let mut failure: Option<StoreError> = None;
         let mut stopped: Vec<NodeId> = Vec::new();

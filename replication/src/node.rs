@@ -50,6 +50,8 @@ const CLOSE_STORE: u32 = 4;
 
 /// Ops per WAL read: bytes bound batches; this only bounds the allocation of one read.
 const MAX_OPS_PER_READ: usize = 4096;
+/// At most this many ops of queued batches from one peer go to the store as one apply.
+const MAX_MERGED_OPS: usize = 8192;
 
 /// Quorum-read requests one peer may have in flight on its connection to us.
 const MAX_CONCURRENT_READS: usize = 64;
@@ -1998,31 +2000,58 @@ async fn pull<S: ReplicaStore>(
             batch = batches.recv() => {
                 let batch = batch.ok_or(SessionError::Ended)??;
                 shared.heard(peer, true);
-                if !inbound.is_current(batch.epoch) {
+                // Batches that queued up while the last one was being applied go in with
+                // this one: one durable apply, one journal sync, for all of them. Applied one
+                // at a time, each waited a sync more than the one before it, and after a slow
+                // sync the backlog took several syncs to clear.
+                let mut ops = Vec::new();
+                let (mut merged, mut last_batch_ops) = (0u64, 0u64);
+                let mut failed = None;
+                let mut next = Some(batch);
+                while let Some(batch) = next.take() {
+                    if inbound.is_current(batch.epoch) {
+                        // A peer serves only the origins we asked it for; in particular it
+                        // can never hand us ops of our own origin, whose dots only we mint.
+                        let asked = inbound.origins().cloned().unwrap_or_default();
+                        if let Some(op) = batch.ops.iter().find(|op| !asked.contains(&op.dot.node)) {
+                            return Err(SessionError::Protocol(format!(
+                                "op {}:{} of an origin we did not subscribe to",
+                                op.dot.node, op.dot.seq
+                            )));
+                        }
+                        merged += 1;
+                        last_batch_ops = batch.ops.len() as u64;
+                        ops.extend(batch.ops);
+                    }
+                    if ops.len() >= MAX_MERGED_OPS {
+                        break;
+                    }
+                    match batches.try_recv() {
+                        Ok(Ok(batch)) => next = Some(batch),
+                        // What came before the failure is applied first.
+                        Ok(Err(error)) => failed = Some(error),
+                        Err(_) => {}
+                    }
+                }
+                if ops.is_empty() {
+                    if let Some(error) = failed {
+                        return Err(error);
+                    }
                     continue;
                 }
-                // A peer serves only the origins we asked it for; in particular it can never
-                // hand us ops of our own origin, whose dots only we mint.
-                let asked = inbound.origins().cloned().unwrap_or_default();
-                if let Some(op) = batch.ops.iter().find(|op| !asked.contains(&op.dot.node)) {
-                    return Err(SessionError::Protocol(format!(
-                        "op {}:{} of an origin we did not subscribe to",
-                        op.dot.node, op.dot.seq
-                    )));
-                }
-                if let Some(latest) = batch.ops.iter().map(|op| op.stamp).max() {
+                if let Some(latest) = ops.iter().map(|op| op.stamp).max() {
                     // The HLC keeps the maximum: observing the batch's latest stamp is
                     // equivalent to observing each, for one lock instead of many.
                     shared.observe(store, peer, latest);
                 }
-                let count = batch.ops.len() as u64;
-                match store.apply_remote(batch.ops).await {
+                let count = ops.len() as u64;
+                match store.apply_remote(ops).await {
                     Ok(applied) => {
                         {
                             let mut state = slot.lock();
                             state.ops_received += count;
-                            state.batches_received += 1;
-                            state.last_batch_ops = count;
+                            state.batches_received += merged;
+                            state.last_batch_ops = last_batch_ops;
                             state.check_caught_up(peer, applied.get(peer), Instant::now());
                         }
                         write_message(&mut control, &Message::Ack { applied: applied.clone() })
@@ -2040,6 +2069,9 @@ async fn pull<S: ReplicaStore>(
                         error!(peer = %peer, error = %e, "cannot apply a batch");
                         return Err(e.into());
                     }
+                }
+                if let Some(error) = failed {
+                    return Err(error);
                 }
             }
         }

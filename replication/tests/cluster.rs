@@ -557,6 +557,56 @@ async fn large_batches_flow_through_the_window() {
     }
 }
 
+/// Batches that arrive while the subscriber's store is still applying an earlier one are
+/// applied together, in order, as one call (one journal sync in the real store), not one call
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_queued_behind_a_slow_apply_are_applied_together() {
+    init_tracing();
+    let ca = Ca::new("test CA");
+    let configs = configs(&ca, 2);
+    let stores: Vec<Arc<MemStore>> = (1..=2).map(store).collect();
+    let nodes: Vec<Replicator> = configs
+        .iter()
+        .zip(&stores)
+        .map(|(c, s)| start(c, s))
+        .collect();
+    stores[0].increment("first", 1).unwrap();
+    wait_until("converged", || converged(&[&stores[0], &stores[1]])).await;
+    let calls_before = stores[1].apply_calls();
+
+    // The subscriber's disk stalls on the next batch; twenty more, each its own batch (the
+    // batch window is 1 ms), queue up behind it.
+    stores[1].set_applies_open(false);
+    stores[0].increment("slow", 1).unwrap();
+    wait_until("the next apply started", || {
+        stores[1].apply_calls() > calls_before
+    })
+    .await;
+    for i in 0..20 {
+        stores[0].increment(&format!("queued-{i}"), i).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stores[1].set_applies_open(true);
+    wait_until("converged", || converged(&[&stores[0], &stores[1]])).await;
+
+    let batches = nodes[1].peers()[0].batches_received;
+    let calls = stores[1].apply_calls();
+    assert_eq!(nodes[1].peers()[0].ops_received, 22);
+    // Writes 10 ms apart go in batches of their own, unless this machine stalls the sender.
+    assert!(
+        batches >= 5,
+        "the writes went in separate batches: {batches}"
+    );
+    assert!(
+        calls < batches,
+        "{calls} applies for {batches} batches: queued batches were applied one by one"
+    );
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
 /// A physical clock ten seconds fast.
 fn fast_clock() -> uhlc::NTP64 {
     uhlc::system_time_clock() + uhlc::NTP64::from(Duration::from_secs(10))
