@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::gc::GcStats;
 use crate::merkle::{self, Hash, MerkleTree};
-use crate::store::{ReplicaStore, StateRead, StoreError};
+use crate::store::{Applying, ReplicaStore, StateRead, StoreError};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -103,6 +103,58 @@ impl MemStore {
     /// Makes applies of peers' ops wait (`false`) until called again with `true`.
     pub fn set_applies_open(&self, open: bool) {
         self.applies_open.send_replace(open);
+    }
+
+    async fn applies_opened(&self) {
+        // The sender lives as long as the store, so the wait ends once applies are open.
+        let _ = self.applies_open.subscribe().wait_for(|open| *open).await;
+    }
+
+    /// Applies remote ops; see [`ReplicaStore::apply_remote`].
+    fn apply_now(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
+        let mut inner = self.lock();
+        let mut failure: Option<StoreError> = None;
+        let mut stopped: Vec<NodeId> = Vec::new();
+        let mut changed = false;
+        for op in ops {
+            let origin = op.dot.node;
+            if stopped.contains(&origin) {
+                continue;
+            }
+            let have = inner.applied.get(origin);
+            if op.dot.seq <= have {
+                continue; // already applied: idempotence
+            }
+            if op.dot.seq != have + 1 {
+                stopped.push(origin);
+                failure.get_or_insert(StoreError::Gap {
+                    origin,
+                    expected: have + 1,
+                    got: op.dot.seq,
+                });
+                continue;
+            }
+            let seq = op.dot.seq;
+            if let Err(e) = inner.commit(op) {
+                stopped.push(origin);
+                failure.get_or_insert(StoreError::Rejected {
+                    origin,
+                    seq,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            changed = true;
+        }
+        let applied = inner.applied.clone();
+        drop(inner);
+        if changed {
+            self.applied_tx.send_replace(applied.clone());
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(applied),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -235,51 +287,21 @@ impl ReplicaStore for MemStore {
 
     async fn apply_remote(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
         self.apply_calls.fetch_add(1, Ordering::SeqCst);
-        // The sender lives as long as the store, so the wait ends once applies are open.
-        let _ = self.applies_open.subscribe().wait_for(|open| *open).await;
-        let mut inner = self.lock();
-        let mut failure: Option<StoreError> = None;
-        let mut stopped: Vec<NodeId> = Vec::new();
-        let mut changed = false;
-        for op in ops {
-            let origin = op.dot.node;
-            if stopped.contains(&origin) {
-                continue;
-            }
-            let have = inner.applied.get(origin);
-            if op.dot.seq <= have {
-                continue; // already applied: idempotence
-            }
-            if op.dot.seq != have + 1 {
-                stopped.push(origin);
-                failure.get_or_insert(StoreError::Gap {
-                    origin,
-                    expected: have + 1,
-                    got: op.dot.seq,
-                });
-                continue;
-            }
-            let seq = op.dot.seq;
-            if let Err(e) = inner.commit(op) {
-                stopped.push(origin);
-                failure.get_or_insert(StoreError::Rejected {
-                    origin,
-                    seq,
-                    reason: e.to_string(),
-                });
-                continue;
-            }
-            changed = true;
-        }
-        let applied = inner.applied.clone();
-        drop(inner);
-        if changed {
-            self.applied_tx.send_replace(applied.clone());
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(applied),
-        }
+        self.applies_opened().await;
+        self.apply_now(ops)
+    }
+
+    /// Applies at once, in the order of the calls; the outcome is reported once applies are
+    /// open, as a real store reports a queued apply once its sync is done.
+    async fn queue_remote(&self, ops: Vec<Op>) -> Applying {
+        self.apply_calls.fetch_add(1, Ordering::SeqCst);
+        let outcome = self.apply_now(ops);
+        let mut open = self.applies_open.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as the store, so the wait ends once applies are open.
+            let _ = open.wait_for(|open| *open).await;
+            outcome
+        })
     }
 
     fn record_peer_applied(&self, peer: NodeId, applied: &VersionVector) -> Result<(), StoreError> {

@@ -16,7 +16,7 @@
 //!   megabytes of data.
 //! - one unidirectional *batch* stream S → R carrying `Batch` frames.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,7 +37,7 @@ use crate::config::{PeerConfig, ReplicationConfig};
 use crate::gc::{Frontier, GcStats, StabilityTracker};
 use crate::outbound::{Action, Limits, Outbound};
 use crate::plan::{Backoff, Inbound, Liveness, SkewEstimator, plan_subscription};
-use crate::store::{ReplicaStore, StateRead, StoreError};
+use crate::store::{Applying, ReplicaStore, StateRead, StoreError};
 use crate::wire::{self, Hello, Message, PROTOCOL_VERSION, WireError};
 use crate::{ReplicationError, tls};
 
@@ -52,6 +52,9 @@ const CLOSE_STORE: u32 = 4;
 const MAX_OPS_PER_READ: usize = 4096;
 /// At most this many ops of queued batches from one peer go to the store as one apply.
 const MAX_MERGED_OPS: usize = 8192;
+/// Applies of one peer's batches queued in the store and not yet durable; further batches
+/// wait (and are then merged) until the oldest completes.
+const MAX_QUEUED_APPLIES: usize = 4;
 
 /// Quorum-read requests one peer may have in flight on its connection to us.
 const MAX_CONCURRENT_READS: usize = 64;
@@ -1944,6 +1947,7 @@ async fn pull<S: ReplicaStore>(
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resubscribe = true;
+    let mut applying: VecDeque<QueuedApply> = VecDeque::new();
     loop {
         if resubscribe {
             resubscribe = false;
@@ -1997,13 +2001,50 @@ async fn pull<S: ReplicaStore>(
                     }
                 }
             }
-            batch = batches.recv() => {
+            outcome = std::future::poll_fn(|cx| match applying.front_mut() {
+                Some(queued) => queued.outcome.as_mut().poll(cx),
+                None => std::task::Poll::Pending,
+            }), if !applying.is_empty() => {
+                let Some(queued) = applying.pop_front() else { continue };
+                match outcome {
+                    Ok(applied) => {
+                        {
+                            let mut state = slot.lock();
+                            state.ops_received += queued.ops;
+                            state.batches_received += queued.batches;
+                            state.last_batch_ops = queued.last_batch_ops;
+                            state.check_caught_up(peer, applied.get(peer), Instant::now());
+                        }
+                        // A heartbeat may have acked a later vector already: acks never go back.
+                        let mut ack = last_ack.clone();
+                        ack.merge(&applied);
+                        if ack != last_ack {
+                            write_message(&mut control, &Message::Ack { applied: ack.clone() })
+                                .await?;
+                            last_ack = ack;
+                        }
+                    }
+                    // Applies queued behind a gap fail on it too; the first one restarts the
+                    // subscription, the rest belong to the old one.
+                    Err(StoreError::Gap { .. }) if !inbound.is_current(queued.epoch) => {}
+                    Err(StoreError::Gap { origin, expected, got }) => {
+                        warn!(peer = %peer, origin = %origin, expected, got,
+                            "gap in a batch; resubscribing from our applied vector");
+                        if let Some(message) = inbound.restart(&store.applied()) {
+                            write_message(&mut control, &message).await?;
+                        }
+                    }
+                    Err(e) => {
+                        error!(peer = %peer, error = %e, "cannot apply a batch");
+                        return Err(e.into());
+                    }
+                }
+            }
+            batch = batches.recv(), if applying.len() < MAX_QUEUED_APPLIES => {
                 let batch = batch.ok_or(SessionError::Ended)??;
                 shared.heard(peer, true);
-                // Batches that queued up while the last one was being applied go in with
-                // this one: one durable apply, one journal sync, for all of them. Applied one
-                // at a time, each waited a sync more than the one before it, and after a slow
-                // sync the backlog took several syncs to clear.
+                // Batches that queued up here while the store had no room for more go in
+                // together: one apply, one journal sync, for all of them.
                 let mut ops = Vec::new();
                 let (mut merged, mut last_batch_ops) = (0u64, 0u64);
                 let mut failed = None;
@@ -2033,42 +2074,24 @@ async fn pull<S: ReplicaStore>(
                         Err(_) => {}
                     }
                 }
-                if ops.is_empty() {
-                    if let Some(error) = failed {
-                        return Err(error);
+                if !ops.is_empty() {
+                    if let Some(latest) = ops.iter().map(|op| op.stamp).max() {
+                        // The HLC keeps the maximum: observing the batch's latest stamp is
+                        // equivalent to observing each, for one lock instead of many.
+                        shared.observe(store, peer, latest);
                     }
-                    continue;
-                }
-                if let Some(latest) = ops.iter().map(|op| op.stamp).max() {
-                    // The HLC keeps the maximum: observing the batch's latest stamp is
-                    // equivalent to observing each, for one lock instead of many.
-                    shared.observe(store, peer, latest);
-                }
-                let count = ops.len() as u64;
-                match store.apply_remote(ops).await {
-                    Ok(applied) => {
-                        {
-                            let mut state = slot.lock();
-                            state.ops_received += count;
-                            state.batches_received += merged;
-                            state.last_batch_ops = last_batch_ops;
-                            state.check_caught_up(peer, applied.get(peer), Instant::now());
-                        }
-                        write_message(&mut control, &Message::Ack { applied: applied.clone() })
-                            .await?;
-                        last_ack = applied;
-                    }
-                    Err(StoreError::Gap { origin, expected, got }) => {
-                        warn!(peer = %peer, origin = %origin, expected, got,
-                            "gap in a batch; resubscribing from our applied vector");
-                        if let Some(message) = inbound.restart(&store.applied()) {
-                            write_message(&mut control, &message).await?;
-                        }
-                    }
-                    Err(e) => {
-                        error!(peer = %peer, error = %e, "cannot apply a batch");
-                        return Err(e.into());
-                    }
+                    // Queued behind the applies before it, without waiting for them to be
+                    // durable: a batch that arrives during a slow sync joins the next group
+                    // commit instead of waiting a sync for each batch ahead of it.
+                    let count = ops.len() as u64;
+                    let outcome = store.queue_remote(ops).await;
+                    applying.push_back(QueuedApply {
+                        epoch: inbound.epoch(),
+                        outcome,
+                        ops: count,
+                        batches: merged,
+                        last_batch_ops,
+                    });
                 }
                 if let Some(error) = failed {
                     return Err(error);
@@ -2076,6 +2099,16 @@ async fn pull<S: ReplicaStore>(
             }
         }
     }
+}
+
+/// Ops of a peer handed to the store and not yet durable, in the order they were queued.
+struct QueuedApply {
+    /// The subscription they were shipped under.
+    epoch: u64,
+    outcome: Applying,
+    ops: u64,
+    batches: u64,
+    last_batch_ops: u64,
 }
 
 #[cfg(test)]

@@ -147,6 +147,11 @@ impl Inbound {
     }
 
     /// Batches of older subscriptions are dropped: their cursors may be stale.
+    /// The current subscription's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     pub fn is_current(&self, epoch: u64) -> bool {
         epoch == self.epoch && self.origins.is_some()
     }

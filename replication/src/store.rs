@@ -47,6 +47,11 @@ pub enum StoreError {
 /// Storage keys with their encoded states (`None`: absent), as anti-entropy exchanges them.
 pub type EncodedStates = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
+/// The outcome of remote ops queued with [`ReplicaStore::queue_remote`]: the applied vector
+/// once they are durable.
+pub type Applying =
+    std::pin::Pin<Box<dyn Future<Output = Result<VersionVector, StoreError>> + Send>>;
+
 /// One key's state as a node holds it, for quorum reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateRead {
@@ -95,6 +100,20 @@ pub trait ReplicaStore: Send + Sync + 'static {
         &self,
         ops: Vec<Op>,
     ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send;
+
+    /// As [`ReplicaStore::apply_remote`] in two steps, so a subscriber need not wait for one
+    /// batch to be durable before it hands over the next: the returned future completes once
+    /// the ops are queued behind every earlier call, and what it yields completes with their
+    /// outcome. A store whose applies cannot be queued does the whole apply in the first step
+    /// (this default).
+    // The two steps are the point: the first future queues, the one it yields completes.
+    #[allow(clippy::async_yields_async)]
+    fn queue_remote(&self, ops: Vec<Op>) -> impl Future<Output = Applying> + Send {
+        async move {
+            let outcome = self.apply_remote(ops).await;
+            Box::pin(std::future::ready(outcome)) as Applying
+        }
+    }
 
     /// Persists what `peer` has durably applied, learned from its acks. WAL truncation and
     /// garbage collection take the minimum over all peers.

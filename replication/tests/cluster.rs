@@ -557,11 +557,11 @@ async fn large_batches_flow_through_the_window() {
     }
 }
 
-/// Batches that arrive while the subscriber's store is still applying an earlier one are
-/// applied together, in order, as one call (one journal sync in the real store), not one call
-/// each.
+/// While the subscriber's store is slow to make a batch durable, the next batches are handed
+/// to it without waiting (up to a bound), and those that arrive beyond that bound are handed
+/// over together, in order, as one call (one journal sync in the real store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_queued_behind_a_slow_apply_are_applied_together() {
+async fn batches_arriving_during_a_slow_apply_are_queued_and_merged() {
     init_tracing();
     let ca = Ca::new("test CA");
     let configs = configs(&ca, 2);
@@ -587,6 +587,11 @@ async fn batches_queued_behind_a_slow_apply_are_applied_together() {
         stores[0].increment(&format!("queued-{i}"), i).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    wait_until(
+        "later batches handed over before the first is durable",
+        || stores[1].apply_calls() >= calls_before + 2,
+    )
+    .await;
     stores[1].set_applies_open(true);
     wait_until("converged", || converged(&[&stores[0], &stores[1]])).await;
 
@@ -600,7 +605,7 @@ async fn batches_queued_behind_a_slow_apply_are_applied_together() {
     );
     assert!(
         calls < batches,
-        "{calls} applies for {batches} batches: queued batches were applied one by one"
+        "{calls} applies for {batches} batches: waiting batches were applied one by one"
     );
     for node in &nodes {
         node.shutdown().await;

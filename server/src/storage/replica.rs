@@ -6,7 +6,7 @@ use std::future::Future;
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector, codec};
 use meridian_replication::gc::GcStats;
 use meridian_replication::merkle::{self, Hash};
-use meridian_replication::store::{ReplicaStore, StateRead, StoreError};
+use meridian_replication::store::{Applying, ReplicaStore, StateRead, StoreError};
 use tokio::sync::{oneshot, watch};
 
 use super::{Command, Storage, StorageError};
@@ -31,28 +31,36 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
 impl Storage {
     /// Applies ops shipped by a peer, durably, through the same group commit as local writes.
     pub async fn apply_remote_ops(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
+        self.queue_remote_ops(ops).await.await
+    }
+
+    /// Queues ops shipped by a peer behind everything queued before them; the returned future
+    /// completes once they are durable. See [`ReplicaStore::queue_remote`].
+    pub async fn queue_remote_ops(&self, ops: Vec<Op>) -> Applying {
         let now = uhlc::system_time_clock().as_u64();
         self.inner
             .metrics
             .record_receive_lag(ops.iter().map(|op| op.stamp.time), now);
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Remote { ops, reply })
-            .await
-            .map_err(unavailable)?;
-        match answer.await {
-            Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(RemoteError::Gap {
-                origin,
-                expected,
-                got,
-            })) => Err(StoreError::Gap {
-                origin,
-                expected,
-                got,
-            }),
-            Ok(Err(RemoteError::Storage(e))) => Err(unavailable(e)),
-            Err(_) => Err(unavailable(StorageError::ShuttingDown)),
+        if let Err(error) = self.send(Command::Remote { ops, reply }).await {
+            return Box::pin(std::future::ready(Err(unavailable(error))));
         }
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(applied)) => Ok(applied),
+                Ok(Err(RemoteError::Gap {
+                    origin,
+                    expected,
+                    got,
+                })) => Err(StoreError::Gap {
+                    origin,
+                    expected,
+                    got,
+                }),
+                Ok(Err(RemoteError::Storage(e))) => Err(unavailable(e)),
+                Err(_) => Err(unavailable(StorageError::ShuttingDown)),
+            }
+        })
     }
 
     /// Reads WAL entries of `origin` after `after`; see [`ReplicaStore::read_wal`].
@@ -147,6 +155,10 @@ impl ReplicaStore for Storage {
     ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send {
         let this = self.clone();
         async move { this.apply_remote_ops(ops).await }
+    }
+
+    fn queue_remote(&self, ops: Vec<Op>) -> impl Future<Output = Applying> + Send {
+        self.queue_remote_ops(ops)
     }
 
     fn record_peer_applied(&self, peer: NodeId, applied: &VersionVector) -> Result<(), StoreError> {
