@@ -137,6 +137,19 @@ fn start(config: &ReplicationConfig, store: &Arc<MemStore>) -> Replicator {
     Replicator::start(config.clone(), store.clone(), CancellationToken::new()).unwrap()
 }
 
+/// `count` nodes under one test CA, each started with a fresh store.
+fn started(count: u64) -> (Vec<Arc<MemStore>>, Vec<Replicator>) {
+    let ca = Ca::new("test CA");
+    let configs = configs(&ca, count);
+    let stores: Vec<Arc<MemStore>> = (1..=count).map(store).collect();
+    let nodes = configs
+        .iter()
+        .zip(&stores)
+        .map(|(c, s)| start(c, s))
+        .collect();
+    (stores, nodes)
+}
+
 /// Starts again on the address a stopped replicator used. A connection still draining (on a
 /// loaded machine, past the shutdown deadline) keeps the socket a moment longer; a new process
 /// would not have to wait, an in-process restart does.
@@ -182,14 +195,7 @@ fn converged(stores: &[&Arc<MemStore>]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_with_concurrent_writes_converge() {
     init_tracing();
-    let ca = Ca::new("test CA");
-    let configs = configs(&ca, 3);
-    let stores: Vec<Arc<MemStore>> = (1..=3).map(store).collect();
-    let nodes: Vec<Replicator> = configs
-        .iter()
-        .zip(&stores)
-        .map(|(c, s)| start(c, s))
-        .collect();
+    let (stores, nodes) = started(3);
 
     let writers: Vec<_> = stores
         .iter()
@@ -534,14 +540,7 @@ async fn a_truncated_wal_is_reported_to_the_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_batches_flow_through_the_window() {
     init_tracing();
-    let ca = Ca::new("test CA");
-    let configs = configs(&ca, 2);
-    let stores: Vec<Arc<MemStore>> = (1..=2).map(store).collect();
-    let nodes: Vec<Replicator> = configs
-        .iter()
-        .zip(&stores)
-        .map(|(c, s)| start(c, s))
-        .collect();
+    let (stores, nodes) = started(2);
     // Far more data than the 64 KiB test window, in keys of its own each.
     for i in 0..5000 {
         stores[0].increment(&format!("key-{i}"), i).unwrap();
@@ -563,14 +562,7 @@ async fn large_batches_flow_through_the_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_arriving_during_a_slow_apply_are_queued_and_merged() {
     init_tracing();
-    let ca = Ca::new("test CA");
-    let configs = configs(&ca, 2);
-    let stores: Vec<Arc<MemStore>> = (1..=2).map(store).collect();
-    let nodes: Vec<Replicator> = configs
-        .iter()
-        .zip(&stores)
-        .map(|(c, s)| start(c, s))
-        .collect();
+    let (stores, nodes) = started(2);
     stores[0].increment("first", 1).unwrap();
     wait_until("converged", || converged(&[&stores[0], &stores[1]])).await;
     let calls_before = stores[1].apply_calls();
