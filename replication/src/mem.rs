@@ -54,9 +54,10 @@ pub struct MemStore {
     hlc: uhlc::HLC,
     inner: Mutex<Inner>,
     applied_tx: watch::Sender<VersionVector>,
-    /// Calls of `apply_remote`, counted as they start.
+    /// Calls of `apply_remote` and `queue_remote`, counted as they start.
     apply_calls: AtomicU64,
-    /// While false, `apply_remote` waits before applying: a slow disk, for tests.
+    /// While false, `apply_remote` waits before applying and `queue_remote` reports its
+    /// outcome only later: a slow disk, for tests.
     applies_open: watch::Sender<bool>,
 }
 
@@ -100,7 +101,7 @@ impl MemStore {
         self.apply_calls.load(Ordering::SeqCst)
     }
 
-    /// Makes applies of peers' ops wait (`false`) until called again with `true`.
+    /// Holds applies of peers' ops back (`false`) until called again with `true`.
     pub fn set_applies_open(&self, open: bool) {
         self.applies_open.send_replace(open);
     }
