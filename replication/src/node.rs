@@ -2043,37 +2043,8 @@ async fn pull<S: ReplicaStore>(
             batch = batches.recv(), if applying.len() < MAX_QUEUED_APPLIES => {
                 let batch = batch.ok_or(SessionError::Ended)??;
                 shared.heard(peer, true);
-                // Batches that queued up here while the store had no room for more go in
-                // together: one apply, one journal sync, for all of them.
-                let mut ops = Vec::new();
-                let (mut merged, mut last_batch_ops) = (0u64, 0u64);
-                let mut failed = None;
-                let mut next = Some(batch);
-                while let Some(batch) = next.take() {
-                    if inbound.is_current(batch.epoch) {
-                        // A peer serves only the origins we asked it for; in particular it
-                        // can never hand us ops of our own origin, whose dots only we mint.
-                        let asked = inbound.origins().cloned().unwrap_or_default();
-                        if let Some(op) = batch.ops.iter().find(|op| !asked.contains(&op.dot.node)) {
-                            return Err(SessionError::Protocol(format!(
-                                "op {}:{} of an origin we did not subscribe to",
-                                op.dot.node, op.dot.seq
-                            )));
-                        }
-                        merged += 1;
-                        last_batch_ops = batch.ops.len() as u64;
-                        ops.extend(batch.ops);
-                    }
-                    if ops.len() >= MAX_MERGED_OPS {
-                        break;
-                    }
-                    match batches.try_recv() {
-                        Ok(Ok(batch)) => next = Some(batch),
-                        // What came before the failure is applied first.
-                        Ok(Err(error)) => failed = Some(error),
-                        Err(_) => {}
-                    }
-                }
+                let Merged { ops, batches: merged, last_batch_ops, failed } =
+                    merge_waiting(batch, &mut batches, &inbound)?;
                 if !ops.is_empty() {
                     if let Some(latest) = ops.iter().map(|op| op.stamp).max() {
                         // The HLC keeps the maximum: observing the batch's latest stamp is
@@ -2099,6 +2070,60 @@ async fn pull<S: ReplicaStore>(
             }
         }
     }
+}
+
+/// A peer's batches taken for one apply: the first, then those already waiting behind it.
+struct Merged {
+    /// Ops of the batches of the current subscription, in order.
+    ops: Vec<Op>,
+    batches: u64,
+    last_batch_ops: u64,
+    /// The batch stream failed after these: apply them, then end the session.
+    failed: Option<SessionError>,
+}
+
+/// Takes `first` and the batches waiting behind it (up to [`MAX_MERGED_OPS`]), so that the
+/// batches that queued up while the store had no room for more go in together: one apply,
+/// one journal sync, for all of them. Batches of an old subscription are dropped.
+fn merge_waiting(
+    first: ReceivedBatch,
+    batches: &mut mpsc::Receiver<Result<ReceivedBatch, SessionError>>,
+    inbound: &Inbound,
+) -> Result<Merged, SessionError> {
+    // A peer serves only the origins we asked it for; in particular it can never hand us ops
+    // of our own origin, whose dots only we mint.
+    let asked = inbound.origins();
+    let mut merged = Merged {
+        ops: Vec::new(),
+        batches: 0,
+        last_batch_ops: 0,
+        failed: None,
+    };
+    let mut next = Some(first);
+    while let Some(batch) = next.take() {
+        if inbound.is_current(batch.epoch) {
+            let unasked = |op: &&Op| !asked.is_some_and(|asked| asked.contains(&op.dot.node));
+            if let Some(op) = batch.ops.iter().find(unasked) {
+                return Err(SessionError::Protocol(format!(
+                    "op {}:{} of an origin we did not subscribe to",
+                    op.dot.node, op.dot.seq
+                )));
+            }
+            merged.batches += 1;
+            merged.last_batch_ops = batch.ops.len() as u64;
+            merged.ops.extend(batch.ops);
+        }
+        if merged.ops.len() >= MAX_MERGED_OPS {
+            break;
+        }
+        match batches.try_recv() {
+            Ok(Ok(batch)) => next = Some(batch),
+            // What came before the failure is applied first.
+            Ok(Err(error)) => merged.failed = Some(error),
+            Err(_) => {}
+        }
+    }
+    Ok(merged)
 }
 
 /// Ops of a peer handed to the store and not yet durable, in the order they were queued.
