@@ -92,6 +92,14 @@ impl Stamp {
     /// as uhlc's `to_string_rfc3339_lossy`, without its trip through `SystemTime` and a
     /// formatter (every write answer carries two of these; they were a tenth of its JSON).
     pub fn to_rfc3339(self) -> String {
+        let text = self.rfc3339_bytes();
+        // Only ASCII digits and separators were written, so this never takes the fallback.
+        String::from_utf8(text.to_vec()).unwrap_or_default()
+    }
+
+    /// [`Self::to_rfc3339`]'s text as ASCII bytes, for writers that copy it straight into a
+    /// buffer.
+    pub fn rfc3339_bytes(self) -> [u8; 30] {
         let since_epoch = uhlc::NTP64(self.time).to_duration();
         let secs = since_epoch.as_secs();
         // NTP64 seconds are 32 bits: years 1970 to 2106, always four digits.
@@ -105,8 +113,7 @@ impl Stamp {
         put_digits(&mut text[14..16], of_day / 60 % 60);
         put_digits(&mut text[17..19], of_day % 60);
         put_digits(&mut text[20..29], since_epoch.subsec_nanos().into());
-        // Only ASCII digits and separators were written, so this never takes the fallback.
-        String::from_utf8(text.to_vec()).unwrap_or_default()
+        text
     }
 }
 

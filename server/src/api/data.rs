@@ -8,13 +8,14 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use meridian_crdt::{CanonicalJson, Kind, State as CrdtState};
-use serde::{Deserialize, Serialize};
+use meridian_crdt::{CanonicalJson, Kind, Stamp, State as CrdtState};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
+use super::answer::{self, JsonAnswer, WriteJson};
 use super::consistency::Session;
 use super::extract::{ConsistencyLevel, JsonBody, RequestedLevel, validate_key};
 use super::problem::{ApiResult, Problem};
@@ -25,7 +26,10 @@ use crate::storage::{Committed, Intent};
 pub struct WriteMeta {
     pub origin: u64,
     pub seq: u64,
-    pub timestamp: String,
+    /// HLC time of the write (RFC 3339).
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String)]
+    pub timestamp: Stamp,
 }
 
 impl From<&Committed> for WriteMeta {
@@ -33,8 +37,24 @@ impl From<&Committed> for WriteMeta {
         Self {
             origin: c.dot.node.get(),
             seq: c.dot.seq,
-            timestamp: c.stamp.to_rfc3339(),
+            timestamp: c.stamp,
         }
+    }
+}
+
+fn rfc3339<S: Serializer>(stamp: &Stamp, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&stamp.to_rfc3339())
+}
+
+// `serialize_with` hands over a reference to the field, whatever its type.
+#[allow(clippy::ref_option)]
+fn json_or_null<S: Serializer>(
+    value: &Option<CanonicalJson>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(json) => json.to_raw().serialize(serializer),
+        None => RawValue::NULL.serialize(serializer),
     }
 }
 
@@ -42,10 +62,13 @@ impl From<&Committed> for WriteMeta {
 pub struct RegisterView {
     pub key: String,
     /// The value; `null` only in the answer to a delete.
+    #[serde(serialize_with = "json_or_null")]
     #[schema(value_type = Value)]
-    pub value: Box<RawValue>,
+    pub value: Option<CanonicalJson>,
     /// HLC time of the winning write (RFC 3339).
-    pub timestamp: String,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String)]
+    pub timestamp: Stamp,
     /// Node id of the winning write's origin.
     pub origin: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,6 +115,83 @@ pub struct KeyList {
     /// Pass as `cursor` to get the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
+}
+
+// The answers' JSON, field for field in the order of the derives above (see `answer`).
+
+impl WriteJson for WriteMeta {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"origin\":");
+        answer::integer(out, self.origin);
+        out.extend_from_slice(b",\"seq\":");
+        answer::integer(out, self.seq);
+        out.extend_from_slice(b",\"timestamp\":");
+        answer::stamp(out, self.timestamp);
+        out.push(b'}');
+    }
+}
+
+/// `,"meta":{...}` when there is one; then the closing brace.
+fn close_with_meta(out: &mut Vec<u8>, meta: Option<&WriteMeta>) {
+    if let Some(meta) = meta {
+        out.extend_from_slice(b",\"meta\":");
+        meta.write_json(out);
+    }
+    out.push(b'}');
+}
+
+impl WriteJson for RegisterView {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"key\":");
+        answer::string(out, &self.key);
+        out.extend_from_slice(b",\"value\":");
+        match &self.value {
+            Some(json) => out.extend_from_slice(json.as_str().as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"timestamp\":");
+        answer::stamp(out, self.timestamp);
+        out.extend_from_slice(b",\"origin\":");
+        answer::integer(out, self.origin);
+        close_with_meta(out, self.meta.as_ref());
+    }
+}
+
+impl WriteJson for CounterView {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"key\":");
+        answer::string(out, &self.key);
+        out.extend_from_slice(b",\"value\":");
+        answer::integer(out, self.value);
+        close_with_meta(out, self.meta.as_ref());
+    }
+}
+
+impl WriteJson for GCounterView {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"key\":");
+        answer::string(out, &self.key);
+        out.extend_from_slice(b",\"value\":");
+        answer::integer(out, self.value);
+        close_with_meta(out, self.meta.as_ref());
+    }
+}
+
+impl WriteJson for SetView {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"key\":");
+        answer::string(out, &self.key);
+        out.extend_from_slice(b",\"elements\":[");
+        for (index, element) in self.elements.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(element.get().as_bytes());
+        }
+        out.extend_from_slice(b"],\"size\":");
+        answer::integer(out, self.size);
+        close_with_meta(out, self.meta.as_ref());
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -159,11 +259,8 @@ fn register_view(
         .entry()
         .ok_or_else(|| Problem::not_found(format!("register {key:?} does not exist")))?;
     Ok(RegisterView {
-        value: entry
-            .value
-            .as_ref()
-            .map_or_else(|| RawValue::NULL.to_owned(), CanonicalJson::to_raw),
-        timestamp: entry.stamp.to_rfc3339(),
+        value: entry.value.clone(),
+        timestamp: entry.stamp,
         origin: entry.stamp.node.get(),
         key,
         meta,
@@ -287,9 +384,9 @@ async fn write_view<V>(
     (kind, key): (Kind, String),
     intent: Intent,
     view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
-) -> ApiResult<Json<V>> {
+) -> ApiResult<JsonAnswer<V>> {
     let committed = write(app, level, session, kind, key.clone(), intent).await?;
-    Ok(Json(view(
+    Ok(JsonAnswer(view(
         key,
         &committed.state,
         Some((&committed).into()),
@@ -303,9 +400,9 @@ async fn read_view<V>(
     session: &Session,
     (kind, key): (Kind, String),
     view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
-) -> ApiResult<Json<V>> {
+) -> ApiResult<JsonAnswer<V>> {
     let state = read(app, level, session, kind, &key).await?;
-    Ok(Json(view(key, &state, None)?))
+    Ok(JsonAnswer(view(key, &state, None)?))
 }
 
 // ---- registers ----
@@ -319,13 +416,13 @@ pub async fn get_register(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<RegisterView>> {
+) -> ApiResult<JsonAnswer<RegisterView>> {
     let key = path_key(&app, key)?;
     let state = read(&app, &level, &session, Kind::Register, &key).await?;
     if matches!(&state, CrdtState::Register(r) if r.entry().is_some() && r.value().is_none()) {
         return Err(Problem::not_found(format!("register {key:?} was deleted")));
     }
-    Ok(Json(register_view(key, &state, None)?))
+    Ok(JsonAnswer(register_view(key, &state, None)?))
 }
 
 /// Write a register (last writer wins by HLC time).
@@ -339,7 +436,7 @@ pub async fn put_register(
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(value): JsonBody<Value>,
-) -> ApiResult<Json<RegisterView>> {
+) -> ApiResult<JsonAnswer<RegisterView>> {
     let key = path_key(&app, key)?;
     let value = canonical(&app, &value, "value")?;
     write_view(
@@ -362,7 +459,7 @@ pub async fn delete_register(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<RegisterView>> {
+) -> ApiResult<JsonAnswer<RegisterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
@@ -386,7 +483,7 @@ pub async fn get_counter(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<CounterView>> {
+) -> ApiResult<JsonAnswer<CounterView>> {
     let key = path_key(&app, key)?;
     read_view(&app, &level, &session, (Kind::Counter, key), counter_view).await
 }
@@ -402,7 +499,7 @@ pub async fn incr_counter(
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
-) -> ApiResult<Json<CounterView>> {
+) -> ApiResult<JsonAnswer<CounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
@@ -424,7 +521,7 @@ pub async fn reset_counter(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<CounterView>> {
+) -> ApiResult<JsonAnswer<CounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
@@ -448,7 +545,7 @@ pub async fn get_gcounter(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<GCounterView>> {
+) -> ApiResult<JsonAnswer<GCounterView>> {
     let key = path_key(&app, key)?;
     read_view(&app, &level, &session, (Kind::GCounter, key), gcounter_view).await
 }
@@ -464,7 +561,7 @@ pub async fn incr_gcounter(
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
-) -> ApiResult<Json<GCounterView>> {
+) -> ApiResult<JsonAnswer<GCounterView>> {
     let key = path_key(&app, key)?;
     let by = u64::try_from(body.increment).map_err(|_| {
         Problem::bad_request(
@@ -492,7 +589,7 @@ pub async fn reset_gcounter(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<GCounterView>> {
+) -> ApiResult<JsonAnswer<GCounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
@@ -516,7 +613,7 @@ pub async fn get_set(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<SetView>> {
+) -> ApiResult<JsonAnswer<SetView>> {
     let key = path_key(&app, key)?;
     read_view(&app, &level, &session, (Kind::Set, key), set_view).await
 }
@@ -532,7 +629,7 @@ pub async fn update_set(
     session: Session,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<SetUpdateBody>,
-) -> ApiResult<Json<SetView>> {
+) -> ApiResult<JsonAnswer<SetView>> {
     let key = path_key(&app, key)?;
     if body.add.is_empty() && body.remove.is_empty() {
         return Err(Problem::bad_request(
@@ -576,7 +673,7 @@ pub async fn clear_set(
     level: RequestedLevel,
     session: Session,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<SetView>> {
+) -> ApiResult<JsonAnswer<SetView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
@@ -664,4 +761,95 @@ pub async fn list_keys(
         keys: entries.into_iter().map(|(k, _)| k).collect(),
         next_cursor: next.map(|k| URL_SAFE_NO_PAD.encode(k)),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use meridian_crdt::{NodeId, arbitrary};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn stamp() -> impl Strategy<Value = Stamp> {
+        (
+            any::<u64>(),
+            any::<u64>().prop_filter_map("node ids are non-zero", NodeId::new),
+        )
+            .prop_map(|(time, node)| Stamp { time, node })
+    }
+
+    fn meta() -> impl Strategy<Value = Option<WriteMeta>> {
+        proptest::option::of((any::<u64>(), any::<u64>(), stamp()).prop_map(
+            |(origin, seq, timestamp)| WriteMeta {
+                origin,
+                seq,
+                timestamp,
+            },
+        ))
+    }
+
+    /// Keys as clients name them, and any text at all (quotes, backslashes, control
+    /// characters), which the hand-written writer must escape exactly as serde_json does.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![arbitrary::key(), any::<String>()]
+    }
+
+    fn written<V: WriteJson>(view: &V) -> String {
+        let mut out = Vec::new();
+        view.write_json(&mut out);
+        String::from_utf8(out).unwrap_or_else(|e| panic!("not UTF-8: {e}"))
+    }
+
+    fn serialized<V: Serialize>(view: &V) -> String {
+        serde_json::to_string(view).unwrap_or_else(|e| panic!("serde_json: {e}"))
+    }
+
+    proptest! {
+        #[test]
+        fn register_answers_are_what_serde_json_writes(
+            key in key(),
+            value in proptest::option::of(arbitrary::json()),
+            timestamp in stamp(),
+            origin in any::<u64>(),
+            meta in meta(),
+        ) {
+            let view = RegisterView { key, value, timestamp, origin, meta };
+            prop_assert_eq!(written(&view), serialized(&view));
+        }
+
+        #[test]
+        fn counter_answers_are_what_serde_json_writes(
+            key in key(),
+            value in any::<i64>(),
+            meta in meta(),
+        ) {
+            let view = CounterView { key, value, meta };
+            prop_assert_eq!(written(&view), serialized(&view));
+        }
+
+        #[test]
+        fn g_counter_answers_are_what_serde_json_writes(
+            key in key(),
+            value in any::<u64>(),
+            meta in meta(),
+        ) {
+            let view = GCounterView { key, value, meta };
+            prop_assert_eq!(written(&view), serialized(&view));
+        }
+
+        #[test]
+        fn set_answers_are_what_serde_json_writes(
+            key in key(),
+            elements in proptest::collection::vec(arbitrary::json(), 0..6),
+            meta in meta(),
+        ) {
+            let view = SetView {
+                key,
+                size: elements.len(),
+                elements: elements.iter().map(CanonicalJson::to_raw).collect(),
+                meta,
+            };
+            prop_assert_eq!(written(&view), serialized(&view));
+        }
+    }
 }

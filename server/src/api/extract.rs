@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, StatusCode, header, request};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header, request};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
@@ -120,9 +120,9 @@ impl ConsistencyLevel {
 
     /// From `Consistency-Level`, or `X-Consistency-Level`; absent means LOCAL_ONE.
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, Problem> {
-        let value = headers
-            .get("consistency-level")
-            .or_else(|| headers.get("x-consistency-level"));
+        static LEVEL: HeaderName = HeaderName::from_static("consistency-level");
+        static LEVEL_ALIAS: HeaderName = HeaderName::from_static("x-consistency-level");
+        let value = headers.get(&LEVEL).or_else(|| headers.get(&LEVEL_ALIAS));
         let Some(value) = value else {
             return Ok(Self::default());
         };

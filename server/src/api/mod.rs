@@ -2,6 +2,7 @@
 //! enforces limits and records metrics.
 
 pub mod admin;
+pub mod answer;
 pub mod consistency;
 pub mod data;
 pub mod extract;
@@ -14,7 +15,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,10 +34,13 @@ use crate::metrics::Metrics;
 use crate::session::{SessionKeys, TokenError};
 use crate::storage::Storage;
 
+// Header names as `HeaderName`s: looking one up or inserting it by `&str` parses and
+// lower-cases the name again on every request.
+
 /// Request and response header carrying the session token.
-pub const SESSION_HEADER: &str = "session-token";
+pub static SESSION_HEADER: HeaderName = HeaderName::from_static("session-token");
 /// Response header of reads: how stale this node's view of each peer region may be.
-pub const LAG_HEADER: &str = "replication-lag";
+pub static LAG_HEADER: HeaderName = HeaderName::from_static("replication-lag");
 
 /// Shared by every handler: one reference count per request rather than one per field.
 #[derive(Clone, Debug)]
@@ -188,7 +192,7 @@ async fn method_not_allowed(request: Request) -> Problem {
 
 /// The session token a request carries: an empty vector when it carries none.
 fn request_token(app: &AppState, request: &Request) -> Result<VersionVector, TokenError> {
-    match request.headers().get(SESSION_HEADER) {
+    match request.headers().get(&SESSION_HEADER) {
         None => Ok(VersionVector::new()),
         Some(value) => {
             if value.len() > crate::session::MAX_TOKEN_LEN {
@@ -237,12 +241,12 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
     let headers = response.headers_mut();
     if let Some(session) = session {
         if let Ok(value) = HeaderValue::from_str(&app.sessions.encode(&session.response_vector())) {
-            headers.insert(SESSION_HEADER, value);
+            headers.insert(SESSION_HEADER.clone(), value);
         }
     }
     if is_read {
         if let Ok(value) = HeaderValue::from_str(&app.cluster.replication_lag_header()) {
-            headers.insert(LAG_HEADER, value);
+            headers.insert(LAG_HEADER.clone(), value);
         }
     }
     app.metrics
