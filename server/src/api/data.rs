@@ -131,6 +131,12 @@ impl WriteJson for WriteMeta {
     }
 }
 
+/// `{"key":"…"`: how every answer opens.
+fn open_with_key(out: &mut Vec<u8>, key: &str) {
+    out.extend_from_slice(b"{\"key\":");
+    answer::string(out, key);
+}
+
 /// `,"meta":{...}` when there is one; then the closing brace.
 fn close_with_meta(out: &mut Vec<u8>, meta: Option<&WriteMeta>) {
     if let Some(meta) = meta {
@@ -142,8 +148,7 @@ fn close_with_meta(out: &mut Vec<u8>, meta: Option<&WriteMeta>) {
 
 impl WriteJson for RegisterView {
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"key\":");
-        answer::string(out, &self.key);
+        open_with_key(out, &self.key);
         out.extend_from_slice(b",\"value\":");
         match &self.value {
             Some(json) => out.extend_from_slice(json.as_str().as_bytes()),
@@ -157,30 +162,34 @@ impl WriteJson for RegisterView {
     }
 }
 
+/// Both counters' answers: the key, the value, the meta.
+fn counter_json(
+    out: &mut Vec<u8>,
+    key: &str,
+    value: impl std::fmt::Display,
+    meta: Option<&WriteMeta>,
+) {
+    open_with_key(out, key);
+    out.extend_from_slice(b",\"value\":");
+    answer::integer(out, value);
+    close_with_meta(out, meta);
+}
+
 impl WriteJson for CounterView {
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"key\":");
-        answer::string(out, &self.key);
-        out.extend_from_slice(b",\"value\":");
-        answer::integer(out, self.value);
-        close_with_meta(out, self.meta.as_ref());
+        counter_json(out, &self.key, self.value, self.meta.as_ref());
     }
 }
 
 impl WriteJson for GCounterView {
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"key\":");
-        answer::string(out, &self.key);
-        out.extend_from_slice(b",\"value\":");
-        answer::integer(out, self.value);
-        close_with_meta(out, self.meta.as_ref());
+        counter_json(out, &self.key, self.value, self.meta.as_ref());
     }
 }
 
 impl WriteJson for SetView {
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"key\":");
-        answer::string(out, &self.key);
+        open_with_key(out, &self.key);
         out.extend_from_slice(b",\"elements\":[");
         for (index, element) in self.elements.iter().enumerate() {
             if index > 0 {
