@@ -6,10 +6,10 @@
 // Helpers outside `#[test]` functions set up fixtures; a failure there is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_crdt::{Kind, NodeId, State};
 use meridian_replication::{
@@ -81,12 +81,31 @@ fn name(n: u64) -> String {
     format!("node-{n}")
 }
 
-/// A free loopback UDP port: bound then released, so configs can name every address up front.
+/// A free loopback UDP port, checked by binding it and released, so configs can name every
+/// address up front. Drawn from below Linux's ephemeral range (32768–60999): a port that
+/// `bind(0)` handed out and that was released goes back to the kernel's pool, and another
+/// test's socket binding port 0 could take it before the node binds it.
 fn free_addr() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    const PORTS: std::ops::Range<u32> = 10_000..32_000;
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    // Tests run as parallel processes: start each one somewhere else in the range.
+    let seed = std::process::id()
+        ^ SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for attempt in 0..PORTS.len() as u32 {
+        let offset = seed.wrapping_add(attempt.wrapping_mul(7_919)) % PORTS.len() as u32;
+        let port = (PORTS.start + offset) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if let Ok(socket) = UdpSocket::bind(("127.0.0.1", port)) {
+            handed_out.insert(port);
+            return socket.local_addr().unwrap();
+        }
+    }
+    panic!("no free UDP port below the ephemeral range");
 }
 
 /// Configurations of nodes `1..=count`, each listing all the others, with test-speed knobs.
@@ -308,7 +327,7 @@ async fn a_restarted_node_resumes_without_gap_or_duplicate() {
 
 /// Host names and where they point now: a DNS whose answers the test changes.
 #[derive(Debug, Default)]
-struct Names(std::sync::Mutex<BTreeMap<String, SocketAddr>>);
+struct Names(Mutex<BTreeMap<String, SocketAddr>>);
 
 impl Names {
     fn point(&self, host: &str, address: SocketAddr) {

@@ -13,12 +13,20 @@ pub(crate) struct Node {
     child: Option<Child>,
 }
 
+/// A free loopback TCP port, checked by binding it and released. Drawn from below Linux's
+/// ephemeral range (32768–60999): a port that `bind(0)` handed out and that was released goes
+/// back to the kernel's pool, where another test's client socket could take it before the
+/// node binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..1_000 {
+        let port = rng.random_range(10_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port below the ephemeral range");
 }
 
 impl Node {
