@@ -6,11 +6,15 @@
 //! timeout, so a client that opens a socket and never finishes (or never starts) a handshake
 //! is dropped too, and a plaintext request to the TLS port fails the handshake and is closed.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -50,9 +54,12 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let body_timeout = timeouts.request();
         let service = app
             .clone()
-            .map_request(|request: hyper::Request<Incoming>| request.map(axum::body::Body::new));
+            .map_request(move |request: hyper::Request<Incoming>| {
+                request.map(|body| axum::body::Body::new(StallTimeout::new(body, body_timeout)))
+            });
         let service = TowerToHyperService::new(service);
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -94,5 +101,67 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all HTTP connections drained"),
         () = tokio::time::sleep(timeouts.shutdown()) => tracing::warn!("shutdown timeout: closing remaining HTTP connections"),
+    }
+}
+
+/// What reading a request body fails with once it has stalled for the body timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled")]
+pub struct BodyStalled;
+
+/// A request body that fails with [`BodyStalled`] when the handler has waited `timeout` for
+/// its next frame. The timer is armed only when a read has to wait, and dropped once a frame
+/// arrives. (tower-http's `RequestBodyTimeout` arms one around every frame, even a frame that
+/// came with the headers: a timer-wheel insertion and removal per frame, on every write.)
+#[derive(Debug)]
+pub struct StallTimeout<B> {
+    body: B,
+    timeout: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> StallTimeout<B> {
+    pub fn new(body: B, timeout: Duration) -> Self {
+        Self {
+            body,
+            timeout,
+            waiting: None,
+        }
+    }
+}
+
+impl<B> Body for StallTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.waiting = None;
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let timeout = this.timeout;
+        let waiting = this
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

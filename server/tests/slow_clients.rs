@@ -105,6 +105,40 @@ async fn an_endless_chunked_body_is_cut_off() {
     );
 }
 
+/// A body that stops arriving part way (a client that declared 100 bytes and sent 10) is cut
+/// off, by the body's stall timeout or the request timeout, whichever fires first; nothing of
+/// it is applied, and the node goes on serving.
+#[tokio::test]
+async fn a_body_that_stalls_is_cut_off() {
+    let node = Node::start(CONFIG).await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    stream
+        .write_all(b"PUT /v1/registers/stalled HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n\"0123456")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the connection must be closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 408") || text.starts_with("HTTP/1.1 503"),
+        "{text}"
+    );
+    assert!(
+        text.contains("application/problem+json"),
+        "a problem+json explains the cut: {text}"
+    );
+    healthy(&node).await;
+    let r = reqwest::get(node.url("/v1/registers/stalled"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "the cut-off write must not be applied"
+    );
+}
+
 #[tokio::test]
 async fn an_oversized_streamed_body_is_refused_without_reading_it_all() {
     let node = Node::start("[limits]\nmax_body_bytes = 1000\n").await;

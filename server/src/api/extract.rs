@@ -62,9 +62,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         let inner = error.into_inner();
-        if inner.is::<http_body_util::LengthLimitError>() {
+        if caused_by::<http_body_util::LengthLimitError>(&*inner) {
             Problem::too_large(format!("the request body exceeds {limit} bytes"))
-        } else if inner.is::<tower_http::timeout::TimeoutError>() {
+        } else if caused_by::<crate::http::BodyStalled>(&*inner) {
             Problem::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request-timeout",
@@ -77,6 +77,12 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
             )
         }
     })
+}
+
+/// Whether `error`, or any error it wraps, is an `E`: a body's own error reaches the handler
+/// wrapped by each layer it passed (axum's `Body`, the length limit).
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(<dyn std::error::Error>::is::<E>)
 }
 
 /// Accepts JSON media types, or none at all (as `curl -d` users often send); refuses others.

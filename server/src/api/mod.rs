@@ -164,9 +164,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            state.timeouts.request(),
-        ))
         .with_state(state)
 }
 
