@@ -5,6 +5,9 @@
 //! With TLS, the handshake runs in the connection's own task under the same header-read
 //! timeout, so a client that opens a socket and never finishes (or never starts) a handshake
 //! is dropped too, and a plaintext request to the TLS port fails the handshake and is closed.
+//!
+//! A request body that stalls part way fails after the same time as a whole request may take
+//! ([`StallTimeout`]), so a handler reading it answers `408` rather than waiting forever.
 
 use std::future::Future as _;
 use std::pin::Pin;
