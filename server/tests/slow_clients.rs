@@ -26,6 +26,17 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Ve
     }
 }
 
+/// After a write was cut off: the node still serves, and the write was not applied.
+async fn still_serving_without(node: &Node, path: &str) {
+    healthy(node).await;
+    let r = reqwest::get(node.url(path)).await.unwrap();
+    assert_eq!(
+        r.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "the cut-off write must not be applied"
+    );
+}
+
 async fn healthy(node: &Node) {
     let r = reqwest::get(node.url("/healthz")).await.unwrap();
     assert!(r.status().is_success());
@@ -96,16 +107,10 @@ async fn an_endless_chunked_body_is_cut_off() {
         text.starts_with("HTTP/1.1 503") || text.starts_with("HTTP/1.1 408") || text.is_empty(),
         "{text}"
     );
-    healthy(&node).await;
-    let r = reqwest::get(node.url("/v1/registers/slow")).await.unwrap();
-    assert_eq!(
-        r.status(),
-        reqwest::StatusCode::NOT_FOUND,
-        "the cut-off write must not be applied"
-    );
+    still_serving_without(&node, "/v1/registers/slow").await;
 }
 
-/// A body that stops arriving part way (a client that declared 100 bytes and sent 10) is cut
+/// A body that stops arriving part way (a client that declared 100 bytes and sent 8) is cut
 /// off, by the body's stall timeout or the request timeout, whichever fires first; nothing of
 /// it is applied, and the node goes on serving.
 #[tokio::test]
@@ -128,15 +133,7 @@ async fn a_body_that_stalls_is_cut_off() {
         text.contains("application/problem+json"),
         "a problem+json explains the cut: {text}"
     );
-    healthy(&node).await;
-    let r = reqwest::get(node.url("/v1/registers/stalled"))
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        reqwest::StatusCode::NOT_FOUND,
-        "the cut-off write must not be applied"
-    );
+    still_serving_without(&node, "/v1/registers/stalled").await;
 }
 
 #[tokio::test]
