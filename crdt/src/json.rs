@@ -98,18 +98,21 @@ impl<'de> Deserialize<'de> for CanonicalJson {
     }
 }
 
-/// Whether `text` is a JSON string with nothing to escape: then it is its own canonical form
-/// (serde_json escapes only `"`, `\` and control characters), and checking it needs no
-/// parse. Most register values and set elements are such strings, and every state read from
-/// disk and every op from a peer is checked.
+/// Whether serde_json would print `text` as a JSON string unchanged between its quotes: it
+/// escapes only `"`, `\` and the control characters below U+0020.
+pub fn needs_no_escaping(text: &[u8]) -> bool {
+    text.iter().all(|&b| b != b'"' && b != b'\\' && b >= 0x20)
+}
+
+/// Whether `text` is a JSON string with nothing to escape: then it is its own canonical form,
+/// and checking it needs no parse. Most register values and set elements are such strings,
+/// and every state read from disk and every op from a peer is checked.
 fn is_plain_canonical_string(text: &str) -> bool {
     let bytes = text.as_bytes();
     bytes.len() >= 2
         && bytes[0] == b'"'
         && bytes[bytes.len() - 1] == b'"'
-        && bytes[1..bytes.len() - 1]
-            .iter()
-            .all(|&b| b != b'"' && b != b'\\' && b >= 0x20)
+        && needs_no_escaping(&bytes[1..bytes.len() - 1])
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub mod arbitrary;
 pub use clock::{Dot, NodeId, Stamp, VersionVector};
 pub use context::DotContext;
 pub use counter::{GCounter, PnCounter, Totals};
-pub use json::CanonicalJson;
+pub use json::{CanonicalJson, needs_no_escaping};
 pub use lww::{LwwEntry, LwwRegister};
 pub use orset::OrSet;
 pub use traits::Crdt;

@@ -12,7 +12,7 @@ use std::io::Write as _;
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use meridian_crdt::Stamp;
+use meridian_crdt::{Stamp, needs_no_escaping};
 
 /// A view that writes its own JSON.
 pub trait WriteJson {
@@ -42,10 +42,9 @@ impl<V: WriteJson> IntoResponse for JsonAnswer<V> {
     }
 }
 
-/// `text` as a JSON string. serde_json escapes `"`, `\` and the control characters below
-/// U+0020 and nothing else, so text without those is copied as it is.
+/// `text` as a JSON string: copied as it is when serde_json would not escape any of it.
 pub fn string(out: &mut Vec<u8>, text: &str) {
-    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if needs_no_escaping(text.as_bytes()) {
         out.reserve(text.len() + 2);
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
