@@ -221,6 +221,10 @@ impl Timeouts {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
+    /// Where the journal (the log every write is made durable in) lives, if not in the data
+    /// directory: a device of its own keeps its syncs from queueing behind the checkpoints'
+    /// bulk writes. Relative paths are relative to the config file.
+    pub journal_dir: Option<PathBuf>,
     /// Most operations folded into one durable commit.
     pub max_batch: usize,
     /// redb page cache, in MiB.
@@ -232,6 +236,7 @@ pub struct StorageSection {
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
+            journal_dir: None,
             max_batch: 4096,
             cache_mib: 256,
             max_clock_skew_ms: 10_000,
@@ -358,6 +363,11 @@ impl Config {
 
     pub fn data_dir(&self) -> PathBuf {
         self.resolve(&self.node.data_dir)
+    }
+
+    /// `storage.journal_dir` resolved; `None` when the journal stays in the data directory.
+    pub fn journal_dir(&self) -> Option<PathBuf> {
+        self.storage.journal_dir.as_deref().map(|p| self.resolve(p))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

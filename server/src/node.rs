@@ -79,6 +79,7 @@ pub async fn run(
         &config.data_dir(),
         StorageOptions {
             node,
+            journal_dir: config.journal_dir(),
             max_batch: config.storage.max_batch,
             cache_bytes: config.storage.cache_mib * 1024 * 1024,
             max_clock_skew: Duration::from_millis(config.storage.max_clock_skew_ms),

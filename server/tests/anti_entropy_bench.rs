@@ -23,6 +23,7 @@ fn open(dir: &std::path::Path, node: u64) -> Storage {
         dir,
         StorageOptions {
             node: NodeId::new(node).unwrap(),
+            journal_dir: None,
             max_batch: 4096,
             cache_bytes: 256 << 20,
             max_clock_skew: Duration::from_secs(10),

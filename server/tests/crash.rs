@@ -181,3 +181,45 @@ async fn acknowledged_writes_survive_kill_9() {
     };
     assert!(total_acked > 0, "the load must have written something");
 }
+
+/// The journal on a directory of its own (`storage.journal_dir`): writes acknowledged just
+/// before a `kill -9`, still only in the journal, are all there after the restart. A node
+/// whose journal went missing (the setting changed, the files not moved) refuses to start
+/// rather than lose them, and starts again once the files are where it looks.
+#[tokio::test]
+async fn a_journal_elsewhere_keeps_acknowledged_writes_and_is_never_silently_lost() {
+    let mut node = Node::start("[storage]\njournal_dir = \"log-device\"\n").await;
+    let journal = node.dir.path().join("log-device");
+    let c = Client::new();
+    let url = node.url("/v1/counters/hits");
+    for _ in 0..300 {
+        let r = c
+            .post(&url)
+            .json(&json!({"increment": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    node.kill();
+    let names: BTreeSet<String> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.contains("journal.id"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("journal-0")),
+        "{names:?}"
+    );
+    assert!(!node.data_dir().join("journal").exists());
+
+    let moved = node.dir.path().join("log-device-moved");
+    std::fs::rename(&journal, &moved).unwrap();
+    let log = node.spawn_refused().await;
+    assert!(log.contains("holds no journal of this database"), "{log}");
+
+    std::fs::rename(&moved, &journal).unwrap();
+    node.spawn().await;
+    let counter: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(counter["value"], 300, "{counter}");
+}

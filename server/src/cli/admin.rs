@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Subcommand;
 use meridian_server::config::Config;
-use meridian_server::storage::backup::{self, BackupInfo};
+use meridian_server::storage::{
+    self,
+    backup::{self, BackupInfo},
+};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -145,7 +148,8 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             let config = Config::load(&config)
                 .with_context(|| format!("cannot load {}", config.display()))?;
             let dir = data_dir.unwrap_or_else(|| config.data_dir());
-            let info = backup::restore(&from, &dir, config.node_id()?)?;
+            let journal = storage::journal_dir(&dir, config.journal_dir().as_deref());
+            let info = backup::restore(&from, &dir, &journal, config.node_id()?)?;
             println!(
                 "restored {} into {} for node {} ({}): {}; start the node to catch up from its peers",
                 from.display(),

@@ -19,6 +19,10 @@ pub struct ServeArgs {
     /// Overrides [node] data_dir; without --config, runs a standalone node on this directory.
     #[arg(long, env = "MERIDIAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Overrides [storage] journal_dir: the journal on a device of its own. Moving an existing
+    /// node's journal means moving its files too; the node refuses to start without them.
+    #[arg(long, env = "MERIDIAN_JOURNAL_DIR")]
+    journal_dir: Option<PathBuf>,
     /// Overrides [peer] listen (the QUIC endpoint).
     #[arg(long, env = "MERIDIAN_PEER_LISTEN")]
     peer_listen: Option<SocketAddr>,
@@ -78,6 +82,9 @@ pub fn load(args: &ServeArgs) -> Result<Config> {
     }
     if let (Some(_), Some(dir)) = (&args.config, &args.data_dir) {
         config.node.data_dir.clone_from(dir);
+    }
+    if let Some(dir) = &args.journal_dir {
+        config.storage.journal_dir = Some(dir.clone());
     }
     if let Some(workers) = args.workers {
         config.http.workers = workers;

@@ -277,17 +277,23 @@ pub fn verify(path: &Path) -> Result<BackupInfo, BackupError> {
 /// Seeds `data_dir` (empty or absent) with `backup` for node `node`, which must not have ops
 /// in the backup. The node then catches up from its peers: the WAL from its applied vector,
 /// anti-entropy for whatever the WALs no longer hold.
-pub fn restore(backup: &Path, data_dir: &Path, node: NodeId) -> Result<BackupInfo, BackupError> {
+pub fn restore(
+    backup: &Path,
+    data_dir: &Path,
+    journal: &Path,
+    node: NodeId,
+) -> Result<BackupInfo, BackupError> {
     let info = verify(backup)?;
     let own = info.applied.get(node);
     if own > 0 {
         return Err(BackupError::OwnOps { node, seq: own });
     }
     let target = data_dir.join("meridian.redb");
-    let journal = data_dir.join("journal");
-    let journal_used = std::fs::read_dir(&journal).is_ok_and(|mut d| d.next().is_some());
-    if target.exists() || journal_used {
+    if target.exists() {
         return Err(BackupError::DataDirInUse(data_dir.display().to_string()));
+    }
+    if std::fs::read_dir(journal).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(BackupError::DataDirInUse(journal.display().to_string()));
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let partial: PathBuf = data_dir.join("meridian.redb.restoring");
@@ -328,6 +334,7 @@ mod tests {
             dir,
             StorageOptions {
                 node: NodeId::new(node).unwrap(),
+                journal_dir: None,
                 max_batch: 256,
                 cache_bytes: 16 << 20,
                 max_clock_skew: Duration::from_secs(1),
@@ -367,13 +374,15 @@ mod tests {
         let err = open(&raw, 2).unwrap_err();
         assert!(err.to_string().contains("restore"), "{err}");
 
-        let err = restore(&file, &dir.path().join("b"), NodeId::new(1).unwrap()).unwrap_err();
+        let b = dir.path().join("b");
+        let err = restore(&file, &b, &b.join("journal"), NodeId::new(1).unwrap()).unwrap_err();
         assert!(matches!(err, BackupError::OwnOps { seq: 25, .. }), "{err}");
         assert!(err.to_string().contains("reissue"), "{err}");
 
         let target = dir.path().join("c");
-        restore(&file, &target, NodeId::new(3).unwrap()).unwrap();
-        let err = restore(&file, &target, NodeId::new(3).unwrap()).unwrap_err();
+        let journal = target.join("journal");
+        restore(&file, &target, &journal, NodeId::new(3).unwrap()).unwrap();
+        let err = restore(&file, &target, &journal, NodeId::new(3).unwrap()).unwrap_err();
         assert!(matches!(err, BackupError::DataDirInUse(_)), "{err}");
         let restored = open(&target, 3).unwrap();
         assert_eq!(restored.applied().get(NodeId::new(1).unwrap()), 25);

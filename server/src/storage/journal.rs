@@ -21,6 +21,12 @@
 //! records a recycled file still holds carry their old segment number in their checksum, so
 //! they never pass as records of the new one.
 //!
+//! # Owner
+//! The journal may live apart from the database (`storage.journal_dir`). `journal.id` in its
+//! directory names the node and a random id that the database records too: a node refuses a
+//! journal of another database, and refuses to start without its own (see
+//! `Storage::claim_journal`), since the journal holds acknowledged writes not yet folded.
+//!
 //! # Direct, synchronous writes
 //! Where the file system allows it, segments are opened `O_DIRECT | O_DSYNC` and a sync is one
 //! `pwrite` of the unwritten tail, rounded out to whole [`BLOCK`]s: the bytes go from this
@@ -45,6 +51,70 @@ const MAX_RECORD: usize = 1 << 30;
 pub(crate) const SEGMENT_BYTES: u64 = 16 << 20;
 
 const SPARE: &str = "journal-spare.log";
+/// Names the database a journal directory belongs to (see [`Owner`]).
+const OWNER: &str = "journal.id";
+
+/// Whose journal a directory holds: the node and the random id its database recorded when it
+/// first took the directory. Kept as text, for an operator who looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub(crate) node: u64,
+    pub(crate) id: u128,
+}
+
+impl Owner {
+    fn to_text(self) -> String {
+        format!(
+            "meridian journal\nnode {}\nid {:032x}\n",
+            self.node, self.id
+        )
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        if lines.next()? != "meridian journal" {
+            return None;
+        }
+        let node = lines.next()?.strip_prefix("node ")?.parse().ok()?;
+        let id = u128::from_str_radix(lines.next()?.strip_prefix("id ")?, 16).ok()?;
+        Some(Self { node, id })
+    }
+}
+
+/// The owner recorded in the journal directory `dir`: `None` when it has none (a new
+/// directory, or one from before journals named their owner).
+pub(crate) fn owner(dir: &Path) -> io::Result<Option<Owner>> {
+    match std::fs::read_to_string(dir.join(OWNER)) {
+        Ok(text) => Owner::parse(&text).map(Some).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a journal owner file", dir.join(OWNER).display()),
+            )
+        }),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether `dir` holds any journal segment (a missing directory holds none).
+pub(crate) fn has_segments(dir: &Path) -> io::Result<bool> {
+    match segments(dir) {
+        Ok(found) => Ok(!found.is_empty()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Records `owner` in the journal directory `dir` (created if needed), durably.
+pub(crate) fn set_owner(dir: &Path, owner: Owner) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let partial = dir.join(format!("{OWNER}.partial"));
+    let mut file = File::create(&partial)?;
+    file.write_all(owner.to_text().as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&partial, dir.join(OWNER))?;
+    sync_dir(dir)
+}
 
 /// Unit and alignment of direct writes: the page size, a multiple of every device's logical
 /// block size.
@@ -465,6 +535,17 @@ mod tests {
         Op {
             key: "k".repeat(key_len.max(1)),
             ..op(seq)
+        }
+    }
+
+    proptest::proptest! {
+        /// The owner file reads back as written, for any node and id; other text does not
+        /// pass as one.
+        #[test]
+        fn an_owner_file_reads_back_as_written(node: u64, id: u128, junk in "\\PC{0,40}") {
+            let owner = Owner { node, id };
+            proptest::prop_assert_eq!(Owner::parse(&owner.to_text()), Some(owner));
+            proptest::prop_assert_eq!(Owner::parse(&junk), None);
         }
     }
 

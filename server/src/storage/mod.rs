@@ -24,7 +24,7 @@ mod tests;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -38,8 +38,8 @@ pub use intent::Intent;
 use journal::Journal;
 use memtable::Memtable;
 use tables::{
-    APPLIED, META, META_LAST_STAMP, META_NODE_ID, META_SCHEMA, META_TOMBSTONE_INDEX, PEER_APPLIED,
-    SCHEMA_VERSION, STATES, TOMBSTONES, WAL,
+    APPLIED, META, META_JOURNAL_ID, META_LAST_STAMP, META_NODE_ID, META_SCHEMA,
+    META_TOMBSTONE_INDEX, PEER_APPLIED, SCHEMA_VERSION, STATES, TOMBSTONES, WAL,
 };
 
 use crate::metrics::Metrics;
@@ -65,6 +65,18 @@ pub enum StorageError {
         "the data file is a backup, not a node's data: seed a data directory with `meridian admin restore`"
     )]
     IsBackup,
+    #[error(
+        "the journal directory {dir} holds no journal of this database (no journal.id), and \
+         the journal may hold acknowledged writes not yet in the database: if \
+         storage.journal_dir was changed, stop the node, move the old journal directory's \
+         files into {dir} and start again"
+    )]
+    JournalMissing { dir: String },
+    #[error(
+        "the journal in {dir} belongs to {owner}, not to this database: each node needs a \
+         journal directory of its own"
+    )]
+    ForeignJournal { dir: String, owner: String },
     #[error("storage is shutting down")]
     ShuttingDown,
     #[error("commit failed: {0}")]
@@ -114,6 +126,8 @@ pub struct Committed {
 #[derive(Clone, Debug)]
 pub struct StorageOptions {
     pub node: NodeId,
+    /// Where the journal lives; `None`: the `journal` directory inside the data directory.
+    pub journal_dir: Option<PathBuf>,
     pub max_batch: usize,
     pub cache_bytes: usize,
     pub max_clock_skew: Duration,
@@ -187,6 +201,12 @@ impl std::fmt::Debug for Storage {
     }
 }
 
+/// Where the journal of the data directory `data_dir` lives: `configured`, or its `journal`
+/// subdirectory.
+pub fn journal_dir(data_dir: &Path, configured: Option<&Path>) -> PathBuf {
+    configured.map_or_else(|| data_dir.join("journal"), Path::to_path_buf)
+}
+
 /// A fresh reading of this node's HLC as a [`Stamp`]. The HLC was built with `node`'s id, so
 /// the conversion cannot fail; should it ever, the reading keeps its time rather than panic.
 fn read_clock(hlc: &uhlc::HLC, node: NodeId) -> Stamp {
@@ -238,7 +258,8 @@ impl Storage {
             let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
         }
 
-        let journal_dir = dir.join("journal");
+        let journal_dir = journal_dir(dir, options.journal_dir.as_deref());
+        Self::claim_journal(&db, node, &journal_dir, &dir.join("journal"))?;
         let replay = Journal::replay(&journal_dir).map_err(io)?;
         if replay.torn_segments > 0 {
             // A torn write from a crash, or simply the old records of a recycled segment.
@@ -414,6 +435,78 @@ impl Storage {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&tree)
+    }
+
+    /// Checks that `dir` holds this database's journal, or takes it if neither has an owner
+    /// yet (a new node, or one from before journals named their owner). A node must never
+    /// replay another database's journal, nor start without its own: the journal holds
+    /// acknowledged writes the last fold has not yet put into redb.
+    /// `default` is where the journal lives unless configured elsewhere: a database from
+    /// before journals named their owner, moved to a `journal_dir` while its journal still
+    /// sits there, is refused too.
+    fn claim_journal(
+        db: &Database,
+        node: NodeId,
+        dir: &Path,
+        default: &Path,
+    ) -> Result<(), StorageError> {
+        let io = |source| StorageError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        let recorded = {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            meta.get(META_JOURNAL_ID)?
+                .map(|v| {
+                    <[u8; 16]>::try_from(v.value())
+                        .map(u128::from_be_bytes)
+                        .map_err(|_| corrupt("meta journal_id", "not 16 bytes"))
+                })
+                .transpose()?
+        };
+        let found = journal::owner(dir).map_err(io)?;
+        let foreign = |owner: journal::Owner| StorageError::ForeignJournal {
+            dir: dir.display().to_string(),
+            owner: format!("node {} (journal id {:032x})", owner.node, owner.id),
+        };
+        let id = match (recorded, found) {
+            (Some(recorded), Some(found)) if found.id == recorded && found.node == node.get() => {
+                return Ok(());
+            }
+            (Some(_), None) => {
+                return Err(StorageError::JournalMissing {
+                    dir: dir.display().to_string(),
+                });
+            }
+            // A crash came between naming the directory and recording its id here.
+            (None, Some(found)) if found.node == node.get() => found.id,
+            (_, Some(found)) => return Err(foreign(found)),
+            (None, None) if dir != default && journal::has_segments(default).map_err(io)? => {
+                return Err(StorageError::JournalMissing {
+                    dir: dir.display().to_string(),
+                });
+            }
+            (None, None) => {
+                let id = rand::random::<u128>();
+                journal::set_owner(
+                    dir,
+                    journal::Owner {
+                        node: node.get(),
+                        id,
+                    },
+                )
+                .map_err(io)?;
+                id
+            }
+        };
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_JOURNAL_ID, id.to_be_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Creates the tables on first open, checks identity and schema, loads the vectors.

@@ -40,6 +40,10 @@ pub(crate) const META_LAST_STAMP: &str = "last_stamp";
 /// before the index get it built at open).
 pub(crate) const META_TOMBSTONE_INDEX: &str = "tombstone_index";
 
+/// The random id of this database's journal, also written into the journal directory
+/// (`journal.id`), so a node never starts on a journal that is not its own, or without it.
+pub(crate) const META_JOURNAL_ID: &str = "journal_id";
+
 /// The journal segment the last durable checkpoint started.
 pub(crate) const META_CHECKPOINT: &str = "checkpoint_segment";
 

@@ -8,14 +8,23 @@ use meridian_crdt::{CanonicalJson, Kind, NodeId, State, VersionVector};
 use meridian_replication::store::StoreError;
 use serde_json::json;
 
-use super::{Intent, Storage, StorageOptions};
+use super::{Intent, Storage, StorageError, StorageOptions};
 use crate::metrics::Metrics;
 
 fn open(dir: &std::path::Path) -> Storage {
+    open_with(dir, 1, None).unwrap()
+}
+
+fn open_with(
+    dir: &std::path::Path,
+    node: u64,
+    journal_dir: Option<&std::path::Path>,
+) -> Result<Storage, StorageError> {
     Storage::open(
         dir,
         StorageOptions {
-            node: NodeId::new(1).unwrap(),
+            node: NodeId::new(node).unwrap(),
+            journal_dir: journal_dir.map(std::path::Path::to_path_buf),
             max_batch: 256,
             cache_bytes: 16 << 20,
             max_clock_skew: Duration::from_secs(1),
@@ -23,7 +32,6 @@ fn open(dir: &std::path::Path) -> Storage {
         },
         Arc::new(Metrics::new()),
     )
-    .unwrap()
 }
 
 async fn put(storage: &Storage, key: &str, value: serde_json::Value) {
@@ -317,6 +325,11 @@ fn journal_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, u6
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir.join("journal"))
         .unwrap()
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        })
         .map(|entry| {
             let entry = entry.unwrap();
             let name = entry.file_name().into_string().unwrap();
@@ -361,4 +374,88 @@ async fn each_fold_leaves_a_spare_that_the_next_rotation_recycles() {
         value(&reopened.get(Kind::Register, "k").unwrap().unwrap()),
         Some(json!(2))
     );
+}
+
+/// A journal kept outside the data directory is this database's own: another node's database
+/// may not take it, and this one will not start without it.
+#[tokio::test]
+async fn a_journal_elsewhere_belongs_to_one_database_and_must_be_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let journal = dir.path().join("log-device");
+    let storage = open_with(&data, 1, Some(&journal)).unwrap();
+    put(&storage, "k", json!("kept")).await;
+    storage.shutdown().await;
+    drop(storage);
+    assert!(
+        !data.join("journal").exists(),
+        "nothing journals in the data directory"
+    );
+    assert!(journal.join("journal.id").exists());
+
+    // Another database (another node's) pointed at this journal is refused.
+    let other = open_with(&dir.path().join("other"), 2, Some(&journal)).unwrap_err();
+    assert!(
+        matches!(other, StorageError::ForeignJournal { .. }),
+        "{other}"
+    );
+    // This database without its journal (storage.journal_dir changed, files not moved).
+    let empty = dir.path().join("new-device");
+    let missing = open_with(&data, 1, Some(&empty)).unwrap_err();
+    assert!(
+        matches!(missing, StorageError::JournalMissing { .. }),
+        "{missing}"
+    );
+    assert!(
+        missing.to_string().contains("move the old journal"),
+        "{missing}"
+    );
+    // Moved with its files, it is found again.
+    std::fs::remove_dir_all(&empty).ok();
+    std::fs::rename(&journal, &empty).unwrap();
+    let reopened = open_with(&data, 1, Some(&empty)).unwrap();
+    assert_eq!(
+        value(&reopened.get(Kind::Register, "k").unwrap().unwrap()),
+        Some(json!("kept"))
+    );
+    reopened.shutdown().await;
+}
+
+/// A database from before journals named their owner takes its journal where it is; but one
+/// pointed at a new `journal_dir` while its old journal still sits in the data directory is
+/// refused, since that journal may hold acknowledged writes not yet folded.
+#[tokio::test]
+async fn an_older_database_is_refused_a_new_journal_dir_while_its_journal_is_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let storage = open_with(&data, 1, None).unwrap();
+    put(&storage, "k", json!(1)).await;
+    storage.shutdown().await;
+    drop(storage);
+    // What an older version leaves: no owner on either side.
+    std::fs::remove_file(data.join("journal").join("journal.id")).unwrap();
+    {
+        let db = redb::Database::open(data.join("meridian.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(super::tables::META)
+            .unwrap()
+            .remove(super::tables::META_JOURNAL_ID)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let elsewhere = dir.path().join("log-device");
+    let refused = open_with(&data, 1, Some(&elsewhere)).unwrap_err();
+    assert!(
+        matches!(refused, StorageError::JournalMissing { .. }),
+        "{refused}"
+    );
+    // Where it was, it is taken as this database's own.
+    let reopened = open_with(&data, 1, None).unwrap();
+    assert_eq!(
+        value(&reopened.get(Kind::Register, "k").unwrap().unwrap()),
+        Some(json!(1))
+    );
+    reopened.shutdown().await;
+    drop(reopened);
+    assert!(data.join("journal").join("journal.id").exists());
 }

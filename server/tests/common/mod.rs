@@ -61,6 +61,11 @@ impl Node {
     }
 
     pub(crate) async fn spawn(&mut self) {
+        self.spawn_child();
+        self.wait_ready().await;
+    }
+
+    fn spawn_child(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("node.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .arg("serve")
@@ -72,7 +77,25 @@ impl Node {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        self.wait_ready().await;
+    }
+
+    /// Starts the node and expects it to refuse to start: returns its log once it exited
+    /// with a failure.
+    pub(crate) async fn spawn_refused(&mut self) -> String {
+        self.spawn_child();
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(!status.success(), "meridian exited cleanly: {}", self.log());
+                return self.log();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("meridian did not refuse to start: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_ready(&mut self) {
