@@ -297,8 +297,14 @@ impl Journal {
         // The first rotation takes the spare; without one it would zero-fill a whole segment
         // in the applier, stalling every write for tens of milliseconds a second after a fresh
         // start. Made here, before the node serves, it costs no request anything.
+        // A spare cut short by a crash while it was being filled is filled again.
         let spare = dir.join(SPARE);
-        if !spare.exists() {
+        let whole = std::fs::metadata(&spare).is_ok_and(|m| m.len() >= SEGMENT_BYTES);
+        if !whole {
+            match std::fs::remove_file(&spare) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
             zero_filled(&spare)?;
             sync_dir(dir)?;
         }
@@ -620,6 +626,17 @@ mod tests {
         let journal = Journal::start(dir.path()).unwrap();
         assert!(dir.path().join(SPARE).exists());
         assert_eq!(segments(dir.path()).unwrap(), vec![next + 1]);
+        // A spare cut short (a crash while it was filled) is filled again at start.
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(SPARE))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        drop(journal);
+        let journal = Journal::start(dir.path()).unwrap();
+        let refilled = std::fs::metadata(dir.path().join(SPARE)).unwrap();
+        assert_eq!(refilled.len(), SEGMENT_BYTES);
         drop(journal);
     }
 
