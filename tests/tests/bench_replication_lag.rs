@@ -5,6 +5,9 @@
 //! due time (`relay_late_*_ms`): the relays share the machine with the nodes and the load
 //! generator, so the delay a link really added is the configured one plus that.
 //! `MERIDIAN_BENCH_DELAYS_MS` (default `0,50`) picks the link delays to run.
+//! `MERIDIAN_BENCH_RUNS` (default 1) repeats the whole set, each run on a fresh cluster, and
+//! ends with the median and range of each delay's p99 over the runs: on a shared machine one
+//! run's p99 moves by several milliseconds.
 //!
 //! ```sh
 //! cargo build --release -p meridian-server
@@ -36,8 +39,12 @@ async fn replication_lag() {
                 .expect("MERIDIAN_BENCH_DELAYS_MS: milliseconds, comma-separated")
         })
         .collect();
+    let runs: usize = std::env::var("MERIDIAN_BENCH_RUNS")
+        .ok()
+        .map_or(1, |r| r.parse().expect("MERIDIAN_BENCH_RUNS: a count"));
     let warmup = Duration::from_secs(2);
-    for delay_ms in delays {
+    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); delays.len()];
+    for (i, delay_ms) in std::iter::repeat_n(delays.iter().copied().enumerate(), runs).flatten() {
         let cluster =
             Cluster::start(ClusterSpec::new(&["us-east", "eu-west", "ap-south"]).relays(true))
                 .await
@@ -79,6 +86,26 @@ async fn replication_lag() {
         figures["relay_late_p99_ms"] = ms(late.value_at_quantile(0.99)).into();
         figures["relay_late_max_ms"] = ms(late.max()).into();
         println!("link delay {delay_ms} ms, {rate} writes/s per region: {figures}");
+        if let Some(p99) = figures["apply_lag_p99_ms"].as_f64() {
+            p99s[i].push(p99);
+        }
         cluster.shutdown().await.unwrap();
+    }
+    if runs > 1 {
+        for (delay_ms, mut values) in delays.into_iter().zip(p99s) {
+            values.sort_by(f64::total_cmp);
+            let Some((&min, &max)) = values.first().zip(values.last()) else {
+                continue;
+            };
+            let n = values.len();
+            let median = f64::midpoint(values[(n - 1) / 2], values[n / 2]);
+            let bound = delay_ms as f64 + 20.0;
+            let within = values.iter().filter(|&&v| v <= bound).count();
+            println!(
+                "link delay {delay_ms} ms, {rate} writes/s per region, {n} runs: apply lag p99 \
+                 median {median:.1} ms ({min:.1}-{max:.1}), {within} of {n} at or under \
+                 {bound:.0} ms (link delay + 20)"
+            );
+        }
     }
 }
