@@ -259,7 +259,7 @@ impl Storage {
         }
 
         let journal_dir = journal_dir(dir, options.journal_dir.as_deref());
-        Self::claim_journal(&db, node, &journal_dir, &dir.join("journal"))?;
+        Self::claim_journal(&db, node, &journal_dir, &self::journal_dir(dir, None))?;
         let replay = Journal::replay(&journal_dir).map_err(io)?;
         if replay.torn_segments > 0 {
             // A torn write from a crash, or simply the old records of a recycled segment.
@@ -466,6 +466,9 @@ impl Storage {
                 .transpose()?
         };
         let found = journal::owner(dir).map_err(io)?;
+        let missing = || StorageError::JournalMissing {
+            dir: dir.display().to_string(),
+        };
         let foreign = |owner: journal::Owner| StorageError::ForeignJournal {
             dir: dir.display().to_string(),
             owner: format!("node {} (journal id {:032x})", owner.node, owner.id),
@@ -474,18 +477,12 @@ impl Storage {
             (Some(recorded), Some(found)) if found.id == recorded && found.node == node.get() => {
                 return Ok(());
             }
-            (Some(_), None) => {
-                return Err(StorageError::JournalMissing {
-                    dir: dir.display().to_string(),
-                });
-            }
+            (Some(_), None) => return Err(missing()),
             // A crash came between naming the directory and recording its id here.
             (None, Some(found)) if found.node == node.get() => found.id,
             (_, Some(found)) => return Err(foreign(found)),
             (None, None) if dir != default && journal::has_segments(default).map_err(io)? => {
-                return Err(StorageError::JournalMissing {
-                    dir: dir.display().to_string(),
-                });
+                return Err(missing());
             }
             (None, None) => {
                 let id = rand::random::<u128>();
