@@ -67,6 +67,15 @@ pub struct BenchArgs {
     /// Seconds of measurement (after --warmup seconds).
     #[arg(long, short = 'd', default_value_t = 10)]
     duration: u64,
+    /// A bare server to compare against (`meridian bench-baseline`): each round measures it
+    /// and then --url with the same workload, and the end prints the ratio of the two
+    /// throughputs, so a figure like the README's comes from one command.
+    #[arg(long)]
+    baseline_url: Option<String>,
+    /// Measurements to make (with --baseline-url: alternating pairs); the end prints each
+    /// figure's median and range. Noisy machines need several.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     #[arg(long, default_value_t = 1)]
     warmup: u64,
     /// Distinct keys, picked uniformly at random.
@@ -317,7 +326,6 @@ async fn connection(
     Ok(worker)
 }
 
-/// Writes every key once so reads find values.
 /// Writes every key once so reads find values, over as many connections as the run uses.
 async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
     let lanes = args.connections.min(args.keys) as u64;
@@ -349,8 +357,13 @@ async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.connections == 0 || args.keys == 0 || args.duration == 0 || args.url.is_empty() {
-        bail!("--connections, --keys, --duration and --url must be given and positive");
+    if args.connections == 0
+        || args.keys == 0
+        || args.duration == 0
+        || args.rounds == 0
+        || args.url.is_empty()
+    {
+        bail!("--connections, --keys, --duration, --rounds and --url must be given and positive");
     }
     if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         bail!("--rate must be positive");
@@ -368,7 +381,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let lag_target = args
         .lag_url
         .as_deref()
-        .map(|u| connect.target(u))
+        .map(|u| connect.target(u).map(Arc::new))
+        .transpose()?;
+    let baseline = args
+        .baseline_url
+        .as_deref()
+        .map(|u| connect.target(u).map(Arc::new))
         .transpose()?;
     let args = Arc::new(args);
     runtime.block_on(async move {
@@ -377,79 +395,117 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 preload(&args, target).await.context("preloading keys")?;
             }
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
-        let measure_from = start + Duration::from_secs(args.warmup);
-        let mut tasks = tokio::task::JoinSet::new();
-        let per_url = args.connections.div_ceil(targets.len());
-        for seed in 0..args.connections {
-            let target = targets[seed % targets.len()].clone();
-            // Each connection carries an equal share of its URL's rate, and its slots are
-            // offset from its siblings' by an equal fraction of the interval: started in phase,
-            // the connections would send in bursts of one request each, and the queueing of
-            // those bursts, not the server, would set the latency.
-            let schedule = args
-                .rate
-                .map(|rate| Schedule::lane(start, rate, per_url, seed / targets.len()));
-            tasks.spawn(connection(
-                args.clone(),
-                target,
-                schedule,
-                measure_from,
-                stop.clone(),
-                seed as u64 + 1,
-            ));
+        let mut runs = Vec::new();
+        for round in 1..=args.rounds {
+            if let Some(baseline) = &baseline {
+                let measured = measure(&args, std::slice::from_ref(baseline), None)
+                    .await
+                    .with_context(|| format!("measuring the baseline {}", baseline.host))?;
+                runs.push(Run::new(round, Side::Baseline, measured));
+            }
+            let measured = measure(&args, &targets, lag_target.clone()).await?;
+            runs.push(Run::new(round, Side::Node, measured));
         }
-        let lag_target = lag_target.map(Arc::new);
-        let probe = lag_target.clone().map(|to| {
-            tokio::spawn(lag_probe(
-                targets[0].clone(),
-                to,
-                measure_from,
-                stop.clone(),
-            ))
-        });
-        tokio::time::sleep_until(measure_from.into()).await;
-        let lag_before = match &lag_target {
-            Some(to) => scrape_apply_lag(to).await,
-            None => None,
-        };
-        tokio::time::sleep_until((measure_from + Duration::from_secs(args.duration)).into()).await;
-        let (apply_lag, receive_lag) = match (&lag_target, lag_before) {
-            (Some(to), Some(before)) => match scrape_apply_lag(to).await {
-                Some(after) => (
-                    ApplyLag::between(&before.apply, &after.apply),
-                    before
-                        .receive
-                        .zip(after.receive)
-                        .and_then(|(before, after)| ApplyLag::between(&before, &after)),
-                ),
-                None => (None, None),
-            },
-            _ => (None, None),
-        };
-        stop.store(true, Ordering::Relaxed);
-        let measured = measure_from.elapsed().as_secs_f64();
-        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        let (mut ok, mut errors) = (0u64, 0u64);
-        while let Some(result) = tasks.join_next().await {
-            let worker = result??;
-            total.add(&worker.latencies)?;
-            ok += worker.ok;
-            errors += worker.errors;
-        }
-        let lag = match probe {
-            Some(probe) => Some(probe.await??),
-            None => None,
-        };
-        report(
-            &args,
-            &total,
-            (ok, errors, measured),
-            lag.as_ref(),
-            (apply_lag.as_ref(), receive_lag.as_ref()),
-        );
+        report(&args, &runs);
         Ok(())
+    })
+}
+
+/// What one measurement saw.
+struct Measured {
+    latencies: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    seconds: f64,
+    lag: Option<Histogram<u64>>,
+    apply_lag: Option<ApplyLag>,
+    receive_lag: Option<ApplyLag>,
+}
+
+impl Measured {
+    fn throughput(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+}
+
+/// One measurement of `args.duration` seconds (after the warm-up) against `targets`.
+async fn measure(
+    args: &Arc<BenchArgs>,
+    targets: &[Arc<Target>],
+    lag_target: Option<Arc<Target>>,
+) -> Result<Measured> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_url = args.connections.div_ceil(targets.len());
+    for seed in 0..args.connections {
+        let target = targets[seed % targets.len()].clone();
+        // Each connection carries an equal share of its URL's rate, and its slots are offset
+        // from its siblings' by an equal fraction of the interval: started in phase, the
+        // connections would send in bursts of one request each, and the queueing of those
+        // bursts, not the server, would set the latency.
+        let schedule = args
+            .rate
+            .map(|rate| Schedule::lane(start, rate, per_url, seed / targets.len()));
+        tasks.spawn(connection(
+            args.clone(),
+            target,
+            schedule,
+            measure_from,
+            stop.clone(),
+            seed as u64 + 1,
+        ));
+    }
+    let probe = lag_target.clone().map(|to| {
+        tokio::spawn(lag_probe(
+            targets[0].clone(),
+            to,
+            measure_from,
+            stop.clone(),
+        ))
+    });
+    tokio::time::sleep_until(measure_from.into()).await;
+    let lag_before = match &lag_target {
+        Some(to) => scrape_apply_lag(to).await,
+        None => None,
+    };
+    tokio::time::sleep_until((measure_from + Duration::from_secs(args.duration)).into()).await;
+    let (apply_lag, receive_lag) = match (&lag_target, lag_before) {
+        (Some(to), Some(before)) => match scrape_apply_lag(to).await {
+            Some(after) => (
+                ApplyLag::between(&before.apply, &after.apply),
+                before
+                    .receive
+                    .zip(after.receive)
+                    .and_then(|(before, after)| ApplyLag::between(&before, &after)),
+            ),
+            None => (None, None),
+        },
+        _ => (None, None),
+    };
+    stop.store(true, Ordering::Relaxed);
+    let seconds = measure_from.elapsed().as_secs_f64();
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ok, mut errors) = (0u64, 0u64);
+    while let Some(result) = tasks.join_next().await {
+        let worker = result??;
+        latencies.add(&worker.latencies)?;
+        ok += worker.ok;
+        errors += worker.errors;
+    }
+    let lag = match probe {
+        Some(probe) => Some(probe.await??),
+        None => None,
+    };
+    Ok(Measured {
+        latencies,
+        ok,
+        errors,
+        seconds,
+        lag,
+        apply_lag,
+        receive_lag,
     })
 }
 
@@ -608,72 +664,198 @@ async fn lag_probe(
     Ok(lag)
 }
 
-fn report(
-    args: &BenchArgs,
-    h: &Histogram<u64>,
-    (ok, errors, seconds): (u64, u64, f64),
-    lag: Option<&Histogram<u64>>,
-    (apply_lag, receive_lag): (Option<&ApplyLag>, Option<&ApplyLag>),
-) {
+/// Which server a measurement was of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Baseline,
+    Node,
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+            Self::Node => "node",
+        }
+    }
+}
+
+struct Run {
+    round: usize,
+    side: Side,
+    measured: Measured,
+}
+
+impl Run {
+    fn new(round: usize, side: Side, measured: Measured) -> Self {
+        Self {
+            round,
+            side,
+            measured,
+        }
+    }
+}
+
+/// A figure over several rounds: a noisy machine needs the median and the range, not one run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Option<Self> {
+        let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        sorted.sort_by(f64::total_cmp);
+        let (&min, &max) = (sorted.first()?, sorted.last()?);
+        let middle = sorted.len() / 2;
+        let median = if sorted.len() % 2 == 1 {
+            sorted[middle]
+        } else {
+            f64::midpoint(sorted[middle - 1], sorted[middle])
+        };
+        Some(Self { median, min, max })
+    }
+
+    fn json(self) -> serde_json::Value {
+        json!({ "median": self.median, "min": self.min, "max": self.max })
+    }
+}
+
+/// Throughput of one side's runs, in round order.
+fn throughputs(runs: &[Run], side: Side) -> Vec<f64> {
+    runs.iter()
+        .filter(|r| r.side == side)
+        .map(|r| r.measured.throughput())
+        .collect()
+}
+
+/// The node's throughput over the baseline's, round by round.
+fn ratios(runs: &[Run]) -> Vec<f64> {
+    throughputs(runs, Side::Node)
+        .iter()
+        .zip(throughputs(runs, Side::Baseline))
+        .map(|(node, baseline)| node / baseline)
+        .collect()
+}
+
+/// One run's line (or JSON object); with more than one run, a summary of medians and ranges
+/// and, against a baseline, of the ratio.
+fn report(args: &BenchArgs, runs: &[Run]) {
+    let summarised = runs.len() > 1;
+    let node = Spread::of(&throughputs(runs, Side::Node));
+    let baseline = Spread::of(&throughputs(runs, Side::Baseline));
+    let ratio = Spread::of(&ratios(runs));
+    if args.json {
+        let objects: Vec<serde_json::Value> = runs.iter().map(|r| run_json(args, r)).collect();
+        match objects.as_slice() {
+            [only] if !summarised => println!("{only}"),
+            _ => println!(
+                "{}",
+                json!({
+                    "runs": objects,
+                    "rounds": args.rounds,
+                    "throughput": node.map(Spread::json),
+                    "baseline_throughput": baseline.map(Spread::json),
+                    "ratio": ratio.map(Spread::json),
+                })
+            ),
+        }
+        return;
+    }
+    for run in runs {
+        if summarised {
+            print!("round {} {:<8} ", run.round, run.side.label());
+        }
+        print_run(args, &run.measured);
+    }
+    if !summarised {
+        return;
+    }
+    let rounds = args.rounds;
+    for (side, spread) in [(Side::Node, node), (Side::Baseline, baseline)] {
+        if let Some(s) = spread {
+            println!(
+                "{:<8} over {rounds} rounds: median {:.0} req/s ({:.0}–{:.0})",
+                side.label(),
+                s.median,
+                s.min,
+                s.max
+            );
+        }
+    }
+    if let Some(r) = ratio {
+        println!(
+            "ratio node/baseline, round by round: median {:.2} ({:.2}–{:.2})",
+            r.median, r.min, r.max
+        );
+    }
+}
+
+fn run_json(args: &BenchArgs, run: &Run) -> serde_json::Value {
+    let m = &run.measured;
+    let (h, lag) = (&m.latencies, m.lag.as_ref());
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let lag_ms = |q: f64| lag.map(|l| l.value_at_quantile(q) as f64 / 1000.0);
-    let throughput = ok as f64 / seconds;
-    if args.json {
+    let (apply_lag, receive_lag) = (m.apply_lag.as_ref(), m.receive_lag.as_ref());
+    json!({
+        "round": run.round,
+        "server": run.side.label(),
+        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "connections": args.connections,
+        "seconds": m.seconds,
+        "ok": m.ok,
+        "errors": m.errors,
+        "throughput": m.throughput(),
+        "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
+        "max_ms": h.max() as f64 / 1000.0,
+        "lag_p50_ms": lag_ms(0.5), "lag_p99_ms": lag_ms(0.99),
+        "lag_max_ms": lag.map(|l| l.max() as f64 / 1000.0),
+        "lag_samples": lag.map(Histogram::len),
+        "apply_lag_p50_ms": apply_lag.map(|a| a.p50_ms),
+        "apply_lag_p99_ms": apply_lag.map(|a| a.p99_ms),
+        "apply_lag_ops": apply_lag.map(|a| a.ops),
+        "receive_lag_p50_ms": receive_lag.map(|a| a.p50_ms),
+        "receive_lag_p99_ms": receive_lag.map(|a| a.p99_ms),
+    })
+}
+
+fn print_run(args: &BenchArgs, m: &Measured) {
+    let h = &m.latencies;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{:<7} c={:<4} {:>10.0} req/s  p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  ok {} errors {}",
+        format!("{:?}", args.workload).to_lowercase(),
+        args.connections,
+        m.throughput(),
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        h.max() as f64 / 1000.0,
+        m.ok,
+        m.errors
+    );
+    if let Some(a) = &m.apply_lag {
         println!(
-            "{}",
-            json!({
-                "workload": format!("{:?}", args.workload).to_lowercase(),
-                "connections": args.connections,
-                "seconds": seconds,
-                "ok": ok,
-                "errors": errors,
-                "throughput": throughput,
-                "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
-                "max_ms": h.max() as f64 / 1000.0,
-                "lag_p50_ms": lag_ms(0.5), "lag_p99_ms": lag_ms(0.99),
-                "lag_max_ms": lag.map(|l| l.max() as f64 / 1000.0),
-                "lag_samples": lag.map(Histogram::len),
-                "apply_lag_p50_ms": apply_lag.map(|a| a.p50_ms),
-                "apply_lag_p99_ms": apply_lag.map(|a| a.p99_ms),
-                "apply_lag_ops": apply_lag.map(|a| a.ops),
-                "receive_lag_p50_ms": receive_lag.map(|a| a.p50_ms),
-                "receive_lag_p99_ms": receive_lag.map(|a| a.p99_ms),
-            })
+            "replication lag, origin stamp to durable apply ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
+            a.ops, a.p50_ms, a.p99_ms
         );
-    } else {
+    }
+    if let Some(r) = &m.receive_lag {
         println!(
-            "{:<7} c={:<4} {:>10.0} req/s  p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  ok {} errors {}",
-            format!("{:?}", args.workload).to_lowercase(),
-            args.connections,
-            throughput,
-            ms(0.5),
-            ms(0.9),
-            ms(0.99),
-            h.max() as f64 / 1000.0,
-            ok,
-            errors
+            "  of which origin stamp to arrival here ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
+            r.ops, r.p50_ms, r.p99_ms
         );
-        if let Some(a) = apply_lag {
-            println!(
-                "replication lag, origin stamp to durable apply ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
-                a.ops, a.p50_ms, a.p99_ms
-            );
-        }
-        if let Some(r) = receive_lag {
-            println!(
-                "  of which origin stamp to arrival here ({} ops)  p50 {:>7.3} ms  p99 {:>7.3} ms",
-                r.ops, r.p50_ms, r.p99_ms
-            );
-        }
-        if let Some(l) = lag {
-            println!(
-                "write to remote read, probe ({} samples)  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms",
-                l.len(),
-                lag_ms(0.5).unwrap_or_default(),
-                lag_ms(0.99).unwrap_or_default(),
-                l.max() as f64 / 1000.0
-            );
-        }
+    }
+    if let Some(l) = &m.lag {
+        println!(
+            "write to remote read, probe ({} samples)  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms",
+            l.len(),
+            l.value_at_quantile(0.5) as f64 / 1000.0,
+            l.value_at_quantile(0.99) as f64 / 1000.0,
+            l.max() as f64 / 1000.0
+        );
     }
 }
 
@@ -714,6 +896,39 @@ pub fn baseline(args: &BaselineArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn measured(ok: u64, seconds: f64) -> Measured {
+        Measured {
+            latencies: Histogram::new(3).unwrap(),
+            ok,
+            errors: 0,
+            seconds,
+            lag: None,
+            apply_lag: None,
+            receive_lag: None,
+        }
+    }
+
+    #[test]
+    fn a_spread_is_the_median_and_range_of_its_figures() {
+        assert_eq!(Spread::of(&[]), None);
+        let odd = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
+        let even = Spread::of(&[4.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!((even.median, even.min, even.max), (3.0, 1.0, 10.0));
+    }
+
+    #[test]
+    fn ratios_pair_each_round_with_its_own_baseline() {
+        let runs = vec![
+            Run::new(1, Side::Baseline, measured(1000, 1.0)),
+            Run::new(1, Side::Node, measured(400, 1.0)),
+            Run::new(2, Side::Baseline, measured(500, 1.0)),
+            Run::new(2, Side::Node, measured(500, 2.0)),
+        ];
+        assert_eq!(ratios(&runs), vec![0.4, 0.5]);
+        assert_eq!(throughputs(&runs, Side::Node), vec![400.0, 250.0]);
+    }
 
     #[test]
     fn open_loop_lanes_share_the_rate_and_interleave_evenly() {

@@ -17,7 +17,7 @@ pub(crate) struct Node {
 /// ephemeral range (32768–60999): a port that `bind(0)` handed out and that was released goes
 /// back to the kernel's pool, where another test's client socket could take it before the
 /// node binds it.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     use rand::Rng as _;
     let mut rng = rand::rng();
     for _ in 0..1_000 {

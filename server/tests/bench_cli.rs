@@ -1,0 +1,114 @@
+//! `meridian bench` against a real node and a real `meridian bench-baseline`, in alternating
+//! rounds: the comparison the README's single-node table is made with.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::{Node, free_port};
+
+/// A `meridian bench-baseline` process, killed on drop.
+struct Baseline(Child);
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn baseline() -> (Baseline, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench-baseline", "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let baseline = Baseline(child);
+    let url = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client
+            .get(format!("{url}/v1/registers/k"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return (baseline, url);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("bench-baseline did not come up on {addr}");
+}
+
+#[tokio::test]
+async fn bench_compares_a_node_with_the_baseline_round_by_round() {
+    let node = Node::start("").await;
+    let (_baseline, baseline_url) = baseline().await;
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench", "--json", "--workload", "put", "-c", "2", "-d", "1"])
+        .args(["--warmup", "0", "--keys", "50", "--rounds", "2"])
+        .args(["--url", &node.url(""), "--baseline-url", &baseline_url])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let order: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        order,
+        [(1, "baseline"), (1, "node"), (2, "baseline"), (2, "node")]
+    );
+    let mut ratios = Vec::new();
+    for pair in runs.chunks(2) {
+        let [baseline, node] = pair else {
+            unreachable!()
+        };
+        assert_eq!(node["errors"], 0, "the node answered every write: {node}");
+        assert!(node["ok"].as_u64().unwrap() > 0 && baseline["ok"].as_u64().unwrap() > 0);
+        ratios
+            .push(node["throughput"].as_f64().unwrap() / baseline["throughput"].as_f64().unwrap());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let ratio = &report["ratio"];
+    let close = |field: &str, expected: f64| {
+        let reported = ratio[field].as_f64().unwrap();
+        assert!(
+            (reported - expected).abs() < 1e-12,
+            "{field}: {reported} vs {expected}"
+        );
+    };
+    close("min", ratios[0]);
+    close("max", ratios[1]);
+    close("median", f64::midpoint(ratios[0], ratios[1]));
+    // The writes went to the node, not only to the baseline.
+    let listed: serde_json::Value = reqwest::get(node.url("/v1/registers?limit=100"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let keys = listed["keys"].as_array().unwrap();
+    assert!(!keys.is_empty() && keys.len() <= 50, "{listed}");
+}
+
+#[tokio::test]
+async fn bench_refuses_zero_rounds_with_one_line() {
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench", "--rounds", "0", "--url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--rounds"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
