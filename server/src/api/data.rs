@@ -163,12 +163,7 @@ impl WriteJson for RegisterView {
 }
 
 /// Both counters' answers: the key, the value, the meta.
-fn counter_json(
-    out: &mut Vec<u8>,
-    key: &str,
-    value: impl std::fmt::Display,
-    meta: Option<&WriteMeta>,
-) {
+fn counter_json(out: &mut Vec<u8>, key: &str, value: impl itoa::Integer, meta: Option<&WriteMeta>) {
     open_with_key(out, key);
     out.extend_from_slice(b",\"value\":");
     answer::integer(out, value);

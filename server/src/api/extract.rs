@@ -97,16 +97,23 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
         .next()
         .unwrap_or_default()
         .trim();
-    let media = media.to_ascii_lowercase();
-    if media == "application/json"
-        || (media.starts_with("application/") && media.ends_with("+json"))
+    // Compared without lowering a copy first: this runs on every write.
+    let media_bytes = media.as_bytes();
+    let ends_with_json = media_bytes.len() >= b"+json".len()
+        && media_bytes[media_bytes.len() - b"+json".len()..].eq_ignore_ascii_case(b"+json");
+    let starts_with_application = media_bytes.len() >= b"application/".len()
+        && media_bytes[..b"application/".len()].eq_ignore_ascii_case(b"application/");
+    if media.eq_ignore_ascii_case("application/json") || (starts_with_application && ends_with_json)
     {
         Ok(())
     } else {
         Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported-media-type",
-            format!("content type {media:?} is not JSON; send application/json"),
+            format!(
+                "content type {:?} is not JSON; send application/json",
+                media.to_ascii_lowercase()
+            ),
         ))
     }
 }
@@ -199,5 +206,46 @@ impl ConsistencyLevel {
 impl fmt::Display for ConsistencyLevel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn with_content_type(value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+        headers
+    }
+
+    #[test]
+    fn json_media_types_pass_in_any_case_and_others_are_refused() {
+        for accepted in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "  application/json  ",
+            "application/merge-patch+json",
+            "APPLICATION/VND.API+JSON",
+        ] {
+            assert!(
+                check_content_type(&with_content_type(accepted)).is_ok(),
+                "{accepted}"
+            );
+        }
+        assert!(check_content_type(&HeaderMap::new()).is_ok());
+        for refused in [
+            "text/plain",
+            "application/xml",
+            "text/x+json",
+            "application/jsonp",
+            "application/+jso",
+            "json",
+            "",
+        ] {
+            let problem = check_content_type(&with_content_type(refused)).unwrap_err();
+            assert_eq!(problem.status, 415, "{refused}");
+        }
     }
 }
