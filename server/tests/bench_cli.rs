@@ -112,3 +112,72 @@ async fn bench_refuses_zero_rounds_with_one_line() {
     assert!(stderr.contains("--rounds"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// `meridian bench --json` against `node`; the report's object.
+fn bench(node: &Node, workload: &str) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args([
+            "bench",
+            "--json",
+            "--workload",
+            workload,
+            "-c",
+            "2",
+            "-d",
+            "1",
+        ])
+        .args(["--warmup", "0", "--keys", "20", "--url", &node.url("")])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{workload}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn bench_writes_and_reads_each_type() {
+    let node = Node::start("").await;
+    let mut acknowledged = std::collections::HashMap::new();
+    for (read, write, collection) in [
+        ("get", "put", "registers"),
+        ("counter-get", "incr", "counters"),
+        ("gcounter-get", "gincr", "gcounters"),
+        ("smembers", "sadd", "sets"),
+    ] {
+        // The read runs first, on keys only its own preload wrote.
+        let report = bench(&node, read);
+        assert_eq!(report["errors"], 0, "{read}: {report}");
+        assert!(report["ok"].as_u64().unwrap() > 0, "{read}: {report}");
+        let listed: serde_json::Value =
+            reqwest::get(node.url(&format!("/v1/{collection}?limit=100")))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        assert_eq!(
+            listed["keys"].as_array().unwrap().len(),
+            20,
+            "{read} preloads every key as a {collection} entry: {listed}"
+        );
+        let report = bench(&node, write);
+        assert_eq!(report["errors"], 0, "{write}: {report}");
+        assert!(report["ok"].as_u64().unwrap() > 0, "{write}: {report}");
+        acknowledged.insert(write, report["ok"].as_u64().unwrap());
+    }
+    // Every acknowledged increment landed on the keys the read preloaded (one each).
+    let mut total = 0;
+    for key in 0..20 {
+        let counter: serde_json::Value = reqwest::get(node.url(&format!("/v1/gcounters/k{key}")))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        total += counter["value"].as_u64().unwrap();
+    }
+    assert_eq!(total, 20 + acknowledged["gincr"]);
+}

@@ -23,18 +23,85 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
+/// A write and a read for each of the four types. Every read workload writes each key once
+/// first, so reads find values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Workload {
     /// PUT a register with a value of --value-size bytes.
     Put,
-    /// GET a register (the keys are written first).
+    /// GET a register.
     Get,
     /// POST an increment to a PN-counter.
     Incr,
-    /// POST an add of one element to a set.
+    /// GET a PN-counter.
+    CounterGet,
+    /// POST an increment to a G-counter.
+    Gincr,
+    /// GET a G-counter.
+    GcounterGet,
+    /// POST an add of one element to one of 100 sets (which grow over the run, and every
+    /// answer carries the whole set).
     Sadd,
+    /// GET a set (of one element each).
+    Smembers,
     /// 50 % GET register, 50 % PUT register.
     Mixed,
+}
+
+/// The CRDT a workload works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataType {
+    Register,
+    Counter,
+    GCounter,
+    Set,
+}
+
+impl Workload {
+    fn data_type(self) -> DataType {
+        match self {
+            Self::Put | Self::Get | Self::Mixed => DataType::Register,
+            Self::Incr | Self::CounterGet => DataType::Counter,
+            Self::Gincr | Self::GcounterGet => DataType::GCounter,
+            Self::Sadd | Self::Smembers => DataType::Set,
+        }
+    }
+
+    /// Whether the keys must hold values before the run.
+    fn reads(self) -> bool {
+        matches!(
+            self,
+            Self::Get | Self::CounterGet | Self::GcounterGet | Self::Smembers | Self::Mixed
+        )
+    }
+
+    /// Whether request number `n` (a random draw) reads.
+    fn reads_at(self, n: u64) -> bool {
+        match self {
+            Self::Mixed => n % 2 == 0,
+            other => other.reads(),
+        }
+    }
+}
+
+impl DataType {
+    fn path(self, key: u64) -> String {
+        match self {
+            Self::Register => format!("/v1/registers/k{key}"),
+            Self::Counter => format!("/v1/counters/k{key}"),
+            Self::GCounter => format!("/v1/gcounters/k{key}"),
+            Self::Set => format!("/v1/sets/k{key}"),
+        }
+    }
+
+    /// The method and body of a write of this type; `element` is what a set write adds.
+    fn write(self, element: u64, register_value: &str) -> (&'static str, String) {
+        match self {
+            Self::Register => ("PUT", register_value.to_owned()),
+            Self::Counter | Self::GCounter => ("POST", r#"{"increment":1}"#.to_owned()),
+            Self::Set => ("POST", format!(r#"{{"add":[{element}]}}"#)),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -222,40 +289,29 @@ fn request_for(
     n: u64,
     value: &str,
 ) -> Result<Request<Full<Bytes>>> {
+    let data_type = args.workload.data_type();
     let key = n % args.keys as u64;
-    let read = match args.workload {
-        Workload::Get => true,
-        Workload::Mixed => n % 2 == 0,
-        _ => false,
+    let mut builder;
+    let body = if args.workload.reads_at(n) {
+        builder = target.request("GET", &data_type.path(key));
+        String::new()
+    } else {
+        // Set adds go to 100 sets, which grow: the workload measures sets that get large.
+        let key = if args.workload == Workload::Sadd {
+            key % 100
+        } else {
+            key
+        };
+        let (method, body) = data_type.write(n, value);
+        builder = target
+            .request(method, &data_type.path(key))
+            .header("content-type", "application/json");
+        body
     };
-    let (method, path, body) = match args.workload {
-        Workload::Put | Workload::Get | Workload::Mixed if read => {
-            ("GET", format!("/v1/registers/k{key}"), None)
-        }
-        Workload::Put | Workload::Get | Workload::Mixed => (
-            "PUT",
-            format!("/v1/registers/k{key}"),
-            Some(value.to_owned()),
-        ),
-        Workload::Incr => (
-            "POST",
-            format!("/v1/counters/k{key}"),
-            Some(r#"{"increment":1}"#.to_owned()),
-        ),
-        Workload::Sadd => (
-            "POST",
-            format!("/v1/sets/k{}", key % 100),
-            Some(json!({"add": [n]}).to_string()),
-        ),
-    };
-    let mut builder = target.request(method, &path);
     if let Some(level) = &args.consistency {
         builder = builder.header("consistency-level", level);
     }
-    if body.is_some() {
-        builder = builder.header("content-type", "application/json");
-    }
-    Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+    Ok(builder.body(Full::new(Bytes::from(body)))?)
 }
 
 /// When an open-loop connection sends: at `first`, then every `interval`.
@@ -335,11 +391,13 @@ async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
         tasks.spawn(async move {
             let mut sender = http1(&target).await?;
             let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
+            let data_type = args.workload.data_type();
             for key in (lane..args.keys as u64).step_by(lanes as usize) {
+                let (method, body) = data_type.write(key, &value);
                 let request = target
-                    .request("PUT", &format!("/v1/registers/k{key}"))
+                    .request(method, &data_type.path(key))
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(value.clone())))?;
+                    .body(Full::new(Bytes::from(body)))?;
                 sender.ready().await?;
                 let response = sender.send_request(request).await?;
                 if !response.status().is_success() {
@@ -390,7 +448,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .transpose()?;
     let args = Arc::new(args);
     runtime.block_on(async move {
-        if matches!(args.workload, Workload::Get | Workload::Mixed) {
+        if args.workload.reads() {
             for target in &targets {
                 preload(&args, target).await.context("preloading keys")?;
             }
