@@ -115,7 +115,7 @@ pub enum WriteError {
 /// What a committed local write returns: the key's state right after it, and the op's identity.
 #[derive(Clone, Debug)]
 pub struct Committed {
-    pub state: State,
+    pub state: Arc<State>,
     pub dot: Dot,
     pub stamp: Stamp,
     /// The node's applied vector right after the commit that made this write durable.

@@ -459,3 +459,33 @@ async fn an_older_database_is_refused_a_new_journal_dir_while_its_journal_is_els
     drop(reopened);
     assert!(data.join("journal").join("journal.id").exists());
 }
+
+#[tokio::test]
+async fn each_write_of_a_group_is_answered_with_the_state_right_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    let mut writes = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let storage = storage.clone();
+        writes.spawn(async move {
+            storage
+                .write(Kind::Counter, "hits".to_owned(), Intent::Increment(1))
+                .await
+        });
+    }
+    let mut values = Vec::new();
+    let mut groups = std::collections::HashSet::new();
+    while let Some(done) = writes.join_next().await {
+        let committed = done.unwrap().unwrap();
+        let State::Counter(counter) = &*committed.state else {
+            panic!("a counter write answered {:?}", committed.state);
+        };
+        values.push(counter.value());
+        groups.insert(committed.applied.get(NodeId::new(1).unwrap()));
+    }
+    // Writes shared groups (one applied vector per group), so the answers shared a state
+    // that later writes of the same group went on changing.
+    assert!(groups.len() < 500, "{} groups for 500 writes", groups.len());
+    values.sort_unstable();
+    assert_eq!(values, (1..=500).collect::<Vec<i64>>());
+}

@@ -128,7 +128,17 @@ impl<'a> Group<'a> {
     }
 
     fn state_at(&mut self, storage_key: Vec<u8>, kind: Kind) -> Result<&mut State, StorageError> {
-        let state = match self.dirty.entry(storage_key) {
+        // Copies the state only if a reader still holds the published one.
+        Ok(Arc::make_mut(self.shared_state_at(storage_key, kind)?))
+    }
+
+    /// The group's copy of a key's state, as shared with the memtable, readers and replies.
+    fn shared_state_at(
+        &mut self,
+        storage_key: Vec<u8>,
+        kind: Kind,
+    ) -> Result<&mut Arc<State>, StorageError> {
+        Ok(match self.dirty.entry(storage_key) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let state = if let Some(state) = self.memtable.lookup(entry.key()) {
@@ -157,9 +167,7 @@ impl<'a> Group<'a> {
                 };
                 entry.insert(state)
             }
-        };
-        // Copies the state only if a reader still holds the published one.
-        Ok(Arc::make_mut(state))
+        })
     }
 
     fn append(&mut self, op: &Op) {
@@ -445,12 +453,16 @@ impl Writer {
         let dot = Dot::new(node, group.applied.get(node) + 1);
         let stamp = super::read_clock(&self.hlc, node);
         let max = self.options.max_set_elements;
-        let state = group.state(kind, &key)?;
+        let shared = group.shared_state_at(state_key(kind, &key), kind)?;
+        let state = Arc::make_mut(shared);
         let delta = intent.delta(state, node, dot, stamp, max)?;
         state
             .merge(&delta)
             .map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
-        let state = state.clone();
+        // The answer shares the state rather than copying it: a copy of a large set is most
+        // of an add's cost. A later write to the key copies it once, as it would anyway
+        // while the memtable holds it.
+        let state = Arc::clone(shared);
         group.append(&Op {
             dot,
             stamp,
