@@ -1,5 +1,5 @@
-//! `meridian bench` against a real node and a real `meridian bench-baseline`, in alternating
-//! rounds: the comparison the README's single-node table is made with.
+//! `meridian bench` against a real node and a real `meridian bench-baseline`: the comparison
+//! the README's single-node table is made with, and a write and a read of each type.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -43,22 +43,50 @@ async fn baseline() -> (Baseline, String) {
     panic!("bench-baseline did not come up on {addr}");
 }
 
-#[tokio::test]
-async fn bench_compares_a_node_with_the_baseline_round_by_round() {
-    let node = Node::start("").await;
-    let (_baseline, baseline_url) = baseline().await;
+/// `meridian bench --json` with two connections for one second and `args`, which must
+/// succeed; its report.
+fn bench(args: &[&str]) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["bench", "--json", "--workload", "put", "-c", "2", "-d", "1"])
-        .args(["--warmup", "0", "--keys", "50", "--rounds", "2"])
-        .args(["--url", &node.url(""), "--baseline-url", &baseline_url])
+        .args(["bench", "--json", "-c", "2", "-d", "1", "--warmup", "0"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
         output.status.success(),
-        "{}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The keys of one type on `node` (the first hundred).
+async fn keys(node: &Node, collection: &str) -> Vec<serde_json::Value> {
+    let listed: serde_json::Value = reqwest::get(node.url(&format!("/v1/{collection}?limit=100")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["keys"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn bench_compares_a_node_with_the_baseline_round_by_round() {
+    let node = Node::start("").await;
+    let (_baseline, baseline_url) = baseline().await;
+    let node_url = node.url("");
+    let report = bench(&[
+        "--workload",
+        "put",
+        "--keys",
+        "50",
+        "--rounds",
+        "2",
+        "--url",
+        &node_url,
+        "--baseline-url",
+        &baseline_url,
+    ]);
     let runs = report["runs"].as_array().unwrap();
     let order: Vec<(u64, &str)> = runs
         .iter()
@@ -91,14 +119,8 @@ async fn bench_compares_a_node_with_the_baseline_round_by_round() {
     close("max", ratios[1]);
     close("median", f64::midpoint(ratios[0], ratios[1]));
     // The writes went to the node, not only to the baseline.
-    let listed: serde_json::Value = reqwest::get(node.url("/v1/registers?limit=100"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let keys = listed["keys"].as_array().unwrap();
-    assert!(!keys.is_empty() && keys.len() <= 50, "{listed}");
+    let keys = keys(&node, "registers").await;
+    assert!(!keys.is_empty() && keys.len() <= 50, "{keys:?}");
 }
 
 #[tokio::test]
@@ -113,33 +135,10 @@ async fn bench_refuses_zero_rounds_with_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
-/// `meridian bench --json` against `node`; the report's object.
-fn bench(node: &Node, workload: &str) -> serde_json::Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args([
-            "bench",
-            "--json",
-            "--workload",
-            workload,
-            "-c",
-            "2",
-            "-d",
-            "1",
-        ])
-        .args(["--warmup", "0", "--keys", "20", "--url", &node.url("")])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{workload}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn bench_writes_and_reads_each_type() {
     let node = Node::start("").await;
+    let node_url = node.url("");
     let mut acknowledged = std::collections::HashMap::new();
     for (read, write, collection) in [
         ("get", "put", "registers"),
@@ -147,26 +146,20 @@ async fn bench_writes_and_reads_each_type() {
         ("gcounter-get", "gincr", "gcounters"),
         ("smembers", "sadd", "sets"),
     ] {
-        // The read runs first, on keys only its own preload wrote.
-        let report = bench(&node, read);
-        assert_eq!(report["errors"], 0, "{read}: {report}");
-        assert!(report["ok"].as_u64().unwrap() > 0, "{read}: {report}");
-        let listed: serde_json::Value =
-            reqwest::get(node.url(&format!("/v1/{collection}?limit=100")))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-        assert_eq!(
-            listed["keys"].as_array().unwrap().len(),
-            20,
-            "{read} preloads every key as a {collection} entry: {listed}"
-        );
-        let report = bench(&node, write);
-        assert_eq!(report["errors"], 0, "{write}: {report}");
-        assert!(report["ok"].as_u64().unwrap() > 0, "{write}: {report}");
-        acknowledged.insert(write, report["ok"].as_u64().unwrap());
+        for workload in [read, write] {
+            let report = bench(&["--workload", workload, "--keys", "20", "--url", &node_url]);
+            assert_eq!(report["errors"], 0, "{workload}: {report}");
+            assert!(report["ok"].as_u64().unwrap() > 0, "{workload}: {report}");
+            acknowledged.insert(workload, report["ok"].as_u64().unwrap());
+            // The read runs first, on keys only its own preload can have written.
+            if workload == read {
+                assert_eq!(
+                    keys(&node, collection).await.len(),
+                    20,
+                    "{read} preloads every key as a {collection} entry"
+                );
+            }
+        }
     }
     // Every acknowledged increment landed on the keys the read preloaded (one each).
     let mut total = 0;
