@@ -483,8 +483,8 @@ async fn each_write_of_a_group_is_answered_with_the_state_right_after_it() {
         values.push(counter.value());
         groups.insert(committed.applied.get(NodeId::new(1).unwrap()));
     }
-    // Writes shared groups (one applied vector per group), so the answers shared a state
-    // that later writes of the same group went on changing.
+    // Writes shared groups (one applied vector per group): later writes of a group changed
+    // the key while earlier answers of the same group still held its state.
     assert!(groups.len() < 500, "{} groups for 500 writes", groups.len());
     values.sort_unstable();
     assert_eq!(values, (1..=500).collect::<Vec<i64>>());
