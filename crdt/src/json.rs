@@ -15,6 +15,18 @@ pub struct CanonicalJson(String);
 
 impl CanonicalJson {
     pub fn new(value: &Value) -> Self {
+        // Most values are strings with nothing to escape: quoted as they are, without
+        // serde_json's byte-by-byte escape lookup (about a thousand instructions for a
+        // 100-byte value, on every write).
+        if let Value::String(text) = value {
+            if needs_no_escaping(text.as_bytes()) {
+                let mut quoted = String::with_capacity(text.len() + 2);
+                quoted.push('"');
+                quoted.push_str(text);
+                quoted.push('"');
+                return Self(quoted);
+            }
+        }
         // serde_json's `Map` is a `BTreeMap` (the `preserve_order` feature is off in this
         // workspace), so serialising it emits keys in sorted order. `to_string` writes into a
         // buffer sized for a small document at once, where `Display` grows one from empty
@@ -139,6 +151,13 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A string's canonical text is serde_json's, with or without the shortcut.
+        #[test]
+        fn a_string_is_canonically_what_serde_json_prints(text in "\\PC{0,40}|[ -~\\\\\"\n\t\u{7f}\u{1f}é€😀]{0,40}") {
+            let canonical = CanonicalJson::new(&Value::String(text.clone()));
+            proptest::prop_assert_eq!(canonical.as_str(), serde_json::to_string(&text).unwrap());
+        }
+
         /// The shortcut for plain strings accepts exactly what the full check accepts.
         #[test]
         fn plain_string_shortcut_agrees_with_the_full_check(text in "\\PC{0,12}|\"[ -~\\\\\"\n\u{7f}é]{0,12}\"") {
