@@ -164,11 +164,15 @@ impl Memtable {
             return None;
         }
         let applied = active.applied.clone();
+        // Sized for as many keys as the layer it follows: a layer fills up over a second of
+        // writes, and growing from empty rehashed it a dozen times while the applier waited.
+        let states = HashMap::with_capacity(active.states.len());
         let layer = Arc::new(std::mem::replace(
             &mut *active,
             Layer {
+                states,
+                wal: BTreeMap::new(),
                 applied,
-                ..Layer::default()
             },
         ));
         *frozen = Some(layer.clone());

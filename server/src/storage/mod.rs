@@ -374,7 +374,8 @@ impl Storage {
             let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
         }
         let memtable = Memtable::new(applied.clone());
-        let mut group = writer::Group::new(&memtable, db, applied);
+        // Replay is once, at start: the group grows as it goes rather than guess its keys.
+        let mut group = writer::Group::new(&memtable, db, applied, 0);
         if let Some(gap) = group
             .apply_ops(ops, None)
             .map_err(|e| corrupt("journal replay", e))?

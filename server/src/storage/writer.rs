@@ -112,14 +112,20 @@ pub(super) struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    pub(super) fn new(memtable: &'a Memtable, db: &'a Database, applied: VersionVector) -> Self {
+    /// A group that will touch about `keys` keys (sized for them, so it does not rehash).
+    pub(super) fn new(
+        memtable: &'a Memtable,
+        db: &'a Database,
+        applied: VersionVector,
+        keys: usize,
+    ) -> Self {
         Self {
             memtable,
             db,
             snapshot: None,
-            dirty: HashMap::new(),
+            dirty: HashMap::with_capacity(keys),
             applied,
-            ops: Vec::new(),
+            ops: Vec::with_capacity(keys),
         }
     }
 
@@ -399,7 +405,12 @@ impl Writer {
         commands: Vec<Command>,
         pending: &mut Vec<Pending>,
     ) -> Result<(VersionVector, Vec<EncodedOp>), StorageError> {
-        let mut group = Group::new(&self.memtable, &self.db, self.applied.clone());
+        let mut group = Group::new(
+            &self.memtable,
+            &self.db,
+            self.applied.clone(),
+            commands.len(),
+        );
         for command in commands {
             match command {
                 Command::Local {
@@ -650,7 +661,7 @@ mod tests {
         );
         assert!(memtable.freeze().is_some());
 
-        let mut group = Group::new(&memtable, &db, VersionVector::new());
+        let mut group = Group::new(&memtable, &db, VersionVector::new(), 0);
         assert_eq!(group.state_at(a, Kind::Counter).unwrap(), &counter(1));
         // The fold of the frozen layer: commit, then drop the layer.
         commit_state(&db, &b, &counter(7));
