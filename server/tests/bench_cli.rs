@@ -148,6 +148,7 @@ async fn bench_writes_and_reads_each_type() {
     ] {
         for workload in [read, write] {
             let report = bench(&["--workload", workload, "--keys", "20", "--url", &node_url]);
+            assert_eq!(report["workload"], workload, "reported by its own name");
             assert_eq!(report["errors"], 0, "{workload}: {report}");
             assert!(report["ok"].as_u64().unwrap() > 0, "{workload}: {report}");
             acknowledged.insert(workload, report["ok"].as_u64().unwrap());

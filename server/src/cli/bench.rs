@@ -75,6 +75,12 @@ impl Workload {
         )
     }
 
+    /// The name `--workload` takes, as the report shows it.
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned())
+    }
+
     /// Whether request number `n` (a random draw) reads.
     fn reads_at(self, n: u64) -> bool {
         match self {
@@ -808,7 +814,7 @@ fn report(args: &BenchArgs, runs: &[Run]) {
     if args.json {
         let objects: Vec<serde_json::Value> = runs.iter().map(|r| run_json(args, r)).collect();
         match objects.as_slice() {
-            [only] if !summarised => println!("{only}"),
+            [only] => println!("{only}"),
             _ => println!(
                 "{}",
                 json!({
@@ -851,16 +857,21 @@ fn report(args: &BenchArgs, runs: &[Run]) {
     }
 }
 
+/// A histogram of microseconds at quantile `q`, in milliseconds.
+fn ms_at(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
 fn run_json(args: &BenchArgs, run: &Run) -> serde_json::Value {
     let m = &run.measured;
     let (h, lag) = (&m.latencies, m.lag.as_ref());
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let lag_ms = |q: f64| lag.map(|l| l.value_at_quantile(q) as f64 / 1000.0);
+    let ms = |q: f64| ms_at(h, q);
+    let lag_ms = |q: f64| lag.map(|l| ms_at(l, q));
     let (apply_lag, receive_lag) = (m.apply_lag.as_ref(), m.receive_lag.as_ref());
     json!({
         "round": run.round,
         "server": run.side.label(),
-        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "workload": args.workload.name(),
         "connections": args.connections,
         "seconds": m.seconds,
         "ok": m.ok,
@@ -881,10 +892,10 @@ fn run_json(args: &BenchArgs, run: &Run) -> serde_json::Value {
 
 fn print_run(args: &BenchArgs, m: &Measured) {
     let h = &m.latencies;
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| ms_at(h, q);
     println!(
         "{:<7} c={:<4} {:>10.0} req/s  p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  ok {} errors {}",
-        format!("{:?}", args.workload).to_lowercase(),
+        args.workload.name(),
         args.connections,
         m.throughput(),
         ms(0.5),
@@ -910,8 +921,8 @@ fn print_run(args: &BenchArgs, m: &Measured) {
         println!(
             "write to remote read, probe ({} samples)  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms",
             l.len(),
-            l.value_at_quantile(0.5) as f64 / 1000.0,
-            l.value_at_quantile(0.99) as f64 / 1000.0,
+            ms_at(l, 0.5),
+            ms_at(l, 0.99),
             l.max() as f64 / 1000.0
         );
     }
