@@ -51,6 +51,26 @@ impl DotContext {
         &self.vv
     }
 
+    /// Every dot of the context, if it holds at most `limit`: a delta's context names a few
+    /// dots, where a full state's covers every write its set has seen.
+    pub fn dots_up_to(&self, limit: usize) -> Option<Vec<Dot>> {
+        let count = self
+            .vv
+            .iter()
+            .try_fold(self.cloud.len() as u64, |count, (_, seq)| {
+                count.checked_add(seq)
+            })?;
+        if count > limit as u64 {
+            return None;
+        }
+        let mut dots = Vec::with_capacity(count as usize);
+        for (node, seq) in self.vv.iter() {
+            dots.extend((1..=seq).map(|seq| Dot::new(node, seq)));
+        }
+        dots.extend(self.cloud.iter().copied());
+        Some(dots)
+    }
+
     pub fn cloud_len(&self) -> usize {
         self.cloud.len()
     }
@@ -126,5 +146,22 @@ mod tests {
         let mut ba = b;
         ba.merge(&a);
         assert_eq!(ab, ba);
+    }
+
+    #[test]
+    fn a_small_context_lists_its_dots_and_a_large_one_does_not() {
+        let ctx: DotContext = [dot(1, 1), dot(1, 2), dot(2, 7)].into_iter().collect();
+        let mut dots = ctx.dots_up_to(3).unwrap();
+        dots.sort();
+        assert_eq!(dots, vec![dot(1, 1), dot(1, 2), dot(2, 7)]);
+        assert_eq!(ctx.dots_up_to(2), None);
+        let mut huge = DotContext::new();
+        huge.vv.raise(NodeId::new(1).unwrap(), u64::MAX);
+        huge.vv.raise(NodeId::new(2).unwrap(), u64::MAX);
+        assert_eq!(
+            huge.dots_up_to(usize::MAX),
+            None,
+            "the count must not overflow"
+        );
     }
 }

@@ -9,8 +9,17 @@
 //!
 //! Dots count adds per key (`(node, n)` is the n-th dot `node` minted in this set), not
 //! per-node WAL positions: per-key counters keep the context contiguous, hence compact.
+//!
+//! The elements live in a persistent B-tree ([`imbl::OrdMap`]): a copy shares every node
+//! with its original, and a change copies only the nodes on its path. A node keeps the state
+//! its readers see while its next write changes a copy, so an add to a set of n elements costs
+//! O(log n), not a copy of the set. Merging a delta touches only the elements it names,
+//! unless it removes dots whose element it does not name (a remove), which takes one
+//! read-only pass over the set.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+
+use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +27,11 @@ use crate::clock::{Dot, NodeId, VersionVector};
 use crate::context::DotContext;
 use crate::json::CanonicalJson;
 use crate::traits::Crdt;
+
+/// The most dots a merged context may hold for its removed dots to be listed one by one
+/// rather than checked against every element: a delta's context holds the dots it mints and
+/// those it observed of the elements it names.
+const LISTED_DOTS: usize = 256;
 
 /// An add-wins OR-Set of JSON elements, in canonical order.
 ///
@@ -40,7 +54,7 @@ use crate::traits::Crdt;
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct OrSet {
-    entries: BTreeMap<CanonicalJson, BTreeSet<Dot>>,
+    entries: OrdMap<CanonicalJson, BTreeSet<Dot>>,
     context: DotContext,
 }
 
@@ -61,7 +75,7 @@ impl OrSet {
             .copied()
             .collect();
         Self {
-            entries: BTreeMap::new(),
+            entries: OrdMap::new(),
             context,
         }
     }
@@ -95,7 +109,7 @@ impl OrSet {
     #[must_use]
     pub fn clear(&self) -> Self {
         Self {
-            entries: BTreeMap::new(),
+            entries: OrdMap::new(),
             context: self.entries.values().flatten().copied().collect(),
         }
     }
@@ -121,6 +135,102 @@ impl OrSet {
         &self.context
     }
 
+    /// [`Crdt::merge`], listing the removed dots of a context that holds at most `limit`
+    /// (exposed to tests, which hold the listing to the element-by-element check).
+    #[cfg(feature = "arbitrary")]
+    #[doc(hidden)]
+    pub fn merge_with_listing_limit(&mut self, other: &Self, limit: usize) {
+        self.merge_listing_up_to(other, limit);
+    }
+
+    fn merge_listing_up_to(&mut self, other: &Self, limit: usize) {
+        self.forget_removed(other, limit);
+        for (element, theirs) in &other.entries {
+            let fresh: Vec<Dot> = theirs
+                .iter()
+                .copied()
+                .filter(|&dot| !self.context.contains(dot))
+                .collect();
+            if !fresh.is_empty() {
+                self.entries
+                    .entry(element.clone())
+                    .or_default()
+                    .extend(fresh);
+            }
+        }
+        self.context.merge(&other.context);
+    }
+
+    /// Drops the dots `other` removed: a dot survives if both sides hold it, or one side holds
+    /// it and the other never saw it; a dot one side saw but no longer holds was removed there.
+    fn forget_removed(&mut self, other: &Self, limit: usize) {
+        let Some(mut removed) = other.context.dots_up_to(limit) else {
+            // A large context (a full state, a clear): every element is checked, as the rule
+            // above says.
+            let changed: Vec<(CanonicalJson, BTreeSet<Dot>)> = self
+                .entries
+                .iter()
+                .filter_map(|(element, dots)| {
+                    let theirs = other.entries.get(element);
+                    let kept: BTreeSet<Dot> = dots
+                        .iter()
+                        .copied()
+                        .filter(|&dot| {
+                            theirs.is_some_and(|t| t.contains(&dot)) || !other.context.contains(dot)
+                        })
+                        .collect();
+                    (kept.len() < dots.len()).then(|| (element.clone(), kept))
+                })
+                .collect();
+            for (element, kept) in changed {
+                if kept.is_empty() {
+                    self.entries.remove(&element);
+                } else {
+                    self.entries.insert(element, kept);
+                }
+            }
+            return;
+        };
+        // Only a dot this side has seen can be one it holds.
+        let held: BTreeSet<Dot> = other.entries.values().flatten().copied().collect();
+        removed.retain(|&dot| !held.contains(&dot) && self.context.contains(dot));
+        if removed.is_empty() {
+            return;
+        }
+        removed.sort_unstable();
+        let is_removed = |dot: &Dot| removed.binary_search(dot).is_ok();
+        let holding = |dots: &BTreeSet<Dot>| dots.iter().filter(|&d| is_removed(d)).count();
+        // A delta that adds an element again removes that element's earlier dots: found by
+        // name. Any other removed dot (a remove names no element) takes a pass over the set.
+        let mut elements: Vec<CanonicalJson> = other
+            .entries
+            .keys()
+            .filter(|element| self.entries.get(*element).is_some_and(|d| holding(d) > 0))
+            .cloned()
+            .collect();
+        let found: usize = elements
+            .iter()
+            .filter_map(|element| self.entries.get(element))
+            .map(holding)
+            .sum();
+        if found < removed.len() {
+            elements = self
+                .entries
+                .iter()
+                .filter(|(_, dots)| holding(dots) > 0)
+                .map(|(element, _)| element.clone())
+                .collect();
+        }
+        for element in elements {
+            if let Some(dots) = self.entries.get_mut(&element) {
+                dots.retain(|dot| !is_removed(dot));
+                if dots.is_empty() {
+                    self.entries.remove(&element);
+                }
+            }
+        }
+    }
+
     /// Refuses states in which an element holds a dot its context does not know, which no
     /// sequence of operations produces.
     pub(crate) fn validate(&self) -> Result<(), crate::CrdtError> {
@@ -139,29 +249,7 @@ impl OrSet {
 
 impl Crdt for OrSet {
     fn merge(&mut self, other: &Self) {
-        // A dot survives if both sides hold it, or one side holds it and the other never saw
-        // it. A dot one side saw but no longer holds was removed there.
-        for (element, dots) in &mut self.entries {
-            let theirs = other.entries.get(element);
-            dots.retain(|&dot| {
-                theirs.is_some_and(|t| t.contains(&dot)) || !other.context.contains(dot)
-            });
-        }
-        for (element, theirs) in &other.entries {
-            let fresh: Vec<Dot> = theirs
-                .iter()
-                .copied()
-                .filter(|&dot| !self.context.contains(dot))
-                .collect();
-            if !fresh.is_empty() {
-                self.entries
-                    .entry(element.clone())
-                    .or_default()
-                    .extend(fresh);
-            }
-        }
-        self.entries.retain(|_, dots| !dots.is_empty());
-        self.context.merge(&other.context);
+        self.merge_listing_up_to(other, LISTED_DOTS);
     }
 
     fn collect_garbage(&mut self, _stable: &VersionVector) -> bool {

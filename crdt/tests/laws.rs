@@ -195,3 +195,24 @@ fn bottom_of_every_kind_is_bottom_and_of_that_kind() {
         assert_eq!(kind.collection().parse::<Kind>(), Ok(kind));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// An OR-Set merge finds removed dots by listing a small context's dots, and checks every
+    /// element against a large one: both ways, and the default, reach the same state.
+    #[test]
+    fn or_set_merge_lists_removed_dots_as_the_element_check_finds_them(
+        states in arbitrary::states_of::<OrSet>(2),
+    ) {
+        let (a, b) = (&states[0], &states[1]);
+        let mut checked = a.clone();
+        checked.merge_with_listing_limit(b, 0);
+        let mut listed = a.clone();
+        listed.merge_with_listing_limit(b, usize::MAX);
+        prop_assert_eq!(&listed, &checked);
+        let mut default = a.clone();
+        default.merge(b);
+        prop_assert_eq!(&default, &checked);
+    }
+}
