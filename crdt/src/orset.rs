@@ -161,72 +161,62 @@ impl OrSet {
         self.context.merge(&other.context);
     }
 
-    /// Drops the dots `other` removed: a dot survives if both sides hold it, or one side holds
-    /// it and the other never saw it; a dot one side saw but no longer holds was removed there.
+    /// Drops the dots `other` removed: a dot survives if both sides hold it for the element, or
+    /// one side holds it and the other never saw it; a dot one side saw but no longer holds
+    /// for the element was removed there.
     fn forget_removed(&mut self, other: &Self, limit: usize) {
-        let Some(mut removed) = other.context.dots_up_to(limit) else {
-            // A large context (a full state, a clear): every element is checked, as the rule
-            // above says.
-            let changed: Vec<(CanonicalJson, BTreeSet<Dot>)> = self
-                .entries
-                .iter()
-                .filter_map(|(element, dots)| {
-                    let theirs = other.entries.get(element);
-                    let kept: BTreeSet<Dot> = dots
-                        .iter()
-                        .copied()
-                        .filter(|&dot| {
-                            theirs.is_some_and(|t| t.contains(&dot)) || !other.context.contains(dot)
-                        })
-                        .collect();
-                    (kept.len() < dots.len()).then(|| (element.clone(), kept))
-                })
-                .collect();
-            for (element, kept) in changed {
-                if kept.is_empty() {
-                    self.entries.remove(&element);
-                } else {
-                    self.entries.insert(element, kept);
-                }
-            }
-            return;
+        // The dots of `other`'s context this side may hold, listed when there are few (a
+        // delta's), else every dot of that context.
+        let listed = other.context.dots_up_to(limit).map(|mut dots| {
+            // Only a dot this side has seen can be one it holds.
+            dots.retain(|&dot| self.context.contains(dot));
+            dots.sort_unstable();
+            dots
+        });
+        let seen = |dot: &Dot| match &listed {
+            Some(dots) => dots.binary_search(dot).is_ok(),
+            None => other.context.contains(*dot),
         };
-        // Only a dot this side has seen can be one it holds.
-        let held: BTreeSet<Dot> = other.entries.values().flatten().copied().collect();
-        removed.retain(|&dot| !held.contains(&dot) && self.context.contains(dot));
-        if removed.is_empty() {
-            return;
-        }
-        removed.sort_unstable();
-        let is_removed = |dot: &Dot| removed.binary_search(dot).is_ok();
-        let holding = |dots: &BTreeSet<Dot>| dots.iter().filter(|&d| is_removed(d)).count();
-        // A delta that adds an element again removes that element's earlier dots: found by
-        // name. Any other removed dot (a remove names no element) takes a pass over the set.
-        let mut elements: Vec<CanonicalJson> = other
-            .entries
-            .keys()
-            .filter(|element| self.entries.get(*element).is_some_and(|d| holding(d) > 0))
-            .cloned()
-            .collect();
-        let found: usize = elements
-            .iter()
-            .filter_map(|element| self.entries.get(element))
-            .map(holding)
-            .sum();
-        if found < removed.len() {
-            elements = self
-                .entries
+        let forgotten = |element: &CanonicalJson, dots: &BTreeSet<Dot>| {
+            let theirs = other.entries.get(element);
+            let kept: BTreeSet<Dot> = dots
                 .iter()
-                .filter(|(_, dots)| holding(dots) > 0)
-                .map(|(element, _)| element.clone())
+                .copied()
+                .filter(|dot| !seen(dot) || theirs.is_some_and(|t| t.contains(dot)))
                 .collect();
-        }
-        for element in elements {
-            if let Some(dots) = self.entries.get_mut(&element) {
-                dots.retain(|dot| !is_removed(dot));
-                if dots.is_empty() {
-                    self.entries.remove(&element);
-                }
+            (kept.len() < dots.len()).then(|| (element.clone(), kept))
+        };
+        // A delta that adds an element again forgets that element's earlier dots: the
+        // elements it names are looked at first, and if they hold every listed dot, they are
+        // all there is to look at. Otherwise (a remove names no element; a large context)
+        // every element is.
+        let named_suffice = listed.as_ref().is_some_and(|dots| {
+            let found: usize = other
+                .entries
+                .keys()
+                .filter_map(|element| self.entries.get(element))
+                .map(|held| held.iter().filter(|dot| seen(dot)).count())
+                .sum();
+            found == dots.len()
+        });
+        let changed: Vec<(CanonicalJson, BTreeSet<Dot>)> = if named_suffice {
+            other
+                .entries
+                .keys()
+                .filter_map(|element| self.entries.get_key_value(element))
+                .filter_map(|(element, dots)| forgotten(element, dots))
+                .collect()
+        } else {
+            self.entries
+                .iter()
+                .filter_map(|(element, dots)| forgotten(element, dots))
+                .collect()
+        };
+        for (element, kept) in changed {
+            if kept.is_empty() {
+                self.entries.remove(&element);
+            } else {
+                self.entries.insert(element, kept);
             }
         }
     }
