@@ -275,6 +275,101 @@ async fn sets_add_remove_contains_clear_in_canonical_order() {
     assert_eq!(body, json!({"key": "s", "elements": [], "size": 0}));
 }
 
+/// `Prefer: return=minimal` (RFC 7240) makes every write answer with where it landed, and a
+/// set's size, instead of the new state; the write itself is the same.
+#[tokio::test]
+async fn writes_preferring_a_minimal_return_answer_with_a_summary() {
+    let node = Node::start("").await;
+    let c = Client::new();
+    let writes = [
+        (reqwest::Method::PUT, "/v1/registers/r", Some(json!("v"))),
+        (
+            reqwest::Method::POST,
+            "/v1/counters/c",
+            Some(json!({"increment": -4})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/gcounters/g",
+            Some(json!({"increment": 4})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/sets/s",
+            Some(json!({"add": [1, 2, 3]})),
+        ),
+        (reqwest::Method::DELETE, "/v1/registers/r", None),
+        (reqwest::Method::DELETE, "/v1/counters/c", None),
+        (reqwest::Method::DELETE, "/v1/gcounters/g", None),
+        (reqwest::Method::DELETE, "/v1/sets/s", None),
+    ];
+    let mut seqs = Vec::new();
+    for (method, path, body) in writes {
+        let mut request = c
+            .request(method.clone(), node.url(path))
+            .header("prefer", "wait=5, return=minimal");
+        if let Some(body) = &body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{method} {path}");
+        assert_eq!(
+            response.headers()["preference-applied"],
+            "return=minimal",
+            "{method} {path}"
+        );
+        assert!(response.headers().contains_key("session-token"));
+        let answer: Value = response.json().await.unwrap();
+        let key = path.rsplit('/').next().unwrap();
+        assert_eq!(answer["key"], key, "{method} {path}: {answer}");
+        assert!(answer["meta"]["timestamp"].is_string(), "{answer}");
+        let fields: Vec<&String> = answer.as_object().unwrap().keys().collect();
+        let expected: &[&str] = if path.starts_with("/v1/sets/") {
+            &["key", "meta", "size"]
+        } else {
+            &["key", "meta"]
+        };
+        assert_eq!(fields, expected, "{method} {path}: {answer}");
+        seqs.push(answer["meta"]["seq"].as_u64().unwrap());
+        if path.starts_with("/v1/sets/") {
+            let size = if method == reqwest::Method::POST {
+                3
+            } else {
+                0
+            };
+            assert_eq!(answer["size"], size, "{method} {path}");
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=8).collect::<Vec<u64>>(),
+        "every write landed once"
+    );
+
+    // The writes are what they would have been without the preference.
+    let (_, set) = call(&c, reqwest::Method::GET, node.url("/v1/sets/s"), None).await;
+    assert_eq!(set["size"], 0);
+    let response = c
+        .post(node.url("/v1/counters/c"))
+        .header("prefer", "return=representation")
+        .json(&json!({"increment": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert!(!response.headers().contains_key("preference-applied"));
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["value"], 2, "the reset removed the earlier -4");
+    // Reads have no summary: the preference does not change them.
+    let response = c
+        .get(node.url("/v1/counters/c"))
+        .header("prefer", "return=minimal")
+        .send()
+        .await
+        .unwrap();
+    assert!(!response.headers().contains_key("preference-applied"));
+    assert_eq!(response.json::<Value>().await.unwrap()["value"], 2);
+}
+
 #[tokio::test]
 async fn listing_paginates_by_prefix_and_hides_deleted_registers() {
     let node = Node::start("").await;

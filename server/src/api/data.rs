@@ -6,9 +6,12 @@
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use meridian_crdt::{CanonicalJson, Kind, Stamp, State as CrdtState};
+use meridian_crdt::{CanonicalJson, Kind, OrSet, Stamp, State as CrdtState};
+use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -17,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::answer::{self, JsonAnswer, WriteJson};
 use super::consistency::Session;
-use super::extract::{ConsistencyLevel, JsonBody, RequestedLevel, validate_key};
+use super::extract::{ConsistencyLevel, JsonBody, RequestedLevel, ReturnPreference, validate_key};
 use super::problem::{ApiResult, Problem};
 use crate::storage::{Committed, Intent};
 
@@ -30,6 +33,41 @@ pub struct WriteMeta {
     #[serde(serialize_with = "rfc3339")]
     #[schema(value_type = String)]
     pub timestamp: Stamp,
+}
+
+/// The answer to a write sent with `Prefer: return=minimal`: where the write landed, and a
+/// set's size, without the state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WriteSummary {
+    pub key: String,
+    /// The set's size right after the write (sets only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    pub meta: WriteMeta,
+}
+
+/// A write's answer: the key's new state, or its summary when the client prefers that.
+#[derive(Debug)]
+pub enum WriteAnswer<V> {
+    State(V),
+    Summary(WriteSummary),
+}
+
+impl<V: WriteJson> IntoResponse for WriteAnswer<V> {
+    fn into_response(self) -> Response {
+        static PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+        match self {
+            Self::State(view) => JsonAnswer(view).into_response(),
+            Self::Summary(summary) => {
+                let mut response = JsonAnswer(summary).into_response();
+                response.headers_mut().insert(
+                    &PREFERENCE_APPLIED,
+                    HeaderValue::from_static("return=minimal"),
+                );
+                response
+            }
+        }
+    }
 }
 
 impl From<&Committed> for WriteMeta {
@@ -56,6 +94,14 @@ fn json_or_null<S: Serializer>(
         Some(json) => json.to_raw().serialize(serializer),
         None => RawValue::NULL.serialize(serializer),
     }
+}
+
+fn elements_json<S: Serializer>(set: &OrSet, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut seq = serializer.serialize_seq(Some(set.len()))?;
+    for element in set.elements() {
+        seq.serialize_element(&element.to_raw())?;
+    }
+    seq.end()
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -95,8 +141,9 @@ pub struct GCounterView {
 pub struct SetView {
     pub key: String,
     /// Elements in canonical order (by their canonical JSON text).
+    #[serde(serialize_with = "elements_json")]
     #[schema(value_type = Vec<Value>)]
-    pub elements: Vec<Box<RawValue>>,
+    pub elements: OrSet,
     pub size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<WriteMeta>,
@@ -182,15 +229,26 @@ impl WriteJson for GCounterView {
     }
 }
 
+impl WriteJson for WriteSummary {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        open_with_key(out, &self.key);
+        if let Some(size) = self.size {
+            out.extend_from_slice(b",\"size\":");
+            answer::integer(out, size);
+        }
+        close_with_meta(out, Some(&self.meta));
+    }
+}
+
 impl WriteJson for SetView {
     fn write_json(&self, out: &mut Vec<u8>) {
         open_with_key(out, &self.key);
         out.extend_from_slice(b",\"elements\":[");
-        for (index, element) in self.elements.iter().enumerate() {
+        for (index, element) in self.elements.elements().enumerate() {
             if index > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(element.get().as_bytes());
+            out.extend_from_slice(element.as_str().as_bytes());
         }
         out.extend_from_slice(b"],\"size\":");
         answer::integer(out, self.size);
@@ -275,8 +333,9 @@ fn set_view(key: String, state: &CrdtState, meta: Option<WriteMeta>) -> ApiResul
     let CrdtState::Set(set) = state else {
         return Err(Problem::internal("state of the wrong type"));
     };
+    // Shares the set's tree: the answer is written from it, element by element.
     Ok(SetView {
-        elements: set.elements().map(CanonicalJson::to_raw).collect(),
+        elements: set.clone(),
         size: set.len(),
         key,
         meta,
@@ -380,21 +439,30 @@ async fn read(
     result
 }
 
-/// A write answered with `view` of the key's new state and the write's metadata.
+/// A write answered with `view` of the key's new state and the write's metadata, or with its
+/// summary if the client prefers that.
 async fn write_view<V>(
     app: &AppState,
-    level: &RequestedLevel,
-    session: &Session,
+    (level, session, prefer): (&RequestedLevel, &Session, ReturnPreference),
     (kind, key): (Kind, String),
     intent: Intent,
     view: fn(String, &CrdtState, Option<WriteMeta>) -> ApiResult<V>,
-) -> ApiResult<JsonAnswer<V>> {
+) -> ApiResult<WriteAnswer<V>> {
     let committed = write(app, level, session, kind, key.clone(), intent).await?;
-    Ok(JsonAnswer(view(
-        key,
-        &committed.state,
-        Some((&committed).into()),
-    )?))
+    let meta = WriteMeta::from(&committed);
+    Ok(match prefer {
+        ReturnPreference::Representation => {
+            WriteAnswer::State(view(key, &committed.state, Some(meta))?)
+        }
+        ReturnPreference::Minimal => WriteAnswer::Summary(WriteSummary {
+            key,
+            size: match &*committed.state {
+                CrdtState::Set(set) => Some(set.len()),
+                _ => None,
+            },
+            meta,
+        }),
+    })
 }
 
 /// A read answered with `view` of the key's state.
@@ -431,22 +499,23 @@ pub async fn get_register(
 
 /// Write a register (last writer wins by HLC time).
 #[utoipa::path(put, path = "/v1/registers/{key}", tag = "registers",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     request_body(content = Value, description = "Any JSON value"),
     responses((status = 200, body = RegisterView), (status = 400, body = Problem), (status = 413, body = Problem)))]
 pub async fn put_register(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
     JsonBody(value): JsonBody<Value>,
-) -> ApiResult<JsonAnswer<RegisterView>> {
+) -> ApiResult<WriteAnswer<RegisterView>> {
     let key = path_key(&app, key)?;
     let value = canonical(&app, &value, "value")?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::Register, key),
         Intent::PutRegister(value),
         register_view,
@@ -456,19 +525,20 @@ pub async fn put_register(
 
 /// Delete a register: an LWW tombstone that a later write revives.
 #[utoipa::path(delete, path = "/v1/registers/{key}", tag = "registers",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     responses((status = 200, body = RegisterView)))]
 pub async fn delete_register(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<JsonAnswer<RegisterView>> {
+) -> ApiResult<WriteAnswer<RegisterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::Register, key),
         Intent::DeleteRegister,
         register_view,
@@ -494,21 +564,22 @@ pub async fn get_counter(
 
 /// Add to a counter; negative increments subtract.
 #[utoipa::path(post, path = "/v1/counters/{key}", tag = "counters",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     request_body = IncrementBody,
     responses((status = 200, body = CounterView), (status = 400, body = Problem)))]
 pub async fn incr_counter(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
-) -> ApiResult<JsonAnswer<CounterView>> {
+) -> ApiResult<WriteAnswer<CounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::Counter, key),
         Intent::Increment(body.increment),
         counter_view,
@@ -518,19 +589,20 @@ pub async fn incr_counter(
 
 /// Reset a counter: removes what this node has observed; concurrent increments elsewhere survive.
 #[utoipa::path(delete, path = "/v1/counters/{key}", tag = "counters",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     responses((status = 200, body = CounterView)))]
 pub async fn reset_counter(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<JsonAnswer<CounterView>> {
+) -> ApiResult<WriteAnswer<CounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::Counter, key),
         Intent::ResetCounter,
         counter_view,
@@ -556,16 +628,18 @@ pub async fn get_gcounter(
 
 /// Add a non-negative amount to a grow-only counter.
 #[utoipa::path(post, path = "/v1/gcounters/{key}", tag = "gcounters",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     request_body = IncrementBody,
     responses((status = 200, body = GCounterView), (status = 400, body = Problem)))]
 pub async fn incr_gcounter(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<IncrementBody>,
-) -> ApiResult<JsonAnswer<GCounterView>> {
+) -> ApiResult<WriteAnswer<GCounterView>> {
     let key = path_key(&app, key)?;
     let by = u64::try_from(body.increment).map_err(|_| {
         Problem::bad_request(
@@ -575,8 +649,7 @@ pub async fn incr_gcounter(
     })?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::GCounter, key),
         Intent::IncrementG(by),
         gcounter_view,
@@ -586,19 +659,20 @@ pub async fn incr_gcounter(
 
 /// Reset a grow-only counter (observed-reset).
 #[utoipa::path(delete, path = "/v1/gcounters/{key}", tag = "gcounters",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     responses((status = 200, body = GCounterView)))]
 pub async fn reset_gcounter(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<JsonAnswer<GCounterView>> {
+) -> ApiResult<WriteAnswer<GCounterView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::GCounter, key),
         Intent::ResetCounter,
         gcounter_view,
@@ -624,16 +698,18 @@ pub async fn get_set(
 
 /// Add and remove elements; an element both added and removed ends up present (add wins).
 #[utoipa::path(post, path = "/v1/sets/{key}", tag = "sets",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     request_body = SetUpdateBody,
     responses((status = 200, body = SetView), (status = 400, body = Problem), (status = 413, body = Problem)))]
 pub async fn update_set(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<SetUpdateBody>,
-) -> ApiResult<JsonAnswer<SetView>> {
+) -> ApiResult<WriteAnswer<SetView>> {
     let key = path_key(&app, key)?;
     if body.add.is_empty() && body.remove.is_empty() {
         return Err(Problem::bad_request(
@@ -659,8 +735,7 @@ pub async fn update_set(
         .collect::<ApiResult<Vec<_>>>()?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::Set, key),
         Intent::UpdateSet { add, remove },
         set_view,
@@ -670,19 +745,20 @@ pub async fn update_set(
 
 /// Remove every element this node has observed.
 #[utoipa::path(delete, path = "/v1/sets/{key}", tag = "sets",
-    params(("key" = String, Path, description = "The key")),
+    params(("key" = String, Path, description = "The key"), 
+        ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
     responses((status = 200, body = SetView)))]
 pub async fn clear_set(
     State(app): State<AppState>,
     level: RequestedLevel,
     session: Session,
+    prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<JsonAnswer<SetView>> {
+) -> ApiResult<WriteAnswer<SetView>> {
     let key = path_key(&app, key)?;
     write_view(
         &app,
-        &level,
-        &session,
+        (&level, &session, prefer),
         (Kind::Set, key),
         Intent::ClearSet,
         set_view,
@@ -769,7 +845,7 @@ pub async fn list_keys(
 
 #[cfg(test)]
 mod tests {
-    use meridian_crdt::{NodeId, arbitrary};
+    use meridian_crdt::{Crdt, NodeId, arbitrary};
     use proptest::prelude::*;
 
     use super::*;
@@ -842,17 +918,24 @@ mod tests {
         }
 
         #[test]
+        fn write_summaries_are_what_serde_json_writes(
+            key in key(),
+            size in proptest::option::of(any::<usize>()),
+            meta in meta().prop_filter_map("a summary has meta", |meta| meta),
+        ) {
+            let summary = WriteSummary { key, size, meta };
+            prop_assert_eq!(written(&summary), serialized(&summary));
+        }
+
+        #[test]
         fn set_answers_are_what_serde_json_writes(
             key in key(),
             elements in proptest::collection::vec(arbitrary::json(), 0..6),
             meta in meta(),
         ) {
-            let view = SetView {
-                key,
-                size: elements.len(),
-                elements: elements.iter().map(CanonicalJson::to_raw).collect(),
-                meta,
-            };
+            let mut set = OrSet::default();
+            set.apply(&set.add(arbitrary::replica_node(0), elements));
+            let view = SetView { key, size: set.len(), elements: set, meta };
             prop_assert_eq!(written(&view), serialized(&view));
         }
     }

@@ -156,6 +156,56 @@ impl ConsistencyLevel {
     }
 }
 
+/// What a write answers with, from the request's `Prefer` header (RFC 7240): the new state,
+/// or with `return=minimal` a summary of it, which a client adding to a large set wants
+/// rather than every element back on every add.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReturnPreference {
+    #[default]
+    Representation,
+    Minimal,
+}
+
+impl ReturnPreference {
+    /// The first `return` preference of any `Prefer` header (RFC 7240 §2: a repeated
+    /// preference counts only the first time); preferences a node does not know, and values it
+    /// cannot read, are ignored, as the RFC asks.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        static PREFER: HeaderName = HeaderName::from_static("prefer");
+        headers
+            .get_all(&PREFER)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .find_map(|preference| {
+                // `return=minimal; param=...`: the parameters do not matter here.
+                let token = preference.split(';').next()?;
+                let (name, value) = token.split_once('=')?;
+                name.trim()
+                    .eq_ignore_ascii_case("return")
+                    .then(|| value.trim().trim_matches('"'))
+            })
+            .map_or(Self::Representation, |value| {
+                if value.eq_ignore_ascii_case("minimal") {
+                    Self::Minimal
+                } else {
+                    Self::Representation
+                }
+            })
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ReturnPreference {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self::from_headers(&parts.headers))
+    }
+}
+
 /// The request's consistency level, or the problem with its header: extracted without cloning
 /// the request's headers (axum's `HeaderMap` extractor copies them all), and left for the
 /// handler to refuse so the refusal is counted like any other outcome.
@@ -218,6 +268,37 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
         headers
+    }
+
+    fn prefer(values: &[&'static str]) -> ReturnPreference {
+        let mut headers = HeaderMap::new();
+        for &value in values {
+            headers.append("prefer", HeaderValue::from_static(value));
+        }
+        ReturnPreference::from_headers(&headers)
+    }
+
+    #[test]
+    fn return_minimal_is_found_among_other_preferences_and_the_first_return_counts() {
+        use ReturnPreference::{Minimal, Representation};
+        assert_eq!(prefer(&[]), Representation);
+        assert_eq!(prefer(&["return=minimal"]), Minimal);
+        assert_eq!(prefer(&["RETURN = \"Minimal\" ; foo=bar"]), Minimal);
+        assert_eq!(prefer(&["respond-async, wait=10, return=minimal"]), Minimal);
+        assert_eq!(prefer(&["handling=lenient", "return=minimal"]), Minimal);
+        assert_eq!(prefer(&["return=representation"]), Representation);
+        assert_eq!(
+            prefer(&["return=representation, return=minimal"]),
+            Representation
+        );
+        assert_eq!(
+            prefer(&["return=minimal", "return=representation"]),
+            Minimal
+        );
+        // Unknown values and malformed preferences are ignored, not refused.
+        assert_eq!(prefer(&["return=brief"]), Representation);
+        assert_eq!(prefer(&["return", "minimal", ";;,="]), Representation);
+        assert_eq!(prefer(&["returns=minimal"]), Representation);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub struct App {
         ops::metrics,
         ops::cluster,
     ),
-    components(schemas(Problem))
+    components(schemas(Problem, data::WriteSummary))
 )]
 struct ApiDoc;
 
