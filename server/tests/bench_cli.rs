@@ -175,3 +175,34 @@ async fn bench_writes_and_reads_each_type() {
     }
     assert_eq!(total, 20 + acknowledged["gincr"]);
 }
+
+/// `--prefer-minimal` sends set adds with `Prefer: return=minimal`: each is answered with a
+/// summary, and every acknowledged add is in its set once.
+#[tokio::test]
+async fn bench_adds_with_minimal_answers_land_every_element() {
+    let node = Node::start("").await;
+    let report = bench(&[
+        "--workload",
+        "sadd",
+        "--prefer-minimal",
+        "--keys",
+        "20",
+        "--url",
+        &node.url(""),
+    ]);
+    assert_eq!(report["errors"], 0, "{report}");
+    let acknowledged = report["ok"].as_u64().unwrap();
+    assert!(acknowledged > 0, "{report}");
+    let mut total = 0;
+    for key in keys(&node, "sets").await {
+        let set: serde_json::Value =
+            reqwest::get(node.url(&format!("/v1/sets/{}", key.as_str().unwrap())))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        total += set["size"].as_u64().unwrap();
+    }
+    assert_eq!(total, acknowledged, "each add brings a new element");
+}

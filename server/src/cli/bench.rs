@@ -160,6 +160,10 @@ pub struct BenchArgs {
     /// Consistency-Level header to send.
     #[arg(long)]
     consistency: Option<String>,
+    /// Send writes with `Prefer: return=minimal`, so each answers with a summary rather than
+    /// the key's new state (which for a large set is every element).
+    #[arg(long)]
+    prefer_minimal: bool,
     /// Load-generator threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -312,6 +316,9 @@ fn request_for(
         builder = target
             .request(method, &data_type.path(key))
             .header("content-type", "application/json");
+        if args.prefer_minimal {
+            builder = builder.header("prefer", "return=minimal");
+        }
         body
     };
     if let Some(level) = &args.consistency {
