@@ -179,12 +179,14 @@ impl OrSet {
         };
         let forgotten = |element: &CanonicalJson, dots: &BTreeSet<Dot>| {
             let theirs = other.entries.get(element);
-            let kept: BTreeSet<Dot> = dots
-                .iter()
-                .copied()
-                .filter(|dot| !seen(dot) || theirs.is_some_and(|t| t.contains(dot)))
-                .collect();
-            (kept.len() < dots.len()).then(|| (element.clone(), kept))
+            let keeps = |dot: &Dot| !seen(dot) || theirs.is_some_and(|t| t.contains(dot));
+            // Checked before anything is built: a pass over a large set allocates nothing
+            // for the elements it keeps whole.
+            if dots.iter().all(keeps) {
+                return None;
+            }
+            let kept: BTreeSet<Dot> = dots.iter().copied().filter(keeps).collect();
+            Some((element.clone(), kept))
         };
         // A delta that adds an element again forgets that element's earlier dots: the
         // elements it names are looked at first, and if they hold every listed dot, they are
