@@ -10,10 +10,10 @@
 //! Dots count adds per key (`(node, n)` is the n-th dot `node` minted in this set), not
 //! per-node WAL positions: per-key counters keep the context contiguous, hence compact.
 //!
-//! The elements live in a persistent B-tree ([`imbl::OrdMap`]): a copy shares every node
-//! with its original, and a change copies only the nodes on its path. A node keeps the state
-//! its readers see while its next write changes a copy, so an add to a set of n elements costs
-//! O(log n), not a copy of the set. Merging a delta touches only the elements it names,
+//! The elements live in a persistent B-tree ([`imbl::OrdMap`]): a copy shares every tree node
+//! with its original, and a change copies only the tree nodes on its path. A server keeps the
+//! state its readers see while its next write changes a copy, so an add to a set of n
+//! elements costs O(log n), not a copy of the set. Merging a delta touches only the elements it names,
 //! unless it removes dots whose element it does not name (a remove), which takes one
 //! read-only pass over the set.
 
