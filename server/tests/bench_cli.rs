@@ -59,14 +59,19 @@ fn bench(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-/// The keys of one type on `node` (the first hundred).
-async fn keys(node: &Node, collection: &str) -> Vec<serde_json::Value> {
-    let listed: serde_json::Value = reqwest::get(node.url(&format!("/v1/{collection}?limit=100")))
+/// A GET of `path` on `node`, as JSON.
+async fn get_json(node: &Node, path: &str) -> serde_json::Value {
+    reqwest::get(node.url(path))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The keys of one type on `node` (the first hundred).
+async fn keys(node: &Node, collection: &str) -> Vec<serde_json::Value> {
+    let listed = get_json(node, &format!("/v1/{collection}?limit=100")).await;
     listed["keys"].as_array().unwrap().clone()
 }
 
@@ -165,12 +170,7 @@ async fn bench_writes_and_reads_each_type() {
     // Every acknowledged increment landed on the keys the read preloaded (one each).
     let mut total = 0;
     for key in 0..20 {
-        let counter: serde_json::Value = reqwest::get(node.url(&format!("/v1/gcounters/k{key}")))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let counter = get_json(&node, &format!("/v1/gcounters/k{key}")).await;
         total += counter["value"].as_u64().unwrap();
     }
     assert_eq!(total, 20 + acknowledged["gincr"]);
@@ -195,13 +195,7 @@ async fn bench_adds_with_minimal_answers_land_every_element() {
     assert!(acknowledged > 0, "{report}");
     let mut total = 0;
     for key in keys(&node, "sets").await {
-        let set: serde_json::Value =
-            reqwest::get(node.url(&format!("/v1/sets/{}", key.as_str().unwrap())))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let set = get_json(&node, &format!("/v1/sets/{}", key.as_str().unwrap())).await;
         total += set["size"].as_u64().unwrap();
     }
     assert_eq!(total, acknowledged, "each add brings a new element");
