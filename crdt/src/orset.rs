@@ -21,7 +21,8 @@ use std::collections::BTreeSet;
 
 use imbl::OrdMap;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::clock::{Dot, NodeId, VersionVector};
 use crate::context::DotContext;
@@ -54,7 +55,8 @@ const LISTED_DOTS: usize = 256;
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct OrSet {
-    entries: OrdMap<CanonicalJson, BTreeSet<Dot>>,
+    #[serde(deserialize_with = "entries_without_presizing")]
+    entries: Entries,
     context: DotContext,
 }
 
@@ -237,6 +239,35 @@ impl OrSet {
         }
         Ok(())
     }
+}
+
+type Entries = OrdMap<CanonicalJson, BTreeSet<Dot>>;
+
+/// Decodes the elements one insert at a time. `imbl`'s own `Deserialize` reserves room for as
+/// many elements as the length prefix claims, and that prefix comes from a disk or a peer:
+/// a corrupt one would ask for terabytes and abort the node rather than fail the decode.
+fn entries_without_presizing<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Entries, D::Error> {
+    struct EntriesVisitor;
+
+    impl<'de> Visitor<'de> for EntriesVisitor {
+        type Value = Entries;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a map of set elements to their dots")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Entries, A::Error> {
+            let mut entries = Entries::new();
+            while let Some((element, dots)) = access.next_entry()? {
+                entries.insert(element, dots);
+            }
+            Ok(entries)
+        }
+    }
+
+    deserializer.deserialize_map(EntriesVisitor)
 }
 
 impl Crdt for OrSet {

@@ -390,3 +390,20 @@ proptest! {
         prop_assert_eq!(CanonicalJson::parse(json.as_str()).unwrap(), json);
     }
 }
+
+/// A set whose length prefix claims more elements than any memory holds: an error, found when
+/// the bytes run out, not an allocation the size of the claim (which would abort the node).
+#[test]
+fn a_set_claiming_a_huge_length_is_refused_without_allocating_for_it() {
+    for claimed in [u64::from(u32::MAX), 1 << 40, (1 << 62) - 1] {
+        let mut bytes = vec![FORMAT_VERSION, 3];
+        let mut rest = claimed;
+        while rest >= 0x80 {
+            bytes.push((rest as u8) | 0x80);
+            rest >>= 7;
+        }
+        bytes.push(rest as u8);
+        bytes.extend_from_slice(&one_element_set(r#""x""#)[3..]);
+        assert!(decode_state(&bytes).is_err(), "{claimed}");
+    }
+}
