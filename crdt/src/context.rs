@@ -104,6 +104,16 @@ impl DotContext {
     }
 }
 
+impl Extend<Dot> for DotContext {
+    /// Inserts every dot, then compacts once.
+    fn extend<I: IntoIterator<Item = Dot>>(&mut self, dots: I) {
+        let vv = &self.vv;
+        self.cloud
+            .extend(dots.into_iter().filter(|&dot| !vv.contains(dot)));
+        self.compact();
+    }
+}
+
 impl FromIterator<Dot> for DotContext {
     fn from_iter<I: IntoIterator<Item = Dot>>(iter: I) -> Self {
         let mut ctx = Self {
@@ -146,6 +156,27 @@ mod tests {
         let mut ba = b;
         ba.merge(&a);
         assert_eq!(ab, ba);
+    }
+
+    #[test]
+    fn extending_is_inserting_each_dot() {
+        let dots = [
+            dot(1, 3),
+            dot(2, 1),
+            dot(1, 1),
+            dot(1, 2),
+            dot(3, 9),
+            dot(2, 1),
+        ];
+        let mut extended: DotContext = [dot(1, 5)].into_iter().collect();
+        let mut inserted = extended.clone();
+        extended.extend(dots);
+        for d in dots {
+            inserted.insert(d);
+        }
+        assert_eq!(extended, inserted);
+        assert!(extended.is_canonical());
+        assert_eq!(extended.version_vector().get(NodeId::new(1).unwrap()), 3);
     }
 
     #[test]

@@ -93,17 +93,19 @@ impl OrSet {
     ) -> Self {
         let mut delta = self.remove(remove);
         let mut next = self.context.next_dot(node);
+        // The context takes the dots at the end, compacting once: one insert at a time
+        // compacts a growing cloud each time, quadratic in the elements of one request.
+        let mut dots = Vec::new();
         for element in add {
             if delta.entries.contains_key(&element) {
                 continue;
             }
-            for &observed in self.entries.get(&element).into_iter().flatten() {
-                delta.context.insert(observed);
-            }
-            delta.context.insert(next);
+            dots.extend(self.entries.get(&element).into_iter().flatten().copied());
+            dots.push(next);
             delta.entries.insert(element, BTreeSet::from([next]));
             next.seq += 1;
         }
+        delta.context.extend(dots);
         delta
     }
 
