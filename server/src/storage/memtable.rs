@@ -2,23 +2,34 @@
 //!
 //! The applier publishes each group's new states, encoded ops and applied vector into the
 //! *active* layer. A checkpoint freezes it (it becomes the *frozen* layer, and a fresh active
-//! one starts) and the fold thread writes the frozen layer into redb in one durable commit,
-//! then drops it. A reader looks in active, then frozen, then redb.
+//! one starts) and the fold thread writes the frozen layer into redb in one durable commit.
+//! The layer then stays as the *last folded* one until the next fold replaces it: its states
+//! are what redb holds for those keys, already decoded. A reader looks in active, then
+//! frozen, then last folded, then redb.
+//!
+//! # Why the last folded layer stays
+//! Without it, every fold sent the next write of each key written since the last one back
+//! to redb, to decode the whole state: for a large set, an allocation per element, for every
+//! such set, every second. A key written in every interval is now never decoded again. The
+//! cost is one more interval's states in memory, most of them sharing structure with the
+//! newer ones.
 //!
 //! # Why reads stay consistent
 //! Every read holds the active layer's read lock from start to end. The applier needs the
 //! write lock to publish, and a layer is frozen only under it too, so while a reader holds it
-//! no newer state of any key can appear and no layer can move. The reader takes its snapshot
-//! of the frozen layer *before* it opens its redb transaction: the fold commits to redb before
-//! it drops the frozen layer, so what the reader does not find in its frozen snapshot is in the
-//! redb snapshot it opens afterwards. The applied vector read under the same lock therefore
+//! no newer state of any key can appear and no layer can be frozen. The reader takes its
+//! snapshots of the frozen layer, then of the last folded one, *before* it opens its redb
+//! transaction: a fold commits to redb before its layer stops being the frozen one (becoming
+//! the last folded one in the same step), and the layer it replaces there was committed
+//! earlier still, so what the reader does not find in its snapshots is in the redb snapshot it
+//! opens afterwards. The applied vector read under the same lock therefore
 //! covers every op the returned state reflects.
 //!
 //! # A shared snapshot of the states table
 //! Opening a redb read transaction and its table for every read cost as much as the lookup
 //! itself, and redb only changes when a fold commits. So readers share one open `states`
 //! table, tagged with how many folds had completed before its transaction began. The fold
-//! count is raised *before* a folded layer is dropped, so a reader that no longer finds a
+//! count is raised *before* a folded layer leaves memory, so a reader that no longer finds a
 //! layer in memory also sees a count that demands a snapshot taken after that layer's commit;
 //! an older shared snapshot is then replaced. Each fold also lets go of the shared snapshot, so
 //! an idle node does not pin old pages in redb.
@@ -54,7 +65,10 @@ pub(crate) type StatesTable = ReadOnlyTable<&'static [u8], &'static [u8]>;
 pub(crate) struct Memtable {
     active: RwLock<Layer>,
     frozen: RwLock<Option<Arc<Layer>>>,
-    /// Folds whose layer has been (or is being) dropped: each one's commit came before.
+    /// The layer the last fold committed; see "Why the last folded layer stays".
+    folded_last: RwLock<Option<Arc<Layer>>>,
+    /// Folds whose layer has left the frozen slot (or is leaving it): each one's commit came
+    /// before.
     folds: AtomicU64,
     /// The shared snapshot of the states table and the fold count read before it was opened.
     shared_states: Mutex<Option<(u64, Arc<StatesTable>)>>,
@@ -66,6 +80,7 @@ pub(crate) struct Memtable {
 pub(crate) struct View<'m> {
     active: RwLockReadGuard<'m, Layer>,
     frozen: Option<Arc<Layer>>,
+    folded_last: Option<Arc<Layer>>,
     /// Folds completed when `frozen` was taken: the least a redb snapshot must cover.
     folds: u64,
     memtable: &'m Memtable,
@@ -87,10 +102,14 @@ impl Memtable {
     /// Opens a consistent view; see the module docs.
     pub(crate) fn view<'m>(&'m self, db: &'m Database) -> View<'m> {
         let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        // Frozen before last folded: a fold completing in between makes its layer the last
+        // folded one before it stops being the frozen one, so no layer is missed.
         let frozen = self.frozen();
+        let folded_last = self.folded_last();
         View {
             active,
             frozen,
+            folded_last,
             folds: self.folds.load(Ordering::SeqCst),
             memtable: self,
             db,
@@ -132,15 +151,32 @@ impl Memtable {
             .clone()
     }
 
-    /// The state of `key` in memory (active, then frozen), if either layer has it. For the
-    /// applier, the layers' only writer, so nothing can change between this and its publish.
+    fn folded_last(&self) -> Option<Arc<Layer>> {
+        self.folded_last
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The state of `key` in memory (active, then frozen, then last folded), if a layer has
+    /// it. For the applier, the layers' only writer, so nothing can change between this and
+    /// its publish.
     pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<State>> {
         let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(state) = active.states.get(key) {
             return Some(state.clone());
         }
         drop(active);
-        self.frozen().and_then(|f| f.states.get(key).cloned())
+        if let Some(state) = self.frozen().and_then(|f| f.states.get(key).cloned()) {
+            return Some(state);
+        }
+        self.folded_last().and_then(|f| f.states.get(key).cloned())
+    }
+
+    /// Whether `key` was written (or purged) since the last fold that committed it.
+    pub(crate) fn written_since_fold(&self, key: &[u8]) -> bool {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        active.states.contains_key(key) || self.frozen().is_some_and(|f| f.states.contains_key(key))
     }
 
     /// Publishes a group: its new states, its ops, and the applied vector after it.
@@ -179,7 +215,7 @@ impl Memtable {
         Some(layer)
     }
 
-    /// Drops the frozen layer once the fold has committed it to redb.
+    /// Makes the frozen layer the last folded one once the fold has committed it to redb.
     pub(crate) fn folded(&self) {
         // Counted before the layer goes: see "A shared snapshot" in the module docs.
         self.folds.fetch_add(1, Ordering::SeqCst);
@@ -189,7 +225,18 @@ impl Memtable {
             .shared_states
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        *self.frozen.write().unwrap_or_else(PoisonError::into_inner) = None;
+        // Moved under the frozen layer's lock: a reader that finds no frozen layer finds it
+        // as the last folded one (see `Memtable::view`).
+        let replaced = {
+            let mut frozen = self.frozen.write().unwrap_or_else(PoisonError::into_inner);
+            let mut folded_last = self
+                .folded_last
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            std::mem::replace(&mut *folded_last, frozen.take())
+        };
+        // Freed here, with no lock held: a layer of large sets takes a while to free.
+        drop(replaced);
     }
 
     /// Drops active ops every peer has acknowledged; the fold skips frozen ones and deletes
@@ -246,6 +293,7 @@ impl View<'_> {
             .states
             .get(key)
             .or_else(|| self.frozen.as_ref().and_then(|f| f.states.get(key)))
+            .or_else(|| self.folded_last.as_ref().and_then(|f| f.states.get(key)))
     }
 
     /// The encoded state under a storage key, as anti-entropy ships it.

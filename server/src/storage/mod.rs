@@ -647,7 +647,7 @@ impl Storage {
                     .is_some_and(|origin| stable.contains(Dot::new(origin, seq)));
                 // A key in the memtable was written or purged since its last fold: the next
                 // round, after the fold, sees its current state.
-                if covered && self.inner.memtable.lookup(key.value()).is_none() {
+                if covered && !self.inner.memtable.written_since_fold(key.value()) {
                     keys.push(key.value().to_vec());
                     if keys.len() == max_keys {
                         break;

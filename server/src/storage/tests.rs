@@ -298,6 +298,51 @@ async fn ten_thousand_deleted_registers_shrink_the_stored_state() {
     storage.shutdown().await;
 }
 
+/// A key's state stays in memory for one fold after the fold that committed it: reads and
+/// writes find it there, then in redb, and each sees the newest state.
+#[tokio::test]
+async fn states_pass_from_the_last_folded_layer_to_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    let read = |storage: &Storage| {
+        storage
+            .get(Kind::Register, "k")
+            .unwrap()
+            .and_then(|s| value(&s))
+    };
+    put(&storage, "k", json!(1)).await;
+    storage.fold_now().await.unwrap();
+    assert_eq!(read(&storage), Some(json!(1)), "from the last folded layer");
+    put(&storage, "k", json!(2)).await;
+    assert_eq!(
+        read(&storage),
+        Some(json!(2)),
+        "the active layer shadows it"
+    );
+    storage.fold_now().await.unwrap();
+    assert_eq!(read(&storage), Some(json!(2)));
+    delete(&storage, "k").await;
+    storage.fold_now().await.unwrap();
+    assert_eq!(
+        read(&storage),
+        None,
+        "a deleted register, from the last folded layer"
+    );
+    storage.fold_now().await.unwrap();
+    assert_eq!(read(&storage), None, "and from redb");
+    put(&storage, "k", json!(3)).await;
+    storage.fold_now().await.unwrap();
+    storage.fold_now().await.unwrap();
+    assert_eq!(read(&storage), Some(json!(3)), "from redb");
+    put(&storage, "k", json!(4)).await;
+    assert_eq!(read(&storage), Some(json!(4)));
+    storage.shutdown().await;
+    drop(storage);
+    let storage = open(dir.path());
+    assert_eq!(read(&storage), Some(json!(4)), "after a restart");
+    storage.shutdown().await;
+}
+
 /// Reads share one redb snapshot between folds; after a fold moves a newer state out of
 /// memory, a read must not be served from the snapshot taken before that fold.
 #[tokio::test]
@@ -312,6 +357,10 @@ async fn reads_never_use_a_snapshot_older_than_the_last_fold() {
     };
     for round in 0..5 {
         put(&storage, "k", json!(round)).await;
+        storage.fold_now().await.unwrap();
+        // The last folded layer still holds the state; the next fold, of a layer without
+        // it, leaves it to redb alone.
+        put(&storage, "other", json!(round)).await;
         storage.fold_now().await.unwrap();
         // Now only redb holds the state; this read opens (or reuses) the shared snapshot.
         assert_eq!(read(&storage), Some(json!(round)), "round {round}");
