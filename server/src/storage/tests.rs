@@ -61,6 +61,14 @@ async fn purged_in_one_round(storage: &Storage, frontier: &VersionVector) -> u64
         .purged
 }
 
+/// The value of register `key`, if it holds one.
+fn register(storage: &Storage, key: &str) -> Option<serde_json::Value> {
+    storage
+        .get(Kind::Register, key)
+        .unwrap()
+        .and_then(|s| value(&s))
+}
+
 fn value(state: &State) -> Option<serde_json::Value> {
     match state {
         State::Register(r) => r.value().map(CanonicalJson::to_value),
@@ -304,42 +312,40 @@ async fn ten_thousand_deleted_registers_shrink_the_stored_state() {
 async fn states_pass_from_the_last_folded_layer_to_redb() {
     let dir = tempfile::tempdir().unwrap();
     let storage = open(dir.path());
-    let read = |storage: &Storage| {
-        storage
-            .get(Kind::Register, "k")
-            .unwrap()
-            .and_then(|s| value(&s))
-    };
     put(&storage, "k", json!(1)).await;
     storage.fold_now().await.unwrap();
-    assert_eq!(read(&storage), Some(json!(1)), "from the last folded layer");
+    assert_eq!(
+        register(&storage, "k"),
+        Some(json!(1)),
+        "from the last folded layer"
+    );
     put(&storage, "k", json!(2)).await;
     assert_eq!(
-        read(&storage),
+        register(&storage, "k"),
         Some(json!(2)),
         "the active layer shadows it"
     );
     storage.fold_now().await.unwrap();
-    assert_eq!(read(&storage), Some(json!(2)));
+    assert_eq!(register(&storage, "k"), Some(json!(2)));
     delete(&storage, "k").await;
     storage.fold_now().await.unwrap();
     assert_eq!(
-        read(&storage),
+        register(&storage, "k"),
         None,
         "a deleted register, from the last folded layer"
     );
     storage.fold_now().await.unwrap();
-    assert_eq!(read(&storage), None, "and from redb");
+    assert_eq!(register(&storage, "k"), None, "and from redb");
     put(&storage, "k", json!(3)).await;
     storage.fold_now().await.unwrap();
     storage.fold_now().await.unwrap();
-    assert_eq!(read(&storage), Some(json!(3)), "from redb");
+    assert_eq!(register(&storage, "k"), Some(json!(3)), "from redb");
     put(&storage, "k", json!(4)).await;
-    assert_eq!(read(&storage), Some(json!(4)));
+    assert_eq!(register(&storage, "k"), Some(json!(4)));
     storage.shutdown().await;
     drop(storage);
     let storage = open(dir.path());
-    assert_eq!(read(&storage), Some(json!(4)), "after a restart");
+    assert_eq!(register(&storage, "k"), Some(json!(4)), "after a restart");
     storage.shutdown().await;
 }
 
@@ -349,12 +355,6 @@ async fn states_pass_from_the_last_folded_layer_to_redb() {
 async fn reads_never_use_a_snapshot_older_than_the_last_fold() {
     let dir = tempfile::tempdir().unwrap();
     let storage = open(dir.path());
-    let read = |storage: &Storage| {
-        storage
-            .get(Kind::Register, "k")
-            .unwrap()
-            .and_then(|s| value(&s))
-    };
     for round in 0..5 {
         put(&storage, "k", json!(round)).await;
         storage.fold_now().await.unwrap();
@@ -363,9 +363,13 @@ async fn reads_never_use_a_snapshot_older_than_the_last_fold() {
         put(&storage, "other", json!(round)).await;
         storage.fold_now().await.unwrap();
         // Now only redb holds the state; this read opens (or reuses) the shared snapshot.
-        assert_eq!(read(&storage), Some(json!(round)), "round {round}");
+        assert_eq!(register(&storage, "k"), Some(json!(round)), "round {round}");
         put(&storage, "other", json!(round)).await;
-        assert_eq!(read(&storage), Some(json!(round)), "round {round}, reused");
+        assert_eq!(
+            register(&storage, "k"),
+            Some(json!(round)),
+            "round {round}, reused"
+        );
     }
 }
 
