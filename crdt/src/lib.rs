@@ -24,6 +24,7 @@ mod clock;
 pub mod codec;
 mod context;
 mod counter;
+mod dots;
 mod json;
 mod lww;
 mod orset;

@@ -17,8 +17,6 @@
 //! unless it removes dots whose element it does not name (a remove), which takes one
 //! read-only pass over the set.
 
-use std::collections::BTreeSet;
-
 use imbl::OrdMap;
 
 use serde::de::{MapAccess, Visitor};
@@ -26,6 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::clock::{Dot, NodeId, VersionVector};
 use crate::context::DotContext;
+use crate::dots::Dots;
 use crate::json::CanonicalJson;
 use crate::traits::Crdt;
 
@@ -102,7 +101,7 @@ impl OrSet {
             }
             dots.extend(self.entries.get(&element).into_iter().flatten().copied());
             dots.push(next);
-            delta.entries.insert(element, BTreeSet::from([next]));
+            delta.entries.insert(element, Dots::one(next));
             next.seq += 1;
         }
         delta.context.extend(dots);
@@ -181,7 +180,7 @@ impl OrSet {
             Some(dots) => dots.binary_search(dot).is_ok(),
             None => other.context.contains(*dot),
         };
-        let forgotten = |element: &CanonicalJson, dots: &BTreeSet<Dot>| {
+        let forgotten = |element: &CanonicalJson, dots: &Dots| {
             let theirs = other.entries.get(element);
             let keeps = |dot: &Dot| !seen(dot) || theirs.is_some_and(|t| t.contains(dot));
             // Checked before anything is built: a pass over a large set allocates nothing
@@ -189,7 +188,7 @@ impl OrSet {
             if dots.iter().all(keeps) {
                 return None;
             }
-            let kept: BTreeSet<Dot> = dots.iter().copied().filter(keeps).collect();
+            let kept: Dots = dots.iter().copied().filter(keeps).collect();
             Some((element.clone(), kept))
         };
         // A delta that adds an element again forgets that element's earlier dots: the
@@ -205,7 +204,7 @@ impl OrSet {
                 .sum();
             found == dots.len()
         });
-        let changed: Vec<(CanonicalJson, BTreeSet<Dot>)> = if named_suffice {
+        let changed: Vec<(CanonicalJson, Dots)> = if named_suffice {
             other
                 .entries
                 .keys()
@@ -243,7 +242,7 @@ impl OrSet {
     }
 }
 
-type Entries = OrdMap<CanonicalJson, BTreeSet<Dot>>;
+type Entries = OrdMap<CanonicalJson, Dots>;
 
 /// Decodes the elements one insert at a time. `imbl`'s own `Deserialize` reserves room for as
 /// many elements as the length prefix claims, and that prefix comes from a disk or a peer:
