@@ -28,16 +28,12 @@ impl DotContext {
     }
 
     pub fn insert(&mut self, dot: Dot) {
-        if !self.vv.contains(dot) {
-            self.cloud.insert(dot);
-            self.compact();
-        }
+        self.extend([dot]);
     }
 
     pub fn merge(&mut self, other: &Self) {
         self.vv.merge(&other.vv);
-        self.cloud.extend(other.cloud.iter().copied());
-        self.compact();
+        self.extend(other.cloud.iter().copied());
     }
 
     /// The next dot `node` mints. Only the node itself mints its dots, and it has seen all of
@@ -116,11 +112,8 @@ impl Extend<Dot> for DotContext {
 
 impl FromIterator<Dot> for DotContext {
     fn from_iter<I: IntoIterator<Item = Dot>>(iter: I) -> Self {
-        let mut ctx = Self {
-            vv: VersionVector::new(),
-            cloud: iter.into_iter().collect(),
-        };
-        ctx.compact();
+        let mut ctx = Self::default();
+        ctx.extend(iter);
         ctx
     }
 }
