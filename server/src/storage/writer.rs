@@ -470,9 +470,9 @@ impl Writer {
         state
             .merge(&delta)
             .map_err(|e| corrupt(format!("{kind}/{key}"), e))?;
-        // The answer shares the state rather than copying it: a copy of a large set is most
-        // of an add's cost. A later write to the key copies it once, as it would anyway
-        // while the memtable holds it.
+        // The answer shares the state rather than copying it. A later write to the key copies
+        // it, as it would anyway while the memtable holds it: for a set, only the tree nodes
+        // that write changes.
         let state = Arc::clone(shared);
         group.append(&Op {
             dot,
