@@ -200,3 +200,150 @@ async fn bench_adds_with_minimal_answers_land_every_element() {
     }
     assert_eq!(total, acknowledged, "each add brings a new element");
 }
+
+/// A real `redis-server` that fsyncs every write before answering it (`appendfsync always`),
+/// killed on drop.
+struct Redis {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a durable `redis-server`, or `None` where none is installed. CI installs one and sets
+/// `MERIDIAN_REQUIRE_REDIS`, so there its absence fails rather than skips.
+async fn durable_redis() -> Option<(Redis, redis::aio::MultiplexedConnection)> {
+    let installed = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        assert!(
+            std::env::var_os("MERIDIAN_REQUIRE_REDIS").is_none(),
+            "MERIDIAN_REQUIRE_REDIS is set but redis-server is not installed"
+        );
+        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let redis = Redis {
+        child,
+        url: format!("redis://127.0.0.1:{port}"),
+        _dir: dir,
+    };
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    for _ in 0..100 {
+        if let Ok(connection) = client.get_multiplexed_async_connection().await {
+            return Some((redis, connection));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("redis-server did not come up on port {port}");
+}
+
+/// `--peer-url` loads a real Redis with the same workload, each round before the node; the
+/// report says how Redis persists, and the ratio is the node's throughput over Redis's.
+#[tokio::test]
+async fn bench_compares_a_node_with_a_durable_redis_round_by_round() {
+    let Some((redis, mut connection)) = durable_redis().await else {
+        return;
+    };
+    let node = Node::start("").await;
+    let node_url = node.url("");
+    // A read workload: a GET that finds nothing is an error, so no error means both preloads
+    // wrote every key.
+    let report = bench(&[
+        "--workload",
+        "get",
+        "--keys",
+        "30",
+        "--rounds",
+        "2",
+        "--url",
+        &node_url,
+        "--peer-url",
+        &redis.url,
+    ]);
+    let runs = report["runs"].as_array().unwrap();
+    let order: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
+        .collect();
+    assert_eq!(order, [(1, "peer"), (1, "node"), (2, "peer"), (2, "node")]);
+    let mut ratios = Vec::new();
+    for pair in runs.chunks(2) {
+        let [peer, node] = pair else { unreachable!() };
+        for run in pair {
+            assert_eq!(run["errors"], 0, "every GET found its key: {run}");
+            assert!(run["ok"].as_u64().unwrap() > 0, "{run}");
+        }
+        ratios.push(node["throughput"].as_f64().unwrap() / peer["throughput"].as_f64().unwrap());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let reported = report["peer_ratio"]["median"].as_f64().unwrap();
+    let expected = f64::midpoint(ratios[0], ratios[1]);
+    assert!(
+        (reported - expected).abs() < 1e-12,
+        "{reported} vs {expected}"
+    );
+    assert_eq!(
+        report["peer"],
+        serde_json::json!({"url": redis.url, "appendonly": "yes", "appendfsync": "always"})
+    );
+    let stored: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(stored, 30, "the preload wrote each key once");
+
+    // A write workload: every increment Redis acknowledged is in its counters.
+    let report = bench(&[
+        "--workload",
+        "incr",
+        "--keys",
+        "10",
+        "--url",
+        &node_url,
+        "--peer-url",
+        &redis.url,
+    ]);
+    let peer = &report["runs"][0];
+    assert_eq!(
+        (&peer["server"], &peer["errors"]),
+        (&"peer".into(), &0.into())
+    );
+    let mut total = 0;
+    for key in 0..10 {
+        let value: Option<u64> = redis::cmd("GET")
+            .arg(format!("c{key}"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        total += value.unwrap_or(0);
+    }
+    assert_eq!(total, peer["ok"].as_u64().unwrap());
+}

@@ -23,6 +23,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
+use super::peer::{self, Persistence, RedisPeer};
+
 /// A write and a read for each of the four types. Every read workload writes each key once
 /// first, so reads find values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,7 +84,7 @@ impl Workload {
     }
 
     /// Whether request number `n` (a random draw) reads.
-    fn reads_at(self, n: u64) -> bool {
+    pub(super) fn reads_at(self, n: u64) -> bool {
         match self {
             Self::Mixed => n % 2 == 0,
             other => other.reads(),
@@ -145,8 +147,15 @@ pub struct BenchArgs {
     /// throughputs, so a figure like the README's comes from one command.
     #[arg(long)]
     baseline_url: Option<String>,
-    /// Measurements to make (with --baseline-url: alternating pairs); the end prints each
-    /// figure's median and range. Noisy machines need several.
+    /// Another store to load the same way, each round after the baseline and before the
+    /// node: `redis://host:port`. For the durable-write comparison start Redis with
+    /// `--appendonly yes --appendfsync always`; the report shows how the peer persists. The end
+    /// prints the node's throughput over the peer's.
+    #[arg(long)]
+    peer_url: Option<String>,
+    /// Measurements to make (with --baseline-url or --peer-url: each round measures every
+    /// server in turn); the end prints each figure's median and range. Noisy machines need
+    /// several.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     #[arg(long, default_value_t = 1)]
@@ -346,16 +355,81 @@ impl Schedule {
     }
 }
 
+/// What a measurement loads: nodes (or the baseline) over HTTP, or a Redis peer.
+#[derive(Clone)]
+enum Endpoint {
+    Http(Arc<Target>),
+    Redis(Arc<RedisPeer>),
+}
+
+/// One connection of a measurement, with the register value its writes carry.
+enum Connection {
+    Http {
+        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        target: Arc<Target>,
+        value: String,
+    },
+    Redis {
+        connection: redis::aio::MultiplexedConnection,
+        value: String,
+    },
+}
+
+impl Connection {
+    async fn open(endpoint: &Endpoint, args: &BenchArgs) -> Result<Self> {
+        Ok(match endpoint {
+            Endpoint::Http(target) => Self::Http {
+                sender: http1(target).await?,
+                target: target.clone(),
+                // A JSON string of --value-size bytes, quotes included.
+                value: json!("x".repeat(args.value_size.saturating_sub(2))).to_string(),
+            },
+            Endpoint::Redis(peer) => Self::Redis {
+                connection: peer.connect().await?,
+                value: "x".repeat(args.value_size),
+            },
+        })
+    }
+
+    /// Waits until the connection can take the next request.
+    async fn ready(&mut self) -> Result<()> {
+        if let Self::Http { sender, .. } = self {
+            sender.ready().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends request number `n` (a random draw) and waits for its answer: whether it succeeded.
+    async fn send(&mut self, args: &BenchArgs, n: u64) -> Result<bool> {
+        match self {
+            Self::Http {
+                sender,
+                target,
+                value,
+            } => {
+                let request = request_for(args, target, n, value)?;
+                let response = sender.send_request(request).await?;
+                let status = response.status();
+                response.into_body().collect().await?;
+                Ok(status.is_success())
+            }
+            Self::Redis { connection, value } => {
+                let (command, read) = peer::command(args.workload, n, n % args.keys as u64, value);
+                peer::send(connection, &command, read).await
+            }
+        }
+    }
+}
+
 async fn connection(
     args: Arc<BenchArgs>,
-    target: Arc<Target>,
+    endpoint: Endpoint,
     schedule: Option<Schedule>,
     measure_from: Instant,
     stop: Arc<AtomicBool>,
     seed: u64,
 ) -> Result<Worker> {
-    let mut sender = http1(&target).await?;
-    let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
+    let mut connection = Connection::open(&endpoint, &args).await?;
     let mut worker = Worker {
         latencies: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         ok: 0,
@@ -368,8 +442,7 @@ async fn connection(
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let request = request_for(&args, &target, state, &value)?;
-        sender.ready().await?;
+        connection.ready().await?;
         let sent = match schedule {
             Some(Schedule { interval, .. }) => {
                 tokio::time::sleep_until(next_slot.into()).await;
@@ -379,13 +452,11 @@ async fn connection(
             }
             None => Instant::now(),
         };
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        response.into_body().collect().await?;
+        let succeeded = connection.send(&args, state).await?;
         if sent >= measure_from {
             let micros = sent.elapsed().as_micros() as u64;
             worker.latencies.record(micros.max(1))?;
-            if status.is_success() {
+            if succeeded {
                 worker.ok += 1;
             } else {
                 worker.errors += 1;
@@ -459,25 +530,61 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .as_deref()
         .map(|u| connect.target(u).map(Arc::new))
         .transpose()?;
+    let peer = args
+        .peer_url
+        .as_deref()
+        .map(|u| {
+            if !u.starts_with("redis://") {
+                bail!("--peer-url speaks redis://host:port, not {u:?}");
+            }
+            RedisPeer::open(u).map(Arc::new)
+        })
+        .transpose()?;
     let args = Arc::new(args);
     runtime.block_on(async move {
+        let persistence = match &peer {
+            Some(peer) => Some(peer.persistence().await?),
+            None => None,
+        };
         if args.workload.reads() {
             for target in &targets {
                 preload(&args, target).await.context("preloading keys")?;
             }
+            if let Some(peer) = &peer {
+                peer.preload(
+                    args.workload,
+                    args.keys as u64,
+                    args.connections as u64,
+                    &"x".repeat(args.value_size),
+                )
+                .await
+                .with_context(|| format!("preloading keys on {}", peer.url))?;
+            }
         }
+        let nodes: Vec<Endpoint> = targets.iter().cloned().map(Endpoint::Http).collect();
         let mut runs = Vec::new();
         for round in 1..=args.rounds {
             if let Some(baseline) = &baseline {
-                let measured = measure(&args, std::slice::from_ref(baseline), None)
+                let measured = measure(&args, &[Endpoint::Http(baseline.clone())], None)
                     .await
                     .with_context(|| format!("measuring the baseline {}", baseline.host))?;
                 runs.push(Run::new(round, Side::Baseline, measured));
             }
-            let measured = measure(&args, &targets, lag_target.clone()).await?;
+            if let Some(peer) = &peer {
+                let measured = measure(&args, &[Endpoint::Redis(peer.clone())], None)
+                    .await
+                    .with_context(|| format!("measuring the peer {}", peer.url))?;
+                runs.push(Run::new(round, Side::Peer, measured));
+            }
+            let measured = measure(&args, &nodes, lag_target.clone()).await?;
             runs.push(Run::new(round, Side::Node, measured));
         }
-        report(&args, &runs);
+        let peer = peer.as_ref().zip(persistence.as_ref());
+        report(
+            &args,
+            &runs,
+            peer.map(|(p, persistence)| (p.url.as_str(), persistence)),
+        );
         Ok(())
     })
 }
@@ -502,7 +609,7 @@ impl Measured {
 /// One measurement of `args.duration` seconds (after the warm-up) against `targets`.
 async fn measure(
     args: &Arc<BenchArgs>,
-    targets: &[Arc<Target>],
+    targets: &[Endpoint],
     lag_target: Option<Arc<Target>>,
 ) -> Result<Measured> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -528,14 +635,15 @@ async fn measure(
             seed as u64 + 1,
         ));
     }
-    let probe = lag_target.clone().map(|to| {
-        tokio::spawn(lag_probe(
-            targets[0].clone(),
-            to,
+    let probe = match (&lag_target, &targets[0]) {
+        (Some(to), Endpoint::Http(from)) => Some(tokio::spawn(lag_probe(
+            from.clone(),
+            to.clone(),
             measure_from,
             stop.clone(),
-        ))
-    });
+        ))),
+        _ => None,
+    };
     tokio::time::sleep_until(measure_from.into()).await;
     let lag_before = match &lag_target {
         Some(to) => scrape_apply_lag(to).await,
@@ -739,6 +847,7 @@ async fn lag_probe(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
     Baseline,
+    Peer,
     Node,
 }
 
@@ -746,6 +855,7 @@ impl Side {
     fn label(self) -> &'static str {
         match self {
             Self::Baseline => "baseline",
+            Self::Peer => "peer",
             Self::Node => "node",
         }
     }
@@ -802,22 +912,25 @@ fn throughputs(runs: &[Run], side: Side) -> Vec<f64> {
         .collect()
 }
 
-/// The node's throughput over the baseline's, round by round.
-fn ratios(runs: &[Run]) -> Vec<f64> {
+/// The node's throughput over the baseline's (or the peer's), round by round.
+fn ratios(runs: &[Run], over: Side) -> Vec<f64> {
     throughputs(runs, Side::Node)
         .iter()
-        .zip(throughputs(runs, Side::Baseline))
-        .map(|(node, baseline)| node / baseline)
+        .zip(throughputs(runs, over))
+        .map(|(node, other)| node / other)
         .collect()
 }
 
 /// One run's line (or JSON object); with more than one run, a summary of medians and ranges
-/// and, against a baseline, of the ratio.
-fn report(args: &BenchArgs, runs: &[Run]) {
+/// and, against a baseline or a peer, of the ratio. `peer` is the peer's URL and how it
+/// persists writes.
+fn report(args: &BenchArgs, runs: &[Run], peer: Option<(&str, &Persistence)>) {
     let summarised = runs.len() > 1;
     let node = Spread::of(&throughputs(runs, Side::Node));
     let baseline = Spread::of(&throughputs(runs, Side::Baseline));
-    let ratio = Spread::of(&ratios(runs));
+    let peer_throughput = Spread::of(&throughputs(runs, Side::Peer));
+    let ratio = Spread::of(&ratios(runs, Side::Baseline));
+    let peer_ratio = Spread::of(&ratios(runs, Side::Peer));
     if args.json {
         let objects: Vec<serde_json::Value> = runs.iter().map(|r| run_json(args, r)).collect();
         match objects.as_slice() {
@@ -830,10 +943,20 @@ fn report(args: &BenchArgs, runs: &[Run]) {
                     "throughput": node.map(Spread::json),
                     "baseline_throughput": baseline.map(Spread::json),
                     "ratio": ratio.map(Spread::json),
+                    "peer": peer.map(|(url, p)| json!({
+                        "url": url,
+                        "appendonly": p.appendonly,
+                        "appendfsync": p.appendfsync,
+                    })),
+                    "peer_throughput": peer_throughput.map(Spread::json),
+                    "peer_ratio": peer_ratio.map(Spread::json),
                 })
             ),
         }
         return;
+    }
+    if let Some((url, persistence)) = peer {
+        println!("peer {url}: {}", persistence.describe());
     }
     for run in runs {
         if summarised {
@@ -845,7 +968,11 @@ fn report(args: &BenchArgs, runs: &[Run]) {
         return;
     }
     let rounds = args.rounds;
-    for (side, spread) in [(Side::Node, node), (Side::Baseline, baseline)] {
+    for (side, spread) in [
+        (Side::Node, node),
+        (Side::Baseline, baseline),
+        (Side::Peer, peer_throughput),
+    ] {
         if let Some(s) = spread {
             println!(
                 "{:<8} over {rounds} rounds: median {:.0} req/s ({:.0}–{:.0})",
@@ -856,11 +983,16 @@ fn report(args: &BenchArgs, runs: &[Run]) {
             );
         }
     }
-    if let Some(r) = ratio {
-        println!(
-            "ratio node/baseline, round by round: median {:.2} ({:.2}–{:.2})",
-            r.median, r.min, r.max
-        );
+    for (over, spread) in [(Side::Baseline, ratio), (Side::Peer, peer_ratio)] {
+        if let Some(r) = spread {
+            println!(
+                "ratio node/{}, round by round: median {:.2} ({:.2}–{:.2})",
+                over.label(),
+                r.median,
+                r.min,
+                r.max
+            );
+        }
     }
 }
 
@@ -1002,7 +1134,8 @@ mod tests {
             Run::new(2, Side::Baseline, measured(500, 1.0)),
             Run::new(2, Side::Node, measured(500, 2.0)),
         ];
-        assert_eq!(ratios(&runs), vec![0.4, 0.5]);
+        assert_eq!(ratios(&runs, Side::Baseline), vec![0.4, 0.5]);
+        assert_eq!(ratios(&runs, Side::Peer), Vec::<f64>::new());
         assert_eq!(throughputs(&runs, Side::Node), vec![400.0, 250.0]);
     }
 

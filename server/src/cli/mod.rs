@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod init;
 mod membership;
+mod peer;
 mod prom;
 mod serve;
 
