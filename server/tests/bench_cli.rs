@@ -216,20 +216,27 @@ impl Drop for Redis {
     }
 }
 
-/// Starts a durable `redis-server`, or `None` where none is installed. CI installs one and sets
-/// `MERIDIAN_REQUIRE_REDIS`, so there its absence fails rather than skips.
-async fn durable_redis() -> Option<(Redis, redis::aio::MultiplexedConnection)> {
-    let installed = Command::new("redis-server")
+/// Whether `program` is installed. Where it is not, the test that needs it is skipped, except
+/// under `MERIDIAN_REQUIRE_PEERS` (CI installs both peers and sets it), where that fails.
+fn installed(program: &str, package: &str) -> bool {
+    let found = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !installed {
+    if !found {
         assert!(
-            std::env::var_os("MERIDIAN_REQUIRE_REDIS").is_none(),
-            "MERIDIAN_REQUIRE_REDIS is set but redis-server is not installed"
+            std::env::var_os("MERIDIAN_REQUIRE_PEERS").is_none(),
+            "MERIDIAN_REQUIRE_PEERS is set but {program} is not installed"
         );
-        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+        eprintln!("skipped: {program} is not installed (apt-get install {package})");
+    }
+    found
+}
+
+/// Starts a durable `redis-server`, or `None` where none is installed.
+async fn durable_redis() -> Option<(Redis, redis::aio::MultiplexedConnection)> {
+    if !installed("redis-server", "redis-server") {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -312,7 +319,9 @@ async fn bench_compares_a_node_with_a_durable_redis_round_by_round() {
     );
     assert_eq!(
         report["peer"],
-        serde_json::json!({"url": redis.url, "appendonly": "yes", "appendfsync": "always"})
+        serde_json::json!({
+            "url": redis.url, "store": "redis", "appendonly": "yes", "appendfsync": "always"
+        })
     );
     let stored: u64 = redis::cmd("DBSIZE")
         .query_async(&mut connection)
@@ -346,4 +355,112 @@ async fn bench_compares_a_node_with_a_durable_redis_round_by_round() {
         total += value.unwrap_or(0);
     }
     assert_eq!(total, peer["ok"].as_u64().unwrap());
+}
+
+/// A real single-member `etcd`, killed on drop.
+struct Etcd {
+    child: Child,
+    client_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn etcd() -> Option<Etcd> {
+    if !installed("etcd", "etcd-server") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path().join("etcd"))
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("default=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let etcd = Etcd {
+        child,
+        client_url,
+        _dir: dir,
+    };
+    for _ in 0..100 {
+        if let Ok(answer) = reqwest::get(format!("{}/version", etcd.client_url)).await {
+            if answer.status().is_success() {
+                return Some(etcd);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("etcd did not come up on {}", etcd.client_url);
+}
+
+/// `--peer-url etcd://…` loads a real etcd through its JSON gateway: reads find the keys its
+/// preload put, the report names etcd's version, and workloads etcd has no counterpart for are
+/// refused in one line.
+#[tokio::test]
+async fn bench_compares_a_node_with_etcd() {
+    let Some(etcd) = etcd().await else {
+        return;
+    };
+    let node = Node::start("").await;
+    let node_url = node.url("");
+    let peer_url = etcd.client_url.replace("http://", "etcd://");
+    let report = bench(&[
+        "--workload",
+        "get",
+        "--keys",
+        "20",
+        "--url",
+        &node_url,
+        "--peer-url",
+        &peer_url,
+    ]);
+    let runs = report["runs"].as_array().unwrap();
+    let servers: Vec<&str> = runs.iter().map(|r| r["server"].as_str().unwrap()).collect();
+    assert_eq!(servers, ["peer", "node"]);
+    for run in runs {
+        assert_eq!(run["errors"], 0, "every read found its key: {run}");
+        assert!(run["ok"].as_u64().unwrap() > 0, "{run}");
+    }
+    assert_eq!(report["peer"]["store"], "etcd");
+    assert!(report["peer"]["version"].as_str().unwrap().starts_with('3'));
+    // The preload put each of the 20 keys once: k0..k19, all between "k" and "l".
+    let counted: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v3/kv/range", etcd.client_url))
+        .body(r#"{"key":"aw==","range_end":"bA==","count_only":true}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counted["count"], "20", "{counted}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench", "--workload", "incr", "--url", &node_url])
+        .args(["--peer-url", &peer_url])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("put, get or mixed"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }

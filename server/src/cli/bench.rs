@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::peer::{self, Persistence, RedisPeer};
+use super::peer::{self, Described, RedisPeer, Store};
 
 /// A write and a read for each of the four types. Every read workload writes each key once
 /// first, so reads find values.
@@ -148,9 +148,10 @@ pub struct BenchArgs {
     #[arg(long)]
     baseline_url: Option<String>,
     /// Another store to load the same way, each round after the baseline and before the
-    /// node: `redis://host:port`. For the durable-write comparison start Redis with
-    /// `--appendonly yes --appendfsync always`; the report shows how the peer persists. The end
-    /// prints the node's throughput over the peer's.
+    /// node: `redis://host:port` (for the durable-write comparison start Redis with
+    /// `--appendonly yes --appendfsync always`) or `etcd://host:port` (its JSON gateway; put,
+    /// get and mixed only). The report shows how the peer persists writes, and the end prints
+    /// the node's throughput over the peer's.
     #[arg(long)]
     peer_url: Option<String>,
     /// Measurements to make (with --baseline-url or --peer-url: each round measures every
@@ -305,13 +306,12 @@ struct Worker {
 fn request_for(
     args: &BenchArgs,
     target: &Target,
-    n: u64,
+    (n, key, read): (u64, u64, bool),
     value: &str,
 ) -> Result<Request<Full<Bytes>>> {
     let data_type = args.workload.data_type();
-    let key = n % args.keys as u64;
     let mut builder;
-    let body = if args.workload.reads_at(n) {
+    let body = if read {
         builder = target.request("GET", &data_type.path(key));
         String::new()
     } else {
@@ -355,22 +355,30 @@ impl Schedule {
     }
 }
 
-/// What a measurement loads: nodes (or the baseline) over HTTP, or a Redis peer.
+/// What a measurement loads: nodes (or the baseline), or a peer store.
 #[derive(Clone)]
 enum Endpoint {
     Http(Arc<Target>),
     Redis(Arc<RedisPeer>),
+    Etcd(Arc<Target>),
 }
+
+type Http1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// One connection of a measurement, with the register value its writes carry.
 enum Connection {
     Http {
-        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        sender: Http1,
         target: Arc<Target>,
         value: String,
     },
     Redis {
         connection: redis::aio::MultiplexedConnection,
+        value: String,
+    },
+    Etcd {
+        sender: Http1,
+        target: Arc<Target>,
         value: String,
     },
 }
@@ -388,12 +396,17 @@ impl Connection {
                 connection: peer.connect().await?,
                 value: "x".repeat(args.value_size),
             },
+            Endpoint::Etcd(target) => Self::Etcd {
+                sender: http1(target).await?,
+                target: target.clone(),
+                value: peer::etcd_value(args.value_size),
+            },
         })
     }
 
     /// Waits until the connection can take the next request.
     async fn ready(&mut self) -> Result<()> {
-        if let Self::Http { sender, .. } = self {
+        if let Self::Http { sender, .. } | Self::Etcd { sender, .. } = self {
             sender.ready().await?;
         }
         Ok(())
@@ -401,21 +414,48 @@ impl Connection {
 
     /// Sends request number `n` (a random draw) and waits for its answer: whether it succeeded.
     async fn send(&mut self, args: &BenchArgs, n: u64) -> Result<bool> {
+        let key = n % args.keys as u64;
+        self.exchange(args, (n, key, args.workload.reads_at(n)))
+            .await
+    }
+
+    /// Sends the read or write of `key` (`n` is the request's random draw) and waits for the
+    /// answer: whether it succeeded.
+    async fn exchange(
+        &mut self,
+        args: &BenchArgs,
+        (n, key, read): (u64, u64, bool),
+    ) -> Result<bool> {
         match self {
             Self::Http {
                 sender,
                 target,
                 value,
             } => {
-                let request = request_for(args, target, n, value)?;
+                let request = request_for(args, target, (n, key, read), value)?;
                 let response = sender.send_request(request).await?;
                 let status = response.status();
                 response.into_body().collect().await?;
                 Ok(status.is_success())
             }
             Self::Redis { connection, value } => {
-                let (command, read) = peer::command(args.workload, n, n % args.keys as u64, value);
-                peer::send(connection, &command, read).await
+                let command = peer::redis_command(args.workload, n, key, read, value);
+                peer::redis_send(connection, &command, read).await
+            }
+            Self::Etcd {
+                sender,
+                target,
+                value,
+            } => {
+                let (path, body) = peer::etcd_request(key, read, value);
+                let request = target
+                    .request("POST", path)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))?;
+                let response = sender.send_request(request).await?;
+                let status = response.status();
+                let body = response.into_body().collect().await?.to_bytes();
+                Ok(status.is_success() && (!read || peer::etcd_found(&body)))
             }
         }
     }
@@ -467,27 +507,18 @@ async fn connection(
 }
 
 /// Writes every key once so reads find values, over as many connections as the run uses.
-async fn preload(args: &Arc<BenchArgs>, target: &Arc<Target>) -> Result<()> {
+async fn preload(args: &Arc<BenchArgs>, endpoint: &Endpoint) -> Result<()> {
     let lanes = args.connections.min(args.keys) as u64;
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..lanes {
-        let (args, target) = (args.clone(), target.clone());
+        let (args, endpoint) = (args.clone(), endpoint.clone());
         tasks.spawn(async move {
-            let mut sender = http1(&target).await?;
-            let value = json!("x".repeat(args.value_size.saturating_sub(2))).to_string();
-            let data_type = args.workload.data_type();
+            let mut connection = Connection::open(&endpoint, &args).await?;
             for key in (lane..args.keys as u64).step_by(lanes as usize) {
-                let (method, body) = data_type.write(key, &value);
-                let request = target
-                    .request(method, &data_type.path(key))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body)))?;
-                sender.ready().await?;
-                let response = sender.send_request(request).await?;
-                if !response.status().is_success() {
-                    bail!("preloading k{key} failed with {}", response.status());
+                connection.ready().await?;
+                if !connection.exchange(&args, (key, key, false)).await? {
+                    bail!("preloading key {key} failed");
                 }
-                response.into_body().collect().await?;
             }
             Ok(())
         });
@@ -530,38 +561,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .as_deref()
         .map(|u| connect.target(u).map(Arc::new))
         .transpose()?;
-    let peer = args
-        .peer_url
-        .as_deref()
-        .map(|u| {
-            if !u.starts_with("redis://") {
-                bail!("--peer-url speaks redis://host:port, not {u:?}");
-            }
-            RedisPeer::open(u).map(Arc::new)
-        })
-        .transpose()?;
+    let peer = match args.peer_url.as_deref() {
+        None => None,
+        Some(url) => {
+            let (store, address) = Store::of(url)?;
+            store.check(args.workload)?;
+            let endpoint = match store {
+                Store::Redis => Endpoint::Redis(Arc::new(RedisPeer::open(&address)?)),
+                Store::Etcd => {
+                    let mut target = connect.target(&address)?;
+                    // The node's token is not etcd's to see.
+                    target.authorization = None;
+                    Endpoint::Etcd(Arc::new(target))
+                }
+            };
+            Some((url.to_owned(), endpoint))
+        }
+    };
     let args = Arc::new(args);
     runtime.block_on(async move {
-        let persistence = match &peer {
-            Some(peer) => Some(peer.persistence().await?),
+        let described = match &peer {
+            Some((url, endpoint)) => Some(describe(url, endpoint).await?),
             None => None,
         };
+        let nodes: Vec<Endpoint> = targets.iter().cloned().map(Endpoint::Http).collect();
         if args.workload.reads() {
-            for target in &targets {
-                preload(&args, target).await.context("preloading keys")?;
+            for node in &nodes {
+                preload(&args, node).await.context("preloading keys")?;
             }
-            if let Some(peer) = &peer {
-                peer.preload(
-                    args.workload,
-                    args.keys as u64,
-                    args.connections as u64,
-                    &"x".repeat(args.value_size),
-                )
-                .await
-                .with_context(|| format!("preloading keys on {}", peer.url))?;
+            if let Some((url, endpoint)) = &peer {
+                preload(&args, endpoint)
+                    .await
+                    .with_context(|| format!("preloading keys on {url}"))?;
             }
         }
-        let nodes: Vec<Endpoint> = targets.iter().cloned().map(Endpoint::Http).collect();
         let mut runs = Vec::new();
         for round in 1..=args.rounds {
             if let Some(baseline) = &baseline {
@@ -570,23 +603,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .with_context(|| format!("measuring the baseline {}", baseline.host))?;
                 runs.push(Run::new(round, Side::Baseline, measured));
             }
-            if let Some(peer) = &peer {
-                let measured = measure(&args, &[Endpoint::Redis(peer.clone())], None)
+            if let Some((url, endpoint)) = &peer {
+                let measured = measure(&args, std::slice::from_ref(endpoint), None)
                     .await
-                    .with_context(|| format!("measuring the peer {}", peer.url))?;
+                    .with_context(|| format!("measuring the peer {url}"))?;
                 runs.push(Run::new(round, Side::Peer, measured));
             }
             let measured = measure(&args, &nodes, lag_target.clone()).await?;
             runs.push(Run::new(round, Side::Node, measured));
         }
-        let peer = peer.as_ref().zip(persistence.as_ref());
-        report(
-            &args,
-            &runs,
-            peer.map(|(p, persistence)| (p.url.as_str(), persistence)),
-        );
+        report(&args, &runs, described.as_ref());
         Ok(())
     })
+}
+
+/// What the report says of the peer: how it persists writes.
+async fn describe(url: &str, endpoint: &Endpoint) -> Result<Described> {
+    match endpoint {
+        Endpoint::Redis(peer) => peer.describe().await,
+        Endpoint::Etcd(target) => {
+            let mut sender = http1(target).await?;
+            let response = sender
+                .send_request(target.request("GET", "/version").body(Full::default())?)
+                .await
+                .with_context(|| format!("{url}: no answer to GET /version"))?;
+            let body = response.into_body().collect().await?.to_bytes();
+            let version = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["etcdserver"].as_str().map(str::to_owned));
+            Ok(peer::describe_etcd(url, version.as_deref()))
+        }
+        Endpoint::Http(_) => bail!("{url} is not a peer store"),
+    }
 }
 
 /// What one measurement saw.
@@ -922,9 +970,8 @@ fn ratios(runs: &[Run], over: Side) -> Vec<f64> {
 }
 
 /// One run's line (or JSON object); with more than one run, a summary of medians and ranges
-/// and, against a baseline or a peer, of the ratio. `peer` is the peer's URL and how it
-/// persists writes.
-fn report(args: &BenchArgs, runs: &[Run], peer: Option<(&str, &Persistence)>) {
+/// and, against a baseline or a peer, of the ratio.
+fn report(args: &BenchArgs, runs: &[Run], peer: Option<&Described>) {
     let summarised = runs.len() > 1;
     let node = Spread::of(&throughputs(runs, Side::Node));
     let baseline = Spread::of(&throughputs(runs, Side::Baseline));
@@ -943,11 +990,7 @@ fn report(args: &BenchArgs, runs: &[Run], peer: Option<(&str, &Persistence)>) {
                     "throughput": node.map(Spread::json),
                     "baseline_throughput": baseline.map(Spread::json),
                     "ratio": ratio.map(Spread::json),
-                    "peer": peer.map(|(url, p)| json!({
-                        "url": url,
-                        "appendonly": p.appendonly,
-                        "appendfsync": p.appendfsync,
-                    })),
+                    "peer": peer.map(|p| p.json.clone()),
                     "peer_throughput": peer_throughput.map(Spread::json),
                     "peer_ratio": peer_ratio.map(Spread::json),
                 })
@@ -955,8 +998,8 @@ fn report(args: &BenchArgs, runs: &[Run], peer: Option<(&str, &Persistence)>) {
         }
         return;
     }
-    if let Some((url, persistence)) = peer {
-        println!("peer {url}: {}", persistence.describe());
+    if let Some(peer) = peer {
+        println!("{}", peer.line);
     }
     for run in runs {
         if summarised {

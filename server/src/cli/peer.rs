@@ -1,51 +1,71 @@
-//! Redis as a peer for `meridian bench --peer-url redis://…`: the same workload from the same
-//! load generator, so the durable-write figure DESIGN §6 names (Redis with `appendfsync
-//! always`, same concurrency, no pipelining) is measured side by side, not quoted.
+//! The peers `meridian bench --peer-url` loads beside the node, with the same workload from the
+//! same load generator, so DESIGN §6's comparisons are measured side by side, not quoted:
 //!
-//! Each workload maps onto the nearest Redis command: a register is a string (`SET`, `GET`),
-//! a PN- or G-counter a string that `INCR` raises, a set a Redis set (`SADD`, `SMEMBERS`). A
-//! read that finds nothing counts as an error, as a `404` does against a node, so a read
-//! workload proves its preload. Redis answers an add with a count where a node answers with
-//! the set (unless `--prefer-minimal`): compare `sadd` with that in mind.
+//! - **Redis** (`redis://host:port`), the durable-write peer when started with `--appendonly
+//!   yes --appendfsync always`. A register is a string (`SET`, `GET`), a PN- or G-counter a
+//!   string that `INCRBY` raises, a set a Redis set (`SADD`, `SMEMBERS`). Redis answers an add
+//!   with a count where a node answers with the set (unless `--prefer-minimal`): compare `sadd`
+//!   with that in mind.
+//! - **etcd** (`etcd://host:port`, its v3 JSON gateway), a durable store behind consensus: a
+//!   register is a key (`/v3/kv/put`, `/v3/kv/range`). etcd has no counters or sets.
+//!
+//! A read that finds nothing counts as an error, as a `404` does against a node, so a read
+//! workload proves its preload.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, Value};
+use serde_json::json;
 
 use super::bench::Workload;
 
-/// A Redis server to measure: where it is, and whether it makes writes durable.
+/// Which store a `--peer-url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Store {
+    Redis,
+    Etcd,
+}
+
+impl Store {
+    /// The store a URL names, and the URL the bench connects to (`etcd://` is served over
+    /// plain HTTP).
+    pub(super) fn of(url: &str) -> Result<(Self, String)> {
+        if url.starts_with("redis://") {
+            Ok((Self::Redis, url.to_owned()))
+        } else if let Some(rest) = url.strip_prefix("etcd://") {
+            Ok((Self::Etcd, format!("http://{rest}")))
+        } else {
+            Err(anyhow!(
+                "--peer-url speaks redis://host:port and etcd://host:port, not {url:?}"
+            ))
+        }
+    }
+
+    /// Refuses a workload the store has no counterpart for.
+    pub(super) fn check(self, workload: Workload) -> Result<()> {
+        let registers_only = matches!(workload, Workload::Put | Workload::Get | Workload::Mixed);
+        if self == Self::Etcd && !registers_only {
+            return Err(anyhow!(
+                "etcd has no counters or sets: with an etcd:// peer, --workload takes put, get or mixed"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the report says of a peer: one line for the table, the same as JSON.
+#[derive(Debug, Clone)]
+pub(super) struct Described {
+    pub(super) line: String,
+    pub(super) json: serde_json::Value,
+}
+
+/// A Redis server to measure.
 pub(super) struct RedisPeer {
     client: redis::Client,
     pub(super) url: String,
-}
-
-/// How the peer persists writes, as `CONFIG GET` reports it (`None` where the server refuses
-/// `CONFIG`, as managed services do).
-#[derive(Debug, Clone, Default)]
-pub(super) struct Persistence {
-    pub(super) appendonly: Option<String>,
-    pub(super) appendfsync: Option<String>,
-}
-
-impl Persistence {
-    /// One line for the report: how the peer persists, and whether an answered write is
-    /// durable there.
-    pub(super) fn describe(&self) -> String {
-        let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".to_owned());
-        let durable = self.appendonly.as_deref() == Some("yes")
-            && self.appendfsync.as_deref() == Some("always");
-        format!(
-            "appendonly {}, appendfsync {}{}",
-            shown(&self.appendonly),
-            shown(&self.appendfsync),
-            if durable {
-                " (each write fsync'd before its answer)"
-            } else {
-                " (writes are NOT durable when answered: start it with --appendonly yes --appendfsync always)"
-            }
-        )
-    }
 }
 
 impl RedisPeer {
@@ -65,79 +85,83 @@ impl RedisPeer {
             .map_err(|error| anyhow!("cannot connect to {}: {error}", self.url))
     }
 
-    pub(super) async fn persistence(&self) -> Result<Persistence> {
+    /// How the server persists writes, as `CONFIG GET` reports it.
+    pub(super) async fn describe(&self) -> Result<Described> {
         let mut connection = self.connect().await?;
-        let mut persistence = Persistence::default();
-        for (name, slot) in [
-            ("appendonly", &mut persistence.appendonly),
-            ("appendfsync", &mut persistence.appendfsync),
-        ] {
+        let mut settings = [("appendonly", None), ("appendfsync", None)];
+        for (name, slot) in &mut settings {
             let answer: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
                 .arg("GET")
-                .arg(name)
+                .arg(*name)
                 .query_async(&mut connection)
                 .await;
+            // Managed services refuse CONFIG: the setting is then unknown.
             if let Ok(pair) = answer {
                 *slot = pair.get(1).cloned();
             }
         }
-        Ok(persistence)
-    }
-
-    /// Writes every key once so reads find values, over as many connections as the run uses.
-    pub(super) async fn preload(
-        &self,
-        workload: Workload,
-        keys: u64,
-        lanes: u64,
-        value: &str,
-    ) -> Result<()> {
-        let lanes = lanes.clamp(1, keys.max(1));
-        let mut tasks = tokio::task::JoinSet::new();
-        for lane in 0..lanes {
-            let mut connection = self.connect().await?;
-            let value = value.to_owned();
-            tasks.spawn(async move {
-                for key in (lane..keys).step_by(lanes as usize) {
-                    let command = write(workload, key, key, &value);
-                    if !send(&mut connection, &command, false).await? {
-                        bail!("preloading key {key} failed");
-                    }
-                }
-                Ok(())
-            });
-        }
-        while let Some(result) = tasks.join_next().await {
-            result??;
-        }
-        Ok(())
+        let [(_, appendonly), (_, appendfsync)] = settings;
+        Ok(describe_redis(
+            &self.url,
+            appendonly.as_deref(),
+            appendfsync.as_deref(),
+        ))
     }
 }
 
-/// The command request number `n` (a random draw) of `workload` sends to key `key`.
-pub(super) fn command(workload: Workload, n: u64, key: u64, value: &str) -> (Cmd, bool) {
-    if workload.reads_at(n) {
-        let read = match workload {
-            Workload::Smembers | Workload::Sadd => Cmd::smembers(set_key(key)),
-            Workload::CounterGet | Workload::GcounterGet | Workload::Incr | Workload::Gincr => {
-                Cmd::get(counter_key(key))
-            }
-            Workload::Put | Workload::Get | Workload::Mixed => Cmd::get(register_key(key)),
-        };
-        (read, true)
-    } else {
-        (write(workload, n, key, value), false)
-    }
+fn describe_redis(url: &str, appendonly: Option<&str>, appendfsync: Option<&str>) -> Described {
+    let durable = appendonly == Some("yes") && appendfsync == Some("always");
+    let line = format!(
+        "peer {url}: Redis, appendonly {}, appendfsync {}{}",
+        appendonly.unwrap_or("unknown"),
+        appendfsync.unwrap_or("unknown"),
+        if durable {
+            " (each write fsync'd before its answer)"
+        } else {
+            " (writes are NOT durable when answered: start it with --appendonly yes --appendfsync always)"
+        }
+    );
+    let json = json!({
+        "url": url,
+        "store": "redis",
+        "appendonly": appendonly,
+        "appendfsync": appendfsync,
+    });
+    Described { line, json }
 }
 
-fn write(workload: Workload, n: u64, key: u64, value: &str) -> Cmd {
+/// The report's words for an etcd peer; `version` from its `/version`.
+pub(super) fn describe_etcd(url: &str, version: Option<&str>) -> Described {
+    let line = format!(
+        "peer {url}: etcd {}, each put in its fsync'd raft log before its answer (unless started with --unsafe-no-fsync)",
+        version.unwrap_or("(version unknown)")
+    );
+    let json = json!({ "url": url, "store": "etcd", "version": version });
+    Described { line, json }
+}
+
+/// The Redis command of a request to key `key` (a read or a write); `n` is the request's
+/// random draw, which a set add adds.
+pub(super) fn redis_command(workload: Workload, n: u64, key: u64, read: bool, value: &str) -> Cmd {
     match workload {
-        // Set adds go to 100 sets, which grow, as against a node.
-        Workload::Sadd | Workload::Smembers => Cmd::sadd(set_key(key % 100), n),
+        // Adds go to 100 sets, which grow, as against a node.
+        Workload::Sadd => Cmd::sadd(set_key(key % 100), n),
+        Workload::Smembers if read => Cmd::smembers(set_key(key)),
+        Workload::Smembers => Cmd::sadd(set_key(key), n),
         Workload::Incr | Workload::Gincr | Workload::CounterGet | Workload::GcounterGet => {
-            Cmd::incr(counter_key(key), 1)
+            if read {
+                Cmd::get(counter_key(key))
+            } else {
+                Cmd::incr(counter_key(key), 1)
+            }
         }
-        Workload::Put | Workload::Get | Workload::Mixed => Cmd::set(register_key(key), value),
+        Workload::Put | Workload::Get | Workload::Mixed => {
+            if read {
+                Cmd::get(register_key(key))
+            } else {
+                Cmd::set(register_key(key), value)
+            }
+        }
     }
 }
 
@@ -156,7 +180,7 @@ fn set_key(key: u64) -> String {
 /// Sends one command: `Ok(true)` for an answer, `Ok(false)` for an error reply or, for a
 /// read, an empty one. Anything else (a lost connection, an answer that does not parse) is an
 /// error: the run cannot go on without the connection.
-pub(super) async fn send(
+pub(super) async fn redis_send(
     connection: &mut MultiplexedConnection,
     command: &Cmd,
     read: bool,
@@ -171,66 +195,98 @@ pub(super) async fn send(
     }
 }
 
+/// The path and JSON body of a request to etcd's gateway for register `key`. `value` is the
+/// value already in base64, as the gateway takes bytes.
+pub(super) fn etcd_request(key: u64, read: bool, value: &str) -> (&'static str, String) {
+    let key = BASE64.encode(register_key(key));
+    if read {
+        ("/v3/kv/range", format!(r#"{{"key":"{key}"}}"#))
+    } else {
+        (
+            "/v3/kv/put",
+            format!(r#"{{"key":"{key}","value":"{value}"}}"#),
+        )
+    }
+}
+
+/// Whether etcd's answer to a range found a key: it leaves `kvs` out when none matched.
+pub(super) fn etcd_found(body: &[u8]) -> bool {
+    body.windows(5).any(|w| w == b"\"kvs\"")
+}
+
+/// A value of `size` bytes, as etcd's gateway takes it.
+pub(super) fn etcd_value(size: usize) -> String {
+    BASE64.encode("x".repeat(size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_report_says_whether_the_peer_makes_writes_durable_before_answering() {
-        let persistence = |appendonly: Option<&str>, appendfsync: Option<&str>| Persistence {
-            appendonly: appendonly.map(str::to_owned),
-            appendfsync: appendfsync.map(str::to_owned),
+    fn the_report_says_whether_redis_makes_writes_durable_before_answering() {
+        let line = |appendonly: Option<&str>, appendfsync: Option<&str>| {
+            describe_redis("redis://h:1", appendonly, appendfsync).line
         };
-        let durable = persistence(Some("yes"), Some("always")).describe();
+        let durable = line(Some("yes"), Some("always"));
         assert!(durable.contains("fsync'd before its answer"), "{durable}");
         for lax in [
-            persistence(Some("yes"), Some("everysec")),
-            persistence(Some("no"), Some("always")),
-            persistence(None, None),
+            line(Some("yes"), Some("everysec")),
+            line(Some("no"), Some("always")),
+            line(None, None),
         ] {
-            let line = lax.describe();
-            assert!(line.contains("NOT durable"), "{line}");
+            assert!(lax.contains("NOT durable"), "{lax}");
         }
-        assert!(
-            persistence(None, None)
-                .describe()
-                .starts_with("appendonly unknown")
-        );
+        assert!(line(None, None).contains("appendonly unknown"));
     }
 
     #[test]
-    fn each_workload_sends_its_types_command_to_its_own_keys() {
-        let shown = |workload, n, key| {
-            let (command, read) = command(workload, n, key, "v");
-            let args: Vec<String> = command
+    fn each_workload_sends_its_types_redis_command_to_its_own_keys() {
+        let shown = |workload, n, key, read| {
+            let args: Vec<String> = redis_command(workload, n, key, read, "v")
                 .args_iter()
                 .map(|arg| match arg {
                     redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
                     _ => "?".to_owned(),
                 })
                 .collect();
-            (args.join(" "), read)
+            args.join(" ")
         };
-        assert_eq!(shown(Workload::Put, 7, 3), ("SET k3 v".to_owned(), false));
-        assert_eq!(shown(Workload::Get, 7, 3), ("GET k3".to_owned(), true));
+        assert_eq!(shown(Workload::Put, 7, 3, false), "SET k3 v");
+        assert_eq!(shown(Workload::Get, 7, 3, true), "GET k3");
+        assert_eq!(shown(Workload::Incr, 7, 3, false), "INCRBY c3 1");
+        assert_eq!(shown(Workload::GcounterGet, 7, 3, true), "GET c3");
+        assert_eq!(shown(Workload::Sadd, 7, 203, false), "SADD s3 7");
+        assert_eq!(shown(Workload::Smembers, 7, 203, true), "SMEMBERS s203");
+        // The preload of a set read fills every key's set, not only the first hundred.
+        assert_eq!(shown(Workload::Smembers, 203, 203, false), "SADD s203 203");
+    }
+
+    #[test]
+    fn etcd_takes_registers_and_refuses_counters_and_sets_in_one_line() {
         assert_eq!(
-            shown(Workload::Incr, 7, 3),
-            ("INCRBY c3 1".to_owned(), false)
+            Store::of("etcd://127.0.0.1:2379").unwrap(),
+            (Store::Etcd, "http://127.0.0.1:2379".to_owned())
         );
+        assert_eq!(Store::of("redis://h:1").unwrap().0, Store::Redis);
+        assert!(Store::of("http://h:1").is_err());
+        for workload in [Workload::Put, Workload::Get, Workload::Mixed] {
+            Store::Etcd.check(workload).unwrap();
+        }
+        for workload in [Workload::Incr, Workload::Sadd, Workload::GcounterGet] {
+            let refused = Store::Etcd.check(workload).unwrap_err().to_string();
+            assert!(refused.contains("put, get or mixed"), "{refused}");
+            Store::Redis.check(workload).unwrap();
+        }
+        let (path, body) = etcd_request(3, false, &etcd_value(2));
         assert_eq!(
-            shown(Workload::GcounterGet, 7, 3),
-            ("GET c3".to_owned(), true)
+            (path, body.as_str()),
+            ("/v3/kv/put", r#"{"key":"azM=","value":"eHg="}"#)
         );
-        assert_eq!(
-            shown(Workload::Sadd, 7, 203),
-            ("SADD s3 7".to_owned(), false)
-        );
-        assert_eq!(
-            shown(Workload::Smembers, 7, 3),
-            ("SMEMBERS s3".to_owned(), true)
-        );
-        // Mixed reads on even draws and writes on odd ones, as against a node.
-        assert_eq!(shown(Workload::Mixed, 2, 3), ("GET k3".to_owned(), true));
-        assert_eq!(shown(Workload::Mixed, 3, 3), ("SET k3 v".to_owned(), false));
+        assert_eq!(etcd_request(3, true, "").0, "/v3/kv/range");
+        assert!(etcd_found(
+            br#"{"header":{},"kvs":[{"key":"azM="}],"count":"1"}"#
+        ));
+        assert!(!etcd_found(br#"{"header":{"revision":"2"}}"#));
     }
 }
