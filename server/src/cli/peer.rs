@@ -7,7 +7,8 @@
 //!   with a count where a node answers with the set (unless `--prefer-minimal`): compare `sadd`
 //!   with that in mind.
 //! - **etcd** (`etcd://host:port`, its v3 JSON gateway), a durable store behind consensus: a
-//!   register is a key (`/v3/kv/put`, `/v3/kv/range`). etcd has no counters or sets.
+//!   register is a key (`/v3/kv/put`, and a serializable `/v3/kv/range`, like a node's
+//!   `LOCAL_ONE` read). etcd has no counters or sets.
 //!
 //! A read that finds nothing counts as an error, as a `404` does against a node, so a read
 //! workload proves its preload.
@@ -196,11 +197,15 @@ pub(super) async fn redis_send(
 }
 
 /// The path and JSON body of a request to etcd's gateway for register `key`. `value` is the
-/// value already in base64, as the gateway takes bytes.
+/// value already in base64, as the gateway takes bytes. Reads are serializable (the member's
+/// own state, no consensus round), the counterpart of a node's default `LOCAL_ONE` read.
 pub(super) fn etcd_request(key: u64, read: bool, value: &str) -> (&'static str, String) {
     let key = BASE64.encode(register_key(key));
     if read {
-        ("/v3/kv/range", format!(r#"{{"key":"{key}"}}"#))
+        (
+            "/v3/kv/range",
+            format!(r#"{{"key":"{key}","serializable":true}}"#),
+        )
     } else {
         (
             "/v3/kv/put",
@@ -283,7 +288,13 @@ mod tests {
             (path, body.as_str()),
             ("/v3/kv/put", r#"{"key":"azM=","value":"eHg="}"#)
         );
-        assert_eq!(etcd_request(3, true, "").0, "/v3/kv/range");
+        assert_eq!(
+            etcd_request(3, true, ""),
+            (
+                "/v3/kv/range",
+                r#"{"key":"azM=","serializable":true}"#.to_owned()
+            )
+        );
         assert!(etcd_found(
             br#"{"header":{},"kvs":[{"key":"azM="}],"count":"1"}"#
         ));
