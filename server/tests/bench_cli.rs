@@ -8,17 +8,18 @@ use std::process::{Child, Command, Stdio};
 
 use common::{Node, free_port};
 
-/// A `meridian bench-baseline` process, killed on drop.
-struct Baseline(Child);
+/// A server process (the bare baseline, Redis, etcd), killed on drop.
+struct Process(Child);
 
-impl Drop for Baseline {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-async fn baseline() -> (Baseline, String) {
+/// A `meridian bench-baseline` process and its URL.
+async fn baseline() -> (Process, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["bench-baseline", "--listen", &addr])
@@ -26,7 +27,7 @@ async fn baseline() -> (Baseline, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let baseline = Baseline(child);
+    let baseline = Process(child);
     let url = format!("http://{addr}");
     let client = reqwest::Client::new();
     for _ in 0..100 {
@@ -201,19 +202,12 @@ async fn bench_adds_with_minimal_answers_land_every_element() {
     assert_eq!(total, acknowledged, "each add brings a new element");
 }
 
-/// A real `redis-server` that fsyncs every write before answering it (`appendfsync always`),
-/// killed on drop.
+/// A real `redis-server` that fsyncs every write before answering it (`appendfsync always`).
+/// The process goes first, so it is killed before its directory is removed.
 struct Redis {
-    child: Child,
+    _process: Process,
     url: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Whether `program` is installed. Where it is not, the test that needs it is skipped, except
@@ -258,7 +252,7 @@ async fn durable_redis() -> Option<(Redis, redis::aio::MultiplexedConnection)> {
         .spawn()
         .unwrap();
     let redis = Redis {
-        child,
+        _process: Process(child),
         url: format!("redis://127.0.0.1:{port}"),
         _dir: dir,
     };
@@ -357,18 +351,11 @@ async fn bench_compares_a_node_with_a_durable_redis_round_by_round() {
     assert_eq!(total, peer["ok"].as_u64().unwrap());
 }
 
-/// A real single-member `etcd`, killed on drop.
+/// A real single-member `etcd`, killed before its directory is removed.
 struct Etcd {
-    child: Child,
+    _process: Process,
     client_url: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn etcd() -> Option<Etcd> {
@@ -397,7 +384,7 @@ async fn etcd() -> Option<Etcd> {
         .spawn()
         .unwrap();
     let etcd = Etcd {
-        child,
+        _process: Process(child),
         client_url,
         _dir: dir,
     };
