@@ -141,6 +141,25 @@ async fn bench_refuses_zero_rounds_with_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
+/// A preload write the node refuses ends the run with one line that says what the node
+/// answered: here a value over the node's 64 KiB limit.
+#[tokio::test]
+async fn bench_says_what_the_node_answered_when_a_preload_write_is_refused() {
+    let node = Node::start("").await;
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench", "--workload", "get", "--keys", "2", "-d", "1"])
+        .args(["--value-size", "100000", "--url", &node.url("")])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("preloading keys") && stderr.contains("413"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
 #[tokio::test]
 async fn bench_writes_and_reads_each_type() {
     let node = Node::start("").await;

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::peer::{self, Described, RedisPeer, Store};
+use super::peer::{self, Described, RedisPeer, Reply, Store};
 
 /// A write and a read for each of the four types. Every read workload writes each key once
 /// first, so reads find values.
@@ -303,10 +303,26 @@ struct Worker {
     errors: u64,
 }
 
+/// One request: the read or write of `key`, with `n` the random draw it came from (a set
+/// write adds it). A preload's writes go at the node's default consistency level, whatever
+/// the run's, so a read run at a level a lone node refuses still finds its keys.
+#[derive(Clone, Copy, Debug)]
+struct Ask {
+    n: u64,
+    key: u64,
+    read: bool,
+    preload: bool,
+}
+
 fn request_for(
     args: &BenchArgs,
     target: &Target,
-    (n, key, read): (u64, u64, bool),
+    Ask {
+        n,
+        key,
+        read,
+        preload,
+    }: Ask,
     value: &str,
 ) -> Result<Request<Full<Bytes>>> {
     let data_type = args.workload.data_type();
@@ -330,7 +346,7 @@ fn request_for(
         }
         body
     };
-    if let Some(level) = &args.consistency {
+    if let Some(level) = args.consistency.as_ref().filter(|_| !preload) {
         builder = builder.header("consistency-level", level);
     }
     Ok(builder.body(Full::new(Bytes::from(body)))?)
@@ -412,31 +428,36 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends request number `n` (a random draw) and waits for its answer: whether it succeeded.
-    async fn send(&mut self, args: &BenchArgs, n: u64) -> Result<bool> {
+    /// Sends request number `n` (a random draw) and waits for its answer.
+    async fn send(&mut self, args: &BenchArgs, n: u64) -> Result<Reply> {
         let key = n % args.keys as u64;
-        self.exchange(args, (n, key, args.workload.reads_at(n)))
-            .await
+        let ask = Ask {
+            n,
+            key,
+            read: args.workload.reads_at(n),
+            preload: false,
+        };
+        self.exchange(args, ask).await
     }
 
-    /// Sends the read or write of `key` (`n` is the request's random draw) and waits for the
-    /// answer: whether it succeeded.
-    async fn exchange(
-        &mut self,
-        args: &BenchArgs,
-        (n, key, read): (u64, u64, bool),
-    ) -> Result<bool> {
+    /// Sends `ask` and waits for its answer.
+    async fn exchange(&mut self, args: &BenchArgs, ask: Ask) -> Result<Reply> {
+        let Ask { n, key, read, .. } = ask;
         match self {
             Self::Http {
                 sender,
                 target,
                 value,
             } => {
-                let request = request_for(args, target, (n, key, read), value)?;
+                let request = request_for(args, target, ask, value)?;
                 let response = sender.send_request(request).await?;
                 let status = response.status();
                 response.into_body().collect().await?;
-                Ok(status.is_success())
+                Ok(if status.is_success() {
+                    Reply::Done
+                } else {
+                    Reply::Refused(status.to_string())
+                })
             }
             Self::Redis { connection, value } => {
                 let command = peer::redis_command(args.workload, n, key, read, value);
@@ -455,7 +476,13 @@ impl Connection {
                 let response = sender.send_request(request).await?;
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();
-                Ok(status.is_success() && (!read || peer::etcd_found(&body)))
+                Ok(if !status.is_success() {
+                    Reply::Refused(status.to_string())
+                } else if read && !peer::etcd_found(&body) {
+                    Reply::Refused("nothing there".to_owned())
+                } else {
+                    Reply::Done
+                })
             }
         }
     }
@@ -492,7 +519,7 @@ async fn connection(
             }
             None => Instant::now(),
         };
-        let succeeded = connection.send(&args, state).await?;
+        let succeeded = connection.send(&args, state).await? == Reply::Done;
         if sent >= measure_from {
             let micros = sent.elapsed().as_micros() as u64;
             worker.latencies.record(micros.max(1))?;
@@ -516,8 +543,19 @@ async fn preload(args: &Arc<BenchArgs>, endpoint: &Endpoint) -> Result<()> {
             let mut connection = Connection::open(&endpoint, &args).await?;
             for key in (lane..args.keys as u64).step_by(lanes as usize) {
                 connection.ready().await?;
-                if !connection.exchange(&args, (key, key, false)).await? {
-                    bail!("preloading key {key} failed");
+                if let Reply::Refused(answer) = connection
+                    .exchange(
+                        &args,
+                        Ask {
+                            n: key,
+                            key,
+                            read: false,
+                            preload: true,
+                        },
+                    )
+                    .await?
+                {
+                    bail!("writing key {key} was refused: {answer}");
                 }
             }
             Ok(())

@@ -178,20 +178,31 @@ fn set_key(key: u64) -> String {
     format!("s{key}")
 }
 
-/// Sends one command: `Ok(true)` for an answer, `Ok(false)` for an error reply or, for a
-/// read, an empty one. Anything else (a lost connection, an answer that does not parse) is an
-/// error: the run cannot go on without the connection.
+/// How a request was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reply {
+    Done,
+    /// An error answer, or a read that found nothing: what the server said.
+    Refused(String),
+}
+
+/// Sends one command. An error reply, or an empty answer to a read, is [`Reply::Refused`].
+/// Anything else (a lost connection, an answer that does not parse) is an error: the run
+/// cannot go on without the connection.
 pub(super) async fn redis_send(
     connection: &mut MultiplexedConnection,
     command: &Cmd,
     read: bool,
-) -> Result<bool> {
+) -> Result<Reply> {
+    let nothing = || Reply::Refused("nothing there".to_owned());
     match command.query_async::<Value>(connection).await {
-        Ok(Value::ServerError(_)) => Ok(false),
-        Ok(Value::Nil) => Ok(!read),
-        Ok(Value::Array(items) | Value::Set(items)) if read && items.is_empty() => Ok(false),
-        Ok(_) => Ok(true),
-        Err(error) if matches!(error.kind(), ErrorKind::Server(_)) => Ok(false),
+        Ok(Value::ServerError(error)) => Ok(Reply::Refused(format!("{error:?}"))),
+        Ok(Value::Nil) if read => Ok(nothing()),
+        Ok(Value::Array(items) | Value::Set(items)) if read && items.is_empty() => Ok(nothing()),
+        Ok(_) => Ok(Reply::Done),
+        Err(error) if matches!(error.kind(), ErrorKind::Server(_)) => {
+            Ok(Reply::Refused(error.to_string()))
+        }
         Err(error) => Err(error).context("the Redis connection failed"),
     }
 }
