@@ -660,7 +660,9 @@ async fn describe(url: &str, endpoint: &Endpoint) -> Result<Described> {
     match endpoint {
         Endpoint::Redis(peer) => peer.describe().await,
         Endpoint::Etcd(target) => {
-            let mut sender = http1(target).await?;
+            let mut sender = http1(target)
+                .await
+                .with_context(|| format!("the peer {url}"))?;
             let response = sender
                 .send_request(target.request("GET", "/version").body(Full::default())?)
                 .await
