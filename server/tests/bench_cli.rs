@@ -276,7 +276,8 @@ async fn durable_redis() -> Option<(Redis, redis::aio::MultiplexedConnection)> {
         _dir: dir,
     };
     let client = redis::Client::open(redis.url.as_str()).unwrap();
-    for _ in 0..100 {
+    // Up to 20 s: a loaded CI machine starts processes slowly.
+    for _ in 0..400 {
         if let Ok(connection) = client.get_multiplexed_async_connection().await {
             return Some((redis, connection));
         }
@@ -407,7 +408,8 @@ async fn etcd() -> Option<Etcd> {
         client_url,
         _dir: dir,
     };
-    for _ in 0..100 {
+    // Up to 20 s: etcd elects itself leader first, and a loaded CI machine is slow.
+    for _ in 0..400 {
         if let Ok(answer) = reqwest::get(format!("{}/version", etcd.client_url)).await {
             if answer.status().is_success() {
                 return Some(etcd);
