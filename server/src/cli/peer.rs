@@ -13,7 +13,7 @@
 //! A read that finds nothing counts as an error, as a `404` does against a node, so a read
 //! workload proves its preload.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use redis::aio::MultiplexedConnection;
@@ -38,9 +38,7 @@ impl Store {
         } else if let Some(rest) = url.strip_prefix("etcd://") {
             Ok((Self::Etcd, format!("http://{rest}")))
         } else {
-            Err(anyhow!(
-                "--peer-url speaks redis://host:port and etcd://host:port, not {url:?}"
-            ))
+            bail!("--peer-url speaks redis://host:port and etcd://host:port, not {url:?}")
         }
     }
 
@@ -48,9 +46,9 @@ impl Store {
     pub(super) fn check(self, workload: Workload) -> Result<()> {
         let registers_only = matches!(workload, Workload::Put | Workload::Get | Workload::Mixed);
         if self == Self::Etcd && !registers_only {
-            return Err(anyhow!(
+            bail!(
                 "etcd has no counters or sets: with an etcd:// peer, --workload takes put, get or mixed"
-            ));
+            );
         }
         Ok(())
     }
