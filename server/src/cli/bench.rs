@@ -52,7 +52,7 @@ pub enum Workload {
 
 /// The CRDT a workload works on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DataType {
+pub(super) enum DataType {
     Register,
     Counter,
     GCounter,
@@ -60,7 +60,7 @@ enum DataType {
 }
 
 impl Workload {
-    fn data_type(self) -> DataType {
+    pub(super) fn data_type(self) -> DataType {
         match self {
             Self::Put | Self::Get | Self::Mixed => DataType::Register,
             Self::Incr | Self::CounterGet => DataType::Counter,
@@ -81,6 +81,13 @@ impl Workload {
     fn name(self) -> String {
         self.to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned())
+    }
+
+    /// The key request number `n` (a random draw) goes to, of `keys`. Set adds go to 100
+    /// sets, which grow: the workload measures sets that get large.
+    fn key_at(self, n: u64, keys: u64) -> u64 {
+        let key = n % keys;
+        if self == Self::Sadd { key % 100 } else { key }
     }
 
     /// Whether request number `n` (a random draw) reads.
@@ -331,12 +338,6 @@ fn request_for(
         builder = target.request("GET", &data_type.path(key));
         String::new()
     } else {
-        // Set adds go to 100 sets, which grow: the workload measures sets that get large.
-        let key = if args.workload == Workload::Sadd {
-            key % 100
-        } else {
-            key
-        };
         let (method, body) = data_type.write(n, value);
         builder = target
             .request(method, &data_type.path(key))
@@ -430,10 +431,9 @@ impl Connection {
 
     /// Sends request number `n` (a random draw) and waits for its answer.
     async fn send(&mut self, args: &BenchArgs, n: u64) -> Result<Reply> {
-        let key = n % args.keys as u64;
         let ask = Ask {
             n,
-            key,
+            key: args.workload.key_at(n, args.keys as u64),
             read: args.workload.reads_at(n),
             preload: false,
         };
@@ -1207,6 +1207,13 @@ mod tests {
         assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
         let even = Spread::of(&[4.0, 1.0, 2.0, 10.0]).unwrap();
         assert_eq!((even.median, even.min, even.max), (3.0, 1.0, 10.0));
+    }
+
+    #[test]
+    fn set_adds_go_to_a_hundred_sets_and_other_requests_to_every_key() {
+        assert_eq!(Workload::Sadd.key_at(1203, 1000), 3);
+        assert_eq!(Workload::Smembers.key_at(1203, 1000), 203);
+        assert_eq!(Workload::Put.key_at(1203, 1000), 203);
     }
 
     #[test]

