@@ -10,6 +10,7 @@ mod prom;
 mod serve;
 
 use anyhow::Result;
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -38,12 +39,14 @@ enum Command {
         client: ClientArgs,
         #[arg(long = "type", short = 't', value_enum, default_value_t = KeyType::Registers)]
         kind: KeyType,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
     },
     /// Write a register. VALUE is JSON; text that is not JSON is stored as a JSON string.
     Put {
         #[command(flatten)]
         client: ClientArgs,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
         value: String,
     },
@@ -53,6 +56,7 @@ enum Command {
         client: ClientArgs,
         #[arg(long = "type", short = 't', value_enum, default_value_t = KeyType::Registers)]
         kind: KeyType,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
     },
     /// Add to a counter (negative subtracts; with --gcounter, a grow-only counter).
@@ -61,6 +65,7 @@ enum Command {
         client: ClientArgs,
         #[arg(long)]
         gcounter: bool,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
         #[arg(default_value_t = 1, allow_negative_numbers = true)]
         by: i64,
@@ -69,6 +74,7 @@ enum Command {
     Sadd {
         #[command(flatten)]
         client: ClientArgs,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
         #[arg(required = true)]
         elements: Vec<String>,
@@ -77,6 +83,7 @@ enum Command {
     Srem {
         #[command(flatten)]
         client: ClientArgs,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
         #[arg(required = true)]
         elements: Vec<String>,
@@ -85,6 +92,7 @@ enum Command {
     Smembers {
         #[command(flatten)]
         client: ClientArgs,
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
     },
     /// List keys of one type.
