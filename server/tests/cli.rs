@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::{Node, free_port};
@@ -16,108 +17,129 @@ struct Run {
     stderr: String,
 }
 
-/// Runs `meridian ARGS` against `url`, with none of the caller's client settings leaking in.
-fn meridian(url: &str, args: &[&str]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(args)
-        .env("MERIDIAN_URL", url)
-        .env_remove("MERIDIAN_CONSISTENCY")
-        .env_remove("MERIDIAN_SESSION")
-        .env_remove("MERIDIAN_TOKEN")
-        .env_remove("MERIDIAN_TOKEN_FILE")
-        .env_remove("MERIDIAN_CA")
-        .output()
-        .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(output.stdout).unwrap(),
-        stderr: String::from_utf8(output.stderr).unwrap(),
+/// The client commands of one user: none of the caller's client settings leak in, and the
+/// session file lives in a directory of its own ($XDG_STATE_HOME/meridian/session).
+struct Cli {
+    url: String,
+    state: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new(node: &Node) -> Self {
+        Self {
+            url: node.url(""),
+            state: tempfile::tempdir().unwrap(),
+        }
     }
-}
 
-/// Runs a command that must succeed and returns its standard output, trimmed.
-fn ok(url: &str, args: &[&str]) -> String {
-    let run = meridian(url, args);
-    assert_eq!(run.code, 0, "meridian {args:?}: {}", run.stderr);
-    assert_eq!(run.stderr, "", "meridian {args:?} wrote to stderr");
-    run.stdout.trim_end().to_owned()
-}
+    fn session_file(&self) -> PathBuf {
+        self.state.path().join("meridian").join("session")
+    }
 
-fn ok_json(url: &str, args: &[&str]) -> Value {
-    let mut with_json = args.to_vec();
-    with_json.push("--json");
-    let text = ok(url, &with_json);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("meridian {args:?} --json: {e}: {text}"))
-}
+    fn run(&self, args: &[&str]) -> Run {
+        let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(args)
+            .env("MERIDIAN_URL", &self.url)
+            .env("XDG_STATE_HOME", self.state.path())
+            .env_remove("MERIDIAN_CONSISTENCY")
+            .env_remove("MERIDIAN_SESSION")
+            .env_remove("MERIDIAN_TOKEN")
+            .env_remove("MERIDIAN_TOKEN_FILE")
+            .env_remove("MERIDIAN_CA")
+            .output()
+            .unwrap();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    }
 
-/// Runs a command that must fail with `code` and one line on stderr; returns that line.
-fn refused(url: &str, args: &[&str], code: i32) -> String {
-    let run = meridian(url, args);
-    assert_eq!(run.code, code, "meridian {args:?}: {}", run.stderr);
-    assert_eq!(run.stdout, "", "meridian {args:?} printed an answer");
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "meridian {args:?}: not one line: {}",
-        run.stderr
-    );
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    lines[0].to_owned()
+    /// Runs a command that must succeed quietly and returns its standard output, trimmed.
+    fn ok(&self, args: &[&str]) -> String {
+        let run = self.run(args);
+        assert_eq!(run.code, 0, "meridian {args:?}: {}", run.stderr);
+        assert_eq!(run.stderr, "", "meridian {args:?} wrote to stderr");
+        run.stdout.trim_end().to_owned()
+    }
+
+    fn ok_json(&self, args: &[&str]) -> Value {
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let text = self.ok(&with_json);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("meridian {args:?} --json: {e}: {text}"))
+    }
+
+    /// Runs a command that must fail with `code` and one line on stderr; returns that line.
+    fn refused(&self, args: &[&str], code: i32) -> String {
+        let run = self.run(args);
+        assert_eq!(run.code, code, "meridian {args:?}: {}", run.stderr);
+        assert_eq!(run.stdout, "", "meridian {args:?} printed an answer");
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "meridian {args:?}: not one line: {}",
+            run.stderr
+        );
+        assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+        lines[0].to_owned()
+    }
 }
 
 #[tokio::test]
 async fn client_commands_write_read_list_and_delete_every_type() {
     let node = Node::start("").await;
-    let url = &node.url("");
+    let cli = Cli::new(&node);
 
-    let put = ok(url, &["put", "greeting", "hello"]);
+    let put = cli.ok(&["put", "greeting", "hello"]);
     assert!(
         put.starts_with("OK 20"),
         "put answers with its timestamp: {put}"
     );
-    assert_eq!(ok(url, &["get", "greeting"]), r#""hello""#);
-    ok(url, &["put", "doc", r#"{"a":[1,2]}"#]);
+    assert_eq!(cli.ok(&["get", "greeting"]), r#""hello""#);
+    cli.ok(&["put", "doc", r#"{"a":[1,2]}"#]);
     assert_eq!(
-        ok_json(url, &["get", "doc"])["value"],
+        cli.ok_json(&["get", "doc"])["value"],
         json!({"a": [1, 2]}),
         "a JSON argument is stored as JSON"
     );
 
-    assert_eq!(ok(url, &["incr", "visits", "5"]), "5");
-    assert_eq!(ok(url, &["incr", "visits", "-2"]), "3");
-    assert_eq!(ok(url, &["incr", "visits"]), "4", "the default step is 1");
-    assert_eq!(ok(url, &["get", "-t", "counters", "visits"]), "4");
-    assert_eq!(ok(url, &["incr", "--gcounter", "hits", "7"]), "7");
-    assert_eq!(ok(url, &["get", "--type", "gcounters", "hits"]), "7");
+    assert_eq!(cli.ok(&["incr", "visits", "5"]), "5");
+    assert_eq!(cli.ok(&["incr", "visits", "-2"]), "3");
+    assert_eq!(cli.ok(&["incr", "visits"]), "4", "the default step is 1");
+    assert_eq!(cli.ok(&["get", "-t", "counters", "visits"]), "4");
+    assert_eq!(cli.ok(&["incr", "--gcounter", "hits", "7"]), "7");
+    assert_eq!(cli.ok(&["get", "--type", "gcounters", "hits"]), "7");
 
-    assert_eq!(ok(url, &["sadd", "tags", "a", "b", "c"]), "3 elements");
-    assert_eq!(ok(url, &["srem", "tags", "b"]), "2 elements");
-    ok(url, &["sadd", "tags", "42"]);
-    assert_eq!(ok(url, &["smembers", "tags"]), "\"a\"\n\"c\"\n42");
+    assert_eq!(cli.ok(&["sadd", "tags", "a", "b", "c"]), "3 elements");
+    assert_eq!(cli.ok(&["srem", "tags", "b"]), "2 elements");
+    cli.ok(&["sadd", "tags", "42"]);
+    assert_eq!(cli.ok(&["smembers", "tags"]), "\"a\"\n\"c\"\n42");
     assert_eq!(
-        ok_json(url, &["smembers", "tags"])["elements"],
+        cli.ok_json(&["smembers", "tags"])["elements"],
         json!(["a", "c", 42])
     );
 
-    assert_eq!(ok(url, &["ls", "registers"]), "doc\ngreeting");
+    assert_eq!(cli.ok(&["ls", "registers"]), "doc\ngreeting");
     assert_eq!(
-        ok(url, &["ls", "registers", "--limit", "1", "--all"]),
+        cli.ok(&["ls", "registers", "--limit", "1", "--all"]),
         "doc\ngreeting",
         "--all follows the cursor page by page"
     );
-    assert_eq!(ok(url, &["ls", "registers", "--prefix", "gr"]), "greeting");
-    assert_eq!(ok_json(url, &["ls", "sets"])["keys"], json!(["tags"]));
+    assert_eq!(cli.ok(&["ls", "registers", "--prefix", "gr"]), "greeting");
+    assert_eq!(cli.ok_json(&["ls", "sets"])["keys"], json!(["tags"]));
 
-    assert_eq!(ok(url, &["del", "greeting"]), "deleted");
-    let gone = refused(url, &["get", "greeting"], 1);
+    assert_eq!(cli.ok(&["del", "greeting"]), "deleted");
+    let gone = cli.refused(&["get", "greeting"], 1);
     assert!(gone.contains("deleted") && gone.contains("404"), "{gone}");
-    assert_eq!(ok(url, &["del", "-t", "counters", "visits"]), "deleted");
-    assert_eq!(ok(url, &["get", "-t", "counters", "visits"]), "0");
-    assert_eq!(ok(url, &["del", "-t", "sets", "tags"]), "deleted");
-    assert_eq!(ok_json(url, &["smembers", "tags"])["elements"], json!([]));
+    assert_eq!(cli.ok(&["del", "-t", "counters", "visits"]), "deleted");
+    assert_eq!(cli.ok(&["get", "-t", "counters", "visits"]), "0");
+    assert_eq!(cli.ok(&["del", "-t", "sets", "tags"]), "deleted");
+    assert_eq!(cli.ok_json(&["smembers", "tags"])["elements"], json!([]));
     assert_eq!(
-        ok_json(url, &["smembers", "never-written"])["elements"],
+        cli.ok_json(&["smembers", "never-written"])["elements"],
         json!([]),
         "a set nobody wrote reads as empty, unlike a register"
     );
@@ -126,10 +148,10 @@ async fn client_commands_write_read_list_and_delete_every_type() {
 #[tokio::test]
 async fn bad_arguments_and_server_errors_are_one_line_and_lose_nothing() {
     let node = Node::start("").await;
-    let url = &node.url("");
-    ok(url, &["incr", "kept", "3"]);
-    ok(url, &["sadd", "kept-set", "x"]);
-    ok(url, &["put", "kept-register", "v"]);
+    let cli = Cli::new(&node);
+    cli.ok(&["incr", "kept", "3"]);
+    cli.ok(&["sadd", "kept-set", "x"]);
+    cli.ok(&["put", "kept-register", "v"]);
 
     // Refused by the argument parser (exit 2), before anything is sent.
     let long_key = "k".repeat(2_000);
@@ -142,7 +164,7 @@ async fn bad_arguments_and_server_errors_are_one_line_and_lose_nothing() {
         (&["get", "-t", "tables", "kept"], "tables"),
         (&["frobnicate"], "frobnicate"),
     ] {
-        let line = refused(url, args, 2);
+        let line = cli.refused(args, 2);
         assert!(line.contains(says), "meridian {args:?}: {line}");
     }
 
@@ -155,14 +177,84 @@ async fn bad_arguments_and_server_errors_are_one_line_and_lose_nothing() {
         ),
         (&["get", "missing"], "HTTP 404 not-found"),
     ] {
-        let line = refused(url, args, 1);
+        let line = cli.refused(args, 1);
         assert!(line.contains(says), "meridian {args:?}: {line}");
     }
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let line = refused(url, &["get", "--region", &closed, "kept"], 1);
+    let line = cli.refused(&["get", "--region", &closed, "kept"], 1);
     assert!(line.contains("cannot reach"), "{line}");
 
-    assert_eq!(ok(url, &["get", "-t", "counters", "kept"]), "3");
-    assert_eq!(ok(url, &["smembers", "kept-set"]), "\"x\"");
-    assert_eq!(ok(url, &["get", "kept-register"]), "\"v\"");
+    assert_eq!(cli.ok(&["get", "-t", "counters", "kept"]), "3");
+    assert_eq!(cli.ok(&["smembers", "kept-set"]), "\"x\"");
+    assert_eq!(cli.ok(&["get", "kept-register"]), "\"v\"");
+}
+
+#[tokio::test]
+async fn the_session_token_is_kept_between_commands_and_a_refused_one_is_replaced() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut node = Node::start("").await;
+    let cli = Cli::new(&node);
+    let token = || std::fs::read_to_string(cli.session_file()).unwrap();
+
+    cli.ok(&["put", "k", "v"]);
+    let after_put = token();
+    assert!(!after_put.trim().is_empty());
+    let mode = std::fs::metadata(cli.session_file())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the session file is its owner's only");
+    cli.ok(&["incr", "c"]);
+    let after_incr = token();
+    assert_ne!(
+        after_incr, after_put,
+        "each answer's token replaces the last"
+    );
+
+    cli.ok(&["incr", "c", "--no-session"]);
+    assert_eq!(token(), after_incr, "--no-session keeps no token");
+    let elsewhere = cli.state.path().join("other.tok");
+    cli.ok(&["get", "k", "--session", elsewhere.to_str().unwrap()]);
+    assert_eq!(token(), after_incr, "--session names another file");
+    assert!(
+        !std::fs::read_to_string(&elsewhere)
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+
+    // A standalone node draws a new session secret when it restarts: the stored token no
+    // longer checks out there. The command still runs, once, and a new session starts.
+    assert!(node.terminate(), "{}", node.log());
+    node.spawn().await;
+    let run = cli.run(&["incr", "c"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout.trim(), "3", "the increment ran exactly once");
+    assert!(
+        run.stderr.starts_with("note: starting a new session") && run.stderr.lines().count() == 1,
+        "{}",
+        run.stderr
+    );
+    assert_ne!(token(), after_incr);
+    assert_eq!(
+        cli.ok(&["get", "-t", "counters", "c"]),
+        "3",
+        "the new token is accepted"
+    );
+
+    // A session file that cannot be written: a named one fails the command in one line, the
+    // default one only costs the session.
+    let unwritable = "/dev/null/meridian/session";
+    let line = cli.refused(&["get", "k", "--session", unwritable], 1);
+    assert!(line.contains("the session file /dev/null/"), "{line}");
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["get", "k", "--region", &cli.url])
+        .env("XDG_STATE_HOME", "/dev/null")
+        .env_remove("MERIDIAN_SESSION")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), r#""v""#);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("note: no session kept"), "{stderr}");
 }

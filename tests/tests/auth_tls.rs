@@ -166,7 +166,9 @@ async fn every_route_class_refuses_missing_wrong_and_insufficient_tokens() {
             .arg("--ca")
             .arg(creds.ca.as_ref().unwrap())
             .env_remove("MERIDIAN_TOKEN")
-            .env_remove("MERIDIAN_TOKEN_FILE");
+            .env_remove("MERIDIAN_TOKEN_FILE")
+            // The session file of this test's CLI, not the user's running the tests.
+            .env("XDG_STATE_HOME", cluster.dir());
         if let Some(role) = role {
             command.arg("--token-file").arg(token_file(role));
         }

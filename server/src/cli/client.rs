@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -36,7 +36,21 @@ pub(super) struct Client {
     http: reqwest::Client,
     base: String,
     consistency: Option<String>,
-    session: Option<std::path::PathBuf>,
+    session: Option<PathBuf>,
+    /// Whether the user named the session file: then failing to use it fails the command.
+    /// The default file is a convenience, and a home directory that cannot hold it only
+    /// costs the session.
+    session_named: bool,
+}
+
+/// Where the session token lives unless `--session` names a file: per user, like a shell's
+/// history, so consecutive commands share a session without anyone passing a flag.
+fn default_session_path() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".local/state")))?;
+    Some(state.join("meridian").join("session"))
 }
 
 /// The session token stored in `path`; none when the file does not exist yet.
@@ -53,14 +67,36 @@ fn load_token(path: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Replaces the token in `path` atomically (write a sibling file, then rename).
+/// Replaces the token in `path` atomically (write a sibling file, then rename), creating its
+/// directory. Readable by its owner only: the token is no credential, but it tells what a
+/// client has seen.
 fn store_token(path: &Path, token: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = std::path::PathBuf::from(temp);
-    std::fs::write(&temp, format!("{token}\n"))
-        .and_then(|()| std::fs::rename(&temp, path))
-        .with_context(|| format!("cannot write the session file {}", path.display()))
+    temp.push(format!(".{}.tmp", std::process::id()));
+    let temp = PathBuf::from(temp);
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.write_all(format!("{token}\n").as_bytes())?;
+        std::fs::rename(&temp, path)
+    };
+    write().with_context(|| format!("cannot write the session file {}", path.display()))
+}
+
+/// Whether an answer refuses the request's session token (the node ran nothing else).
+fn refuses_token(status: StatusCode, body: &Value) -> bool {
+    status == StatusCode::BAD_REQUEST
+        && body.get("type").and_then(Value::as_str)
+            == Some("urn:meridian:problem:invalid-session-token")
 }
 
 impl Client {
@@ -79,7 +115,12 @@ impl Client {
             http,
             base,
             consistency: args.consistency.clone(),
-            session: args.session.clone(),
+            session: if args.no_session {
+                None
+            } else {
+                args.session.clone().or_else(default_session_path)
+            },
+            session_named: args.session.is_some(),
         })
     }
 
@@ -89,28 +130,75 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value> {
+        let token = match &self.session {
+            Some(file) => self.tolerate(load_token(file))?.flatten(),
+            None => None,
+        };
+        let (status, value) = self
+            .exchange(method.clone(), path, body.as_ref(), token.as_deref())
+            .await?;
+        let (status, value) = match (&self.session, token) {
+            // A token this cluster cannot check (another cluster's, or a standalone node's
+            // from before it restarted with a new secret) promises nothing here. The node
+            // refused the request before running it, so sending it again without one is safe.
+            (Some(file), Some(_)) if refuses_token(status, &value) => {
+                eprintln!(
+                    "note: starting a new session: {} refused the token in {} ({})",
+                    self.base,
+                    file.display(),
+                    value.get("detail").and_then(Value::as_str).unwrap_or("")
+                );
+                self.exchange(method, path, body.as_ref(), None).await?
+            }
+            _ => (status, value),
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(problem_error(status, &value))
+    }
+
+    /// A failure to use the session file: the command's error when the user named the file,
+    /// otherwise a note, and the command goes on without a session.
+    fn tolerate<T>(&self, result: Result<T>) -> Result<Option<T>> {
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(error) if self.session_named => Err(error),
+            Err(error) => {
+                eprintln!("note: no session kept: {error:#} (--no-session skips it)");
+                Ok(None)
+            }
+        }
+    }
+
+    /// One request; keeps the answer's session token.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, Value)> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.request(method.clone(), &url);
+        let mut request = self.http.request(method, &url);
         if let Some(level) = &self.consistency {
             request = request.header("Consistency-Level", level);
         }
-        if let Some(path) = &self.session {
-            if let Some(token) = load_token(path)? {
-                request = request.header("Session-Token", token);
-            }
+        if let Some(token) = token {
+            request = request.header("Session-Token", token);
         }
         if let Some(body) = body {
-            request = request.json(&body);
+            request = request.json(body);
         }
         let response = request
             .send()
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
         let status = response.status();
-        if let (Some(path), Some(token)) = (&self.session, response.headers().get("session-token"))
+        if let (Some(file), Some(token)) = (&self.session, response.headers().get("session-token"))
         {
             if let Ok(token) = token.to_str() {
-                store_token(path, token)?;
+                self.tolerate(store_token(file, token))?;
             }
         }
         let text = response
@@ -118,10 +206,7 @@ impl Client {
             .await
             .with_context(|| format!("reading the answer of {url}"))?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if status.is_success() {
-            return Ok(value);
-        }
-        Err(problem_error(status, &value))
+        Ok((status, value))
     }
 }
 

@@ -149,11 +149,15 @@ pub struct ClientArgs {
     /// Request timeout in milliseconds.
     #[arg(long, default_value_t = 15_000)]
     timeout_ms: u64,
-    /// A file keeping the session token between invocations: sent with each request and
+    /// The file keeping the session token between invocations: sent with each request and
     /// replaced by the token of each answer, so a write in one region is visible to a read in
-    /// another (read-your-writes, monotonic reads).
-    #[arg(long, env = "MERIDIAN_SESSION")]
+    /// another (read-your-writes, monotonic reads). Default:
+    /// $XDG_STATE_HOME/meridian/session, else ~/.local/state/meridian/session.
+    #[arg(long, env = "MERIDIAN_SESSION", conflicts_with = "no_session")]
     session: Option<std::path::PathBuf>,
+    /// Send no session token and keep none.
+    #[arg(long)]
+    no_session: bool,
     #[command(flatten)]
     auth: ConnectArgs,
 }
