@@ -213,6 +213,17 @@ async fn the_session_token_is_kept_between_commands_and_a_refused_one_is_replace
 
     cli.ok(&["incr", "c", "--no-session"]);
     assert_eq!(token(), after_incr, "--no-session keeps no token");
+    let named_by_env = cli.state.path().join("env.tok");
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["get", "k", "--no-session", "--region", &cli.url])
+        .env("MERIDIAN_SESSION", &named_by_env)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        !named_by_env.exists(),
+        "--no-session wins over MERIDIAN_SESSION"
+    );
     let elsewhere = cli.state.path().join("other.tok");
     cli.ok(&["get", "k", "--session", elsewhere.to_str().unwrap()]);
     assert_eq!(token(), after_incr, "--session names another file");

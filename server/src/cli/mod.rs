@@ -153,9 +153,9 @@ pub struct ClientArgs {
     /// replaced by the token of each answer, so a write in one region is visible to a read in
     /// another (read-your-writes, monotonic reads). Default:
     /// $XDG_STATE_HOME/meridian/session, else ~/.local/state/meridian/session.
-    #[arg(long, env = "MERIDIAN_SESSION", conflicts_with = "no_session")]
+    #[arg(long, env = "MERIDIAN_SESSION")]
     session: Option<std::path::PathBuf>,
-    /// Send no session token and keep none.
+    /// Send no session token and keep none (over --session and MERIDIAN_SESSION).
     #[arg(long)]
     no_session: bool,
     #[command(flatten)]
