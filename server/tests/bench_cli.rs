@@ -141,6 +141,35 @@ async fn bench_refuses_zero_rounds_with_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
+/// `--converge` compares nodes: one URL is refused, and a node that cannot be read makes it
+/// give up at its timeout with one line naming that node.
+#[tokio::test]
+async fn converge_refuses_one_node_and_names_the_node_it_cannot_read() {
+    let node = Node::start("").await;
+    let one_line = |args: &[&str], says: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["bench", "--converge"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    };
+    one_line(&["--url", &node.url("")], "at least two");
+    let away = format!("http://127.0.0.1:{}", common::free_port());
+    one_line(
+        &[
+            "--url",
+            &format!("{},{away}", node.url("")),
+            "--converge-timeout",
+            "1",
+        ],
+        &format!("did not converge within 1 s: test-1 0 ops behind, {away} unreadable"),
+    );
+}
+
 /// A preload write the node refuses ends the run with one line that says what the node
 /// answered: here a value over the node's 64 KiB limit.
 #[tokio::test]

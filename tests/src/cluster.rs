@@ -987,6 +987,8 @@ impl Cluster {
             .args(args)
             .current_dir(&self.path)
             .env(LOG_ENV, default_log_filter())
+            // Their session file stays in the cluster directory, not the user's home.
+            .env("XDG_STATE_HOME", &self.path)
             .stdin(Stdio::null());
         // Client commands talk to the nodes as the tests' clients do: the cluster's CA and
         // admin token.

@@ -187,6 +187,14 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Put no load: poll every --url until all nodes hold the same ops and the same Merkle
+    /// root, and print how long that took and what each node lacked at the start. Start it
+    /// when a partition heals (or just before), with the load stopped.
+    #[arg(long)]
+    converge: bool,
+    /// Seconds --converge waits before it gives up.
+    #[arg(long, default_value_t = 120)]
+    converge_timeout: u64,
     #[command(flatten)]
     auth: super::ConnectArgs,
 }
@@ -568,6 +576,14 @@ async fn preload(args: &Arc<BenchArgs>, endpoint: &Endpoint) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.converge {
+        return super::converge::run(
+            &args.url,
+            &args.auth,
+            Duration::from_secs(args.converge_timeout),
+            args.json,
+        );
+    }
     if args.connections == 0
         || args.keys == 0
         || args.duration == 0

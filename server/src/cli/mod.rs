@@ -3,6 +3,7 @@
 mod admin;
 mod bench;
 mod client;
+mod converge;
 mod init;
 mod membership;
 mod peer;
