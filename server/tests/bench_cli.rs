@@ -158,7 +158,7 @@ async fn converge_refuses_one_node_and_names_the_node_it_cannot_read() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     };
     one_line(&["--url", &node.url("")], "at least two");
-    let away = format!("http://127.0.0.1:{}", common::free_port());
+    let away = format!("http://127.0.0.1:{}", free_port());
     one_line(
         &[
             "--url",
