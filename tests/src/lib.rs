@@ -23,6 +23,7 @@
 //! The `meridian` binary must be built first (`cargo build -p meridian-server`, or
 //! any `cargo test --workspace`, which builds it); see [`meridian_bin`].
 
+pub mod bench_env;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -13,12 +13,13 @@
 
 use std::time::Duration;
 
+use meridian_tests::bench_env::env_or;
 use meridian_tests::{Cluster, ClusterSpec, Fault, meridian_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --run-ignored only (see the module docs)"]
 async fn per_consistency_level() {
-    let seconds = std::env::var("MERIDIAN_BENCH_SECONDS").unwrap_or_else(|_| "5".into());
+    let seconds: u64 = env_or("MERIDIAN_BENCH_SECONDS", 5);
     let cluster = Cluster::start(
         ClusterSpec::new(&["us-east", "eu-west", "ap-south"])
             .relays(true)
@@ -44,7 +45,7 @@ async fn per_consistency_level() {
                     "--warmup",
                     "1",
                     "-d",
-                    &seconds,
+                    &seconds.to_string(),
                 ])
                 .args([
                     "--keys",

@@ -19,6 +19,7 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use meridian_tests::bench_env::{env_or, link_delays_ms};
 use meridian_tests::{Cluster, ClusterSpec, Fault, meridian_bin};
 use serde_json::{Value, json};
 
@@ -120,28 +121,13 @@ async fn converge_reports_what_each_node_lacked_and_when_all_agree() {
     cluster.shutdown().await.unwrap();
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().map_or(default, |v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}: cannot parse {v:?}"))
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --run-ignored only (see the module docs)"]
 async fn convergence_after_heal() {
     let runs: usize = env_or("MERIDIAN_BENCH_RUNS", 3);
     let rate: f64 = env_or("MERIDIAN_BENCH_RATE", 2000.0);
     let seconds: u64 = env_or("MERIDIAN_BENCH_SECONDS", 5);
-    let delays: Vec<u64> = std::env::var("MERIDIAN_BENCH_DELAYS_MS")
-        .unwrap_or_else(|_| "0,50".into())
-        .split(',')
-        .map(|d| {
-            d.trim()
-                .parse()
-                .expect("MERIDIAN_BENCH_DELAYS_MS: milliseconds")
-        })
-        .collect();
+    let delays = link_delays_ms();
     for delay_ms in delays {
         let mut times = Vec::new();
         for _ in 0..runs {

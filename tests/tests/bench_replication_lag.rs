@@ -19,29 +19,17 @@
 
 use std::time::Duration;
 
+use meridian_tests::bench_env::{env_or, link_delays_ms};
 use meridian_tests::{Cluster, ClusterSpec, Fault, meridian_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --run-ignored only (see the module docs)"]
 async fn replication_lag() {
-    let rate: f64 = std::env::var("MERIDIAN_BENCH_RATE")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5000.0);
-    let seconds = std::env::var("MERIDIAN_BENCH_SECONDS").unwrap_or_else(|_| "10".into());
-    let connections = std::env::var("MERIDIAN_BENCH_CONNECTIONS").unwrap_or_else(|_| "96".into());
-    let delays: Vec<u64> = std::env::var("MERIDIAN_BENCH_DELAYS_MS")
-        .unwrap_or_else(|_| "0,50".into())
-        .split(',')
-        .map(|d| {
-            d.trim()
-                .parse()
-                .expect("MERIDIAN_BENCH_DELAYS_MS: milliseconds, comma-separated")
-        })
-        .collect();
-    let runs: usize = std::env::var("MERIDIAN_BENCH_RUNS")
-        .ok()
-        .map_or(1, |r| r.parse().expect("MERIDIAN_BENCH_RUNS: a count"));
+    let rate: f64 = env_or("MERIDIAN_BENCH_RATE", 5000.0);
+    let seconds: u64 = env_or("MERIDIAN_BENCH_SECONDS", 10);
+    let connections: usize = env_or("MERIDIAN_BENCH_CONNECTIONS", 96);
+    let delays = link_delays_ms();
+    let runs: usize = env_or("MERIDIAN_BENCH_RUNS", 1);
     let warmup = Duration::from_secs(2);
     let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); delays.len()];
     for (i, delay_ms) in std::iter::repeat_n(delays.iter().copied().enumerate(), runs).flatten() {
@@ -60,8 +48,13 @@ async fn replication_lag() {
             .map(meridian_tests::Node::url)
             .collect();
         let bench = tokio::process::Command::new(meridian_bin().unwrap())
-            .args(["bench", "--workload", "put", "-c", &connections])
-            .args(["--warmup", &warmup.as_secs().to_string(), "-d", &seconds])
+            .args(["bench", "--workload", "put", "-c", &connections.to_string()])
+            .args([
+                "--warmup",
+                &warmup.as_secs().to_string(),
+                "-d",
+                &seconds.to_string(),
+            ])
             .args(["--json", "--url", &urls.join(","), "--lag-url", &urls[1]])
             .args(["--rate", &rate.to_string()])
             .args(cluster.node(0).credentials().cli_args())
