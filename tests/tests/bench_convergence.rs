@@ -20,7 +20,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_tests::bench_env::{env_or, link_delays_ms};
-use meridian_tests::{Cluster, ClusterSpec, Fault, meridian_bin};
+use meridian_tests::{Cluster, ClusterSpec, Fault, meridian_bin, wait_until};
 use serde_json::{Value, json};
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -117,6 +117,68 @@ async fn converge_reports_what_each_node_lacked_and_when_all_agree() {
                 node.name()
             );
         }
+    }
+    cluster.shutdown().await.unwrap();
+}
+
+/// Equal applied vectors are not enough: a state no op explains (a fabricated element here,
+/// standing for a restored backup or a bit flip) keeps the Merkle roots apart until
+/// anti-entropy repairs it, and `--converge` waits for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converge_waits_for_equal_merkle_roots_not_only_equal_ops() {
+    let spec = ClusterSpec::new(&REGIONS[..2])
+        .extra_config("[anti_entropy]\nenabled = false\n[debug]\nallow_state_overwrite = true\n");
+    let cluster = Cluster::start(spec).await.unwrap();
+    let (east, west) = (cluster.node(0).client(), cluster.node(1).client());
+    east.set_add("cart", &[json!("apple")]).await.unwrap();
+    report(&watch(&cluster, 30).wait_with_output().await.unwrap());
+    west.request(
+        reqwest::Method::POST,
+        &["v1", "admin", "debug", "merge-unlogged", "sets", "cart"],
+        Some(&json!({ "element": "ghost" })),
+    )
+    .await
+    .unwrap()
+    .ok("fabricate an element")
+    .unwrap();
+
+    let output = watch(&cluster, 1).wait_with_output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("0 ops behind") && stderr.contains("same ops but Merkle roots"),
+        "{stderr}"
+    );
+
+    let watcher = watch(&cluster, 60);
+    let peer = cluster.node(1).name().to_owned();
+    wait_until(Duration::from_secs(20), "connected to the peer", || async {
+        let info = east.cluster_info().await?;
+        Ok(info["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["name"] == peer.as_str() && p["connected"] == true)
+        }))
+    })
+    .await
+    .unwrap();
+    cluster
+        .run_cli(&[
+            "admin",
+            "sync",
+            "--peer",
+            &peer,
+            "--region",
+            &cluster.node(0).url(),
+        ])
+        .await
+        .unwrap();
+    let figures = report(&watcher.wait_with_output().await.unwrap());
+    assert_eq!(figures["ops"], 1, "the repair moved no op: {figures}");
+    for client in [&east, &west] {
+        let mut elements = client.set_elements("cart").await.unwrap();
+        elements.sort_by_key(ToString::to_string);
+        assert_eq!(elements, vec![json!("apple"), json!("ghost")]);
     }
     cluster.shutdown().await.unwrap();
 }

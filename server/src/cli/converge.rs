@@ -19,6 +19,9 @@ use super::ConnectArgs;
 /// Time between two polls of every node: fine enough for figures in the tens of
 /// milliseconds, light enough not to slow the replication it watches.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// Time between two reads of the Merkle roots while the ops agree and the roots do not (only
+/// anti-entropy can close that gap, on its own schedule): each read makes every node fold.
+const ROOT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The part of `/v1/cluster` this needs.
 #[derive(Debug, Deserialize)]
@@ -158,6 +161,7 @@ async fn watch(watcher: &Watcher, timeout: Duration) -> Result<Converged> {
     let mut polls = 0u64;
     let mut behind_at_start = None;
     let mut roots_apart = None;
+    let mut next_root_check = started;
     loop {
         let round = watcher.poll_all().await;
         polls += 1;
@@ -169,7 +173,8 @@ async fn watch(watcher: &Watcher, timeout: Duration) -> Result<Converged> {
                     .map(|(name, vector)| (name.clone(), vector.behind(&all)))
                     .collect::<Vec<_>>()
             });
-            if read.iter().all(|(_, vector)| *vector == all) {
+            if read.iter().all(|(_, vector)| *vector == all) && Instant::now() >= next_root_check {
+                next_root_check = Instant::now() + ROOT_INTERVAL;
                 let mut roots = Vec::with_capacity(watcher.urls.len());
                 for url in &watcher.urls {
                     roots.push(watcher.root(url).await?);
