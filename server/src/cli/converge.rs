@@ -173,7 +173,10 @@ async fn watch(watcher: &Watcher, timeout: Duration) -> Result<Converged> {
                     .map(|(name, vector)| (name.clone(), vector.behind(&all)))
                     .collect::<Vec<_>>()
             });
-            if read.iter().all(|(_, vector)| *vector == all) && Instant::now() >= next_root_check {
+            let same_ops = read.iter().all(|(_, vector)| *vector == all);
+            if !same_ops {
+                roots_apart = None;
+            } else if Instant::now() >= next_root_check {
                 next_root_check = Instant::now() + ROOT_INTERVAL;
                 let mut roots = Vec::with_capacity(watcher.urls.len());
                 for url in &watcher.urls {
