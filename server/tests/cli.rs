@@ -115,7 +115,8 @@ async fn client_commands_write_read_list_and_delete_every_type() {
 
     assert_eq!(cli.ok(&["sadd", "tags", "a", "b", "c"]), "3 elements");
     assert_eq!(cli.ok(&["srem", "tags", "b"]), "2 elements");
-    cli.ok(&["sadd", "tags", "42"]);
+    assert_eq!(cli.ok(&["sadd", "tags", "42"]), "3 elements");
+    assert_eq!(cli.ok(&["sadd", "single", "x"]), "1 element");
     assert_eq!(cli.ok(&["smembers", "tags"]), "\"a\"\n\"c\"\n42");
     assert_eq!(
         cli.ok_json(&["smembers", "tags"])["elements"],
@@ -129,7 +130,10 @@ async fn client_commands_write_read_list_and_delete_every_type() {
         "--all follows the cursor page by page"
     );
     assert_eq!(cli.ok(&["ls", "registers", "--prefix", "gr"]), "greeting");
-    assert_eq!(cli.ok_json(&["ls", "sets"])["keys"], json!(["tags"]));
+    assert_eq!(
+        cli.ok_json(&["ls", "sets"])["keys"],
+        json!(["single", "tags"])
+    );
 
     assert_eq!(cli.ok(&["del", "greeting"]), "deleted");
     let gone = cli.refused(&["get", "greeting"], 1);

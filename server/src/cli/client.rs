@@ -325,10 +325,11 @@ pub async fn set_update(
         .call(Method::POST, &path(KeyType::Sets, key), Some(body))
         .await?;
     show(args, &answer, |a| {
-        format!(
-            "{} elements",
-            a.get("size").map(Value::to_string).unwrap_or_default()
-        )
+        match a.get("size").and_then(Value::as_u64) {
+            Some(1) => "1 element".to_owned(),
+            Some(size) => format!("{size} elements"),
+            None => a.to_string(),
+        }
     });
     Ok(())
 }
