@@ -195,7 +195,11 @@ impl ReplicationConfig {
             heartbeat_interval,
             peer_timeout: heartbeat_interval * 3 + Duration::from_millis(250),
             reconnect_base: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(5),
+            // A healed partition waits out the current backoff. A dial a second at most,
+            // during an outage, costs a few packets. With the 5-s cap of old, convergence after
+            // a 20-s cut took 0.94 s; with this and the lower `initial_rtt` (see `tls`) it
+            // takes 0.42 s (README, "Convergence after a partition heals").
+            reconnect_max: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(3),
             anti_entropy: AntiEntropyConfig::default(),
             gc: GcConfig::default(),

@@ -110,6 +110,11 @@ fn transport(
     let idle = quinn::IdleTimeout::try_from(idle)
         .map_err(|e| ReplicationError::Config(format!("peer_timeout: {e}")))?;
     t.max_idle_timeout(Some(idle));
+    // Until it has an RTT sample, quinn resends an unanswered Initial after a PTO derived from
+    // this (about 1 s at its default of 333 ms). A dial made during a partition then resends
+    // sooner once the partition heals. A round trip longer than this costs one spurious
+    // Initial.
+    t.initial_rtt(Duration::from_millis(100));
     let stream_window = (window_bytes as u64).saturating_mul(2) + 2 * MAX_FRAME as u64;
     let stream_window = quinn::VarInt::from_u64(stream_window)
         .map_err(|e| ReplicationError::Config(format!("window_bytes: {e}")))?;
