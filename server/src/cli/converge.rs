@@ -223,12 +223,15 @@ pub fn run(urls: &[String], auth: &ConnectArgs, timeout: Duration, json: bool) -
             .map(|u| u.trim_end_matches('/').to_owned())
             .collect(),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let started_at = SystemTime::now();
-    let converged = runtime.block_on(watch(&watcher, timeout))?;
+    super::client::block_on(async {
+        let converged = watch(&watcher, timeout).await?;
+        print(&converged, started_at, json);
+        Ok(())
+    })
+}
+
+fn print(converged: &Converged, started_at: SystemTime, json: bool) {
     let converged_at = started_at + converged.elapsed;
     let elapsed_ms = converged.elapsed.as_secs_f64() * 1000.0;
     if json {
@@ -262,7 +265,6 @@ pub fn run(urls: &[String], auth: &ConnectArgs, timeout: Duration, json: bool) -
         );
         println!("ops each node lacked at the first poll: {behind}");
     }
-    Ok(())
 }
 
 #[cfg(test)]
