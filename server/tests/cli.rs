@@ -37,6 +37,11 @@ impl Cli {
     }
 
     fn run(&self, args: &[&str]) -> Run {
+        self.run_with_env(args, &[])
+    }
+
+    /// [`Self::run`] with variables set after the defaults, e.g. another `XDG_STATE_HOME`.
+    fn run_with_env(&self, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Run {
         let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(args)
             .env("MERIDIAN_URL", &self.url)
@@ -46,6 +51,7 @@ impl Cli {
             .env_remove("MERIDIAN_TOKEN")
             .env_remove("MERIDIAN_TOKEN_FILE")
             .env_remove("MERIDIAN_CA")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         Run {
@@ -218,12 +224,11 @@ async fn the_session_token_is_kept_between_commands_and_a_refused_one_is_replace
     cli.ok(&["incr", "c", "--no-session"]);
     assert_eq!(token(), after_incr, "--no-session keeps no token");
     let named_by_env = cli.state.path().join("env.tok");
-    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["get", "k", "--no-session", "--region", &cli.url])
-        .env("MERIDIAN_SESSION", &named_by_env)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    let run = cli.run_with_env(
+        &["get", "k", "--no-session"],
+        &[("MERIDIAN_SESSION", named_by_env.as_os_str())],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
         !named_by_env.exists(),
         "--no-session wins over MERIDIAN_SESSION"
@@ -262,14 +267,9 @@ async fn the_session_token_is_kept_between_commands_and_a_refused_one_is_replace
     let unwritable = "/dev/null/meridian/session";
     let line = cli.refused(&["get", "k", "--session", unwritable], 1);
     assert!(line.contains("the session file /dev/null/"), "{line}");
-    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["get", "k", "--region", &cli.url])
-        .env("XDG_STATE_HOME", "/dev/null")
-        .env_remove("MERIDIAN_SESSION")
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), r#""v""#);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let run = cli.run_with_env(&["get", "k"], &[("XDG_STATE_HOME", "/dev/null".as_ref())]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout.trim(), r#""v""#);
+    let stderr = run.stderr;
     assert!(stderr.starts_with("note: no session kept"), "{stderr}");
 }
