@@ -271,6 +271,18 @@ async fn https_works_plaintext_is_refused_and_bad_tls_config_fails_fast() {
         .await
         .unwrap_err();
     assert!(error.is_connect(), "{error:?}");
+    // The CLI says what to do about both mistakes, in its one line.
+    let addr = node.http_addr();
+    let error = cli_error(node.dir(), &format!("http://{addr}"), None);
+    assert!(
+        error.ends_with(&format!("if it serves HTTPS, use https://{addr}")),
+        "{error}"
+    );
+    let error = cli_error(node.dir(), &node.url(), None);
+    assert!(
+        error.ends_with("give --ca (or MERIDIAN_CA) the cluster's ca.pem"),
+        "{error}"
+    );
     // The node keeps serving TLS clients after all that.
     assert_eq!(
         node.client().get_register("k").await.unwrap().unwrap()["value"],
@@ -359,7 +371,40 @@ async fn https_works_plaintext_is_refused_and_bad_tls_config_fails_fast() {
         plain.get_register("k").await.unwrap().unwrap()["value"],
         "v"
     );
+    let error = cli_error(
+        node.dir(),
+        &format!("https://{addr}"),
+        Some(&cluster.dir().join("ca.pem")),
+    );
+    assert!(
+        error.ends_with(&format!(
+            "the node answered in plain HTTP: use http://{addr}"
+        )),
+        "{error}"
+    );
     drop(killer);
+}
+
+/// `meridian get k` against `url`, which must fail with exit code 1 and one line on stderr;
+/// returns that line.
+fn cli_error(state: &Path, url: &str, ca: Option<&Path>) -> String {
+    let mut command = std::process::Command::new(meridian_bin().unwrap());
+    command
+        .args(["get", "k", "--region", url])
+        .env("XDG_STATE_HOME", state)
+        .env_remove("MERIDIAN_CA")
+        .env_remove("MERIDIAN_TOKEN")
+        .env_remove("MERIDIAN_TOKEN_FILE");
+    if let Some(ca) = ca {
+        command.env("MERIDIAN_CA", ca);
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("error: cannot reach "), "{stderr}");
+    lines[0].to_owned()
 }
 
 struct KillOnDrop(std::process::Child);

@@ -193,7 +193,7 @@ impl Client {
         let response = request
             .send()
             .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
+            .map_err(|error| unreachable(&self.base, error))?;
         let status = response.status();
         if let (Some(file), Some(token)) = (&self.session, response.headers().get("session-token"))
         {
@@ -208,6 +208,59 @@ impl Client {
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
+}
+
+/// A request that got no HTTP answer, with what to do about the mistakes a first session
+/// makes: plain HTTP to a node serving HTTPS (what `meridian dev` starts), HTTPS to one that
+/// serves plain HTTP, and HTTPS without the cluster's CA.
+pub(super) fn unreachable(base: &str, error: reqwest::Error) -> anyhow::Error {
+    let hint = mismatch_hint(base, &error);
+    let error = anyhow::Error::new(error).context(format!("cannot reach {base}"));
+    match hint {
+        Some(hint) => anyhow!("{error:#}; {hint}"),
+        None => error,
+    }
+}
+
+fn mismatch_hint(base: &str, error: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            if let Some(rest) = base.strip_prefix("http://") {
+                return Some(format!(
+                    "the node did not answer in plain HTTP: if it serves HTTPS, use https://{rest}"
+                ));
+            }
+        }
+        let tls = current.downcast_ref::<rustls::Error>();
+        match tls {
+            Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                let rest = base.strip_prefix("https://").unwrap_or(base);
+                return Some(format!(
+                    "the node answered in plain HTTP: use http://{rest}"
+                ));
+            }
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+                return Some(
+                    "the node's certificate is not signed by a CA this command trusts: give --ca \
+                     (or MERIDIAN_CA) the cluster's ca.pem"
+                        .to_owned(),
+                );
+            }
+            _ => {}
+        }
+        // An io::Error's `source` skips the error it wraps (rustls' goes in two deep).
+        source = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    None
 }
 
 fn problem_error(status: StatusCode, body: &Value) -> anyhow::Error {

@@ -541,6 +541,8 @@ pub fn dev(args: DevArgs) -> Result<()> {
         let mut nodes = tokio::task::JoinSet::new();
         let tls = configs.iter().any(|c| c.http.tls.is_some());
         let auth = configs.iter().any(|c| c.auth.as_ref().is_some_and(|a| a.enabled));
+        // Existing configs keep the ports they were made with, whatever --base-port says now.
+        let first_http = configs.first().map(|config| config.http.listen);
         for config in configs {
             let name = config.node.name.clone();
             let region = config.node.region.clone();
@@ -570,10 +572,11 @@ pub fn dev(args: DevArgs) -> Result<()> {
             );
         }
         if tls || auth {
-            println!(
-                "  meridian put --region https://127.0.0.1:{} greeting hello",
-                args.base_port
-            );
+            let scheme = if tls { "https" } else { "http" };
+            if let Some(first) = &first_http {
+                println!("  export MERIDIAN_URL={scheme}://{first}");
+            }
+            println!("  meridian put greeting hello");
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
