@@ -205,6 +205,41 @@ async fn gcounters_only_grow() {
     assert_eq!(body["type"], "urn:meridian:problem:negative-increment");
     let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/gcounters/g"), None).await;
     assert_eq!(body["value"], 7, "the refused decrement changed nothing");
+    // The whole u64 range, past i64's: then the sum overflows and is refused, not wrapped.
+    let big = json!(u64::MAX - 7);
+    let (status, body) = call(
+        &c,
+        reqwest::Method::POST,
+        node.url("/v1/gcounters/g"),
+        Some(json!({"increment": big})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["value"], json!(u64::MAX));
+    for (increment, status, kind) in [
+        (json!(1), StatusCode::CONFLICT, "counter-overflow"),
+        (
+            serde_json::from_str::<Value>("18446744073709551616").unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid-json",
+        ),
+    ] {
+        let (got, body) = call(
+            &c,
+            reqwest::Method::POST,
+            node.url("/v1/gcounters/g"),
+            Some(json!({ "increment": increment })),
+        )
+        .await;
+        assert_eq!(got, status, "{increment}: {body}");
+        assert_eq!(body["type"], format!("urn:meridian:problem:{kind}"));
+    }
+    let (_, body) = call(&c, reqwest::Method::GET, node.url("/v1/gcounters/g"), None).await;
+    assert_eq!(
+        body["value"],
+        json!(u64::MAX),
+        "the refused increments changed nothing"
+    );
     let (_, body) = call(
         &c,
         reqwest::Method::DELETE,

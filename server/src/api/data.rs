@@ -263,6 +263,16 @@ pub struct IncrementBody {
     pub increment: i64,
 }
 
+/// An increment of a grow-only counter.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrowBody {
+    /// Added to the counter: 0 to 2^64 − 1.
+    // Read wider than u64 so that a negative increment gets its own problem type.
+    #[schema(value_type = u64)]
+    pub increment: i128,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetUpdateBody {
@@ -630,7 +640,7 @@ pub async fn get_gcounter(
 #[utoipa::path(post, path = "/v1/gcounters/{key}", tag = "gcounters",
     params(("key" = String, Path, description = "The key"), 
         ("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with a WriteSummary (the key, where the write landed, a set's size) instead of the new state")),
-    request_body = IncrementBody,
+    request_body = GrowBody,
     responses((status = 200, body = GCounterView), (status = 400, body = Problem)))]
 pub async fn incr_gcounter(
     State(app): State<AppState>,
@@ -638,14 +648,21 @@ pub async fn incr_gcounter(
     session: Session,
     prefer: ReturnPreference,
     key: Result<Path<String>, PathRejection>,
-    JsonBody(body): JsonBody<IncrementBody>,
+    JsonBody(body): JsonBody<GrowBody>,
 ) -> ApiResult<WriteAnswer<GCounterView>> {
     let key = path_key(&app, key)?;
     let by = u64::try_from(body.increment).map_err(|_| {
-        Problem::bad_request(
-            "negative-increment",
-            "a G-Counter only grows: the increment must be ≥ 0",
-        )
+        if body.increment < 0 {
+            Problem::bad_request(
+                "negative-increment",
+                "a G-Counter only grows: the increment must be ≥ 0",
+            )
+        } else {
+            Problem::bad_request(
+                "invalid-json",
+                format!("increment {} is above 2^64 − 1", body.increment),
+            )
+        }
     })?;
     write_view(
         &app,
