@@ -24,6 +24,8 @@ struct Ledger {
     in_flight_element: Option<u64>,
     last_acked_register: Option<u64>,
     in_flight_register: Option<u64>,
+    /// Acknowledged writes of each kind, for the summary line: increments, set adds, puts.
+    acknowledged: [u64; 3],
 }
 
 async fn counter_client(c: Client, url: String, ledger: Arc<Mutex<Ledger>>, seed: u64) {
@@ -37,6 +39,7 @@ async fn counter_client(c: Client, url: String, ledger: Arc<Mutex<Ledger>>, seed
                 let mut l = ledger.lock().await;
                 l.acked_sum += by;
                 l.in_flight = None;
+                l.acknowledged[0] += 1;
             }
             _ => return,
         }
@@ -51,6 +54,7 @@ async fn set_client(c: Client, url: String, ledger: Arc<Mutex<Ledger>>, base: u6
                 let mut l = ledger.lock().await;
                 l.acked_elements.insert(element);
                 l.in_flight_element = None;
+                l.acknowledged[1] += 1;
             }
             _ => return,
         }
@@ -65,6 +69,7 @@ async fn register_client(c: Client, url: String, ledger: Arc<Mutex<Ledger>>, bas
                 let mut l = ledger.lock().await;
                 l.last_acked_register = Some(value);
                 l.in_flight_register = None;
+                l.acknowledged[2] += 1;
             }
             _ => return,
         }
@@ -77,7 +82,12 @@ async fn acknowledged_writes_survive_kill_9() {
     let clients = 3;
     let ledgers: Vec<Arc<Mutex<Ledger>>> = (0..clients).map(|_| Arc::default()).collect();
     let mut rng = rand::rng();
-    for round in 0..4u64 {
+    // More rounds for the README's durability figure (`--no-capture` shows the summary).
+    let rounds: u64 = std::env::var("MERIDIAN_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    for round in 0..rounds {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, ledger) in ledgers.iter().enumerate() {
             let c = Client::new();
@@ -172,14 +182,25 @@ async fn acknowledged_writes_survive_kill_9() {
             l.in_flight_register = None;
         }
     }
-    let total_acked: usize = {
-        let mut n = 0;
-        for l in &ledgers {
-            n += l.lock().await.acked_elements.len();
+    let mut acknowledged = [0u64; 3];
+    for l in &ledgers {
+        for (total, n) in acknowledged.iter_mut().zip(l.lock().await.acknowledged) {
+            *total += n;
         }
-        n
-    };
-    assert!(total_acked > 0, "the load must have written something");
+    }
+    assert!(
+        acknowledged.iter().all(|&n| n > 0),
+        "the load must have written every kind: {acknowledged:?}"
+    );
+    eprintln!(
+        "{rounds} kill -9 rounds, {} clients: {} acknowledged writes \
+         ({} increments, {} set adds, {} register puts), 0 lost",
+        clients * 3,
+        acknowledged.iter().sum::<u64>(),
+        acknowledged[0],
+        acknowledged[1],
+        acknowledged[2]
+    );
 }
 
 /// The journal on a directory of its own (`storage.journal_dir`): writes acknowledged just
