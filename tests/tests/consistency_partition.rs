@@ -155,6 +155,22 @@ async fn partitioned_region_refuses_quorum_writes_and_converges_after_heal() {
         "session-not-caught-up",
     );
     assert!(response.header("retry-after").is_some());
+    // Too few reachable is known at once: that 503 comes first, without waiting out the
+    // session (which could not catch up anyway) and without applying anything.
+    for l in ["ALL", "GLOBAL_QUORUM"] {
+        let at_level = elsewhere.with_consistency(l);
+        let response = incr(&at_level, "all", 1).await;
+        if l == "ALL" {
+            assert_problem(&response, StatusCode::SERVICE_UNAVAILABLE, ":unavailable");
+        } else {
+            // The majority can serve GLOBAL_QUORUM: only the session holds this one back.
+            assert_problem(
+                &response,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "session-not-caught-up",
+            );
+        }
+    }
 
     // Heal: everything converges, and nothing the minority refused appears anywhere.
     cluster.heal().unwrap();

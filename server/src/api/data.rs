@@ -411,6 +411,12 @@ async fn write(
 ) -> ApiResult<Committed> {
     let level = level.get()?;
     let result: ApiResult<Committed> = async {
+        // DESIGN §2: too few reachable is a 503 at once, before any wait for the session;
+        // checked again after that wait, which can take seconds.
+        app.check_reachable(level)?;
+        // DESIGN §2: too few reachable is a 503 at once, before any wait for the session;
+        // checked again after that wait, which can take seconds.
+        app.check_reachable(level)?;
         app.wait_session(&session.0).await?;
         let electorate = app.check_reachable(level)?;
         let committed = app.storage.write(kind, key, intent).await?;
