@@ -117,6 +117,11 @@ async fn client_commands_write_read_list_and_delete_every_type() {
     assert_eq!(cli.ok(&["incr", "visits"]), "4", "the default step is 1");
     assert_eq!(cli.ok(&["get", "-t", "counters", "visits"]), "4");
     assert_eq!(cli.ok(&["incr", "--gcounter", "hits", "7"]), "7");
+    assert_eq!(
+        cli.ok(&["incr", "--gcounter", "wide", "18446744073709551615"]),
+        "18446744073709551615",
+        "a G-Counter step takes the whole u64 range"
+    );
     assert_eq!(cli.ok(&["get", "--type", "gcounters", "hits"]), "7");
 
     assert_eq!(cli.ok(&["sadd", "tags", "a", "b", "c"]), "3 elements");
@@ -170,6 +175,7 @@ async fn bad_arguments_and_server_errors_are_one_line_and_lose_nothing() {
         (&["get", ""], "a value is required for '<KEY>'"),
         (&["put", "kept-register"], "<VALUE>"),
         (&["incr", "kept", "three"], "three"),
+        (&["incr", "kept", "18446744073709551616"], "outside"),
         (&["get", "--url", "x", "kept"], "--url"),
         (&["get", "-t", "tables", "kept"], "tables"),
         (&["frobnicate"], "frobnicate"),
@@ -186,6 +192,14 @@ async fn bad_arguments_and_server_errors_are_one_line_and_lose_nothing() {
             "HTTP 400 invalid-consistency-level",
         ),
         (&["get", "missing"], "HTTP 404 not-found"),
+        (
+            &["incr", "kept", "9223372036854775808"],
+            "HTTP 400 invalid-json",
+        ),
+        (
+            &["incr", "--gcounter", "g", "-1"],
+            "HTTP 400 negative-increment",
+        ),
     ] {
         let line = cli.refused(args, 1);
         assert!(line.contains(says), "meridian {args:?}: {line}");

@@ -341,7 +341,7 @@ pub async fn del(args: &ClientArgs, kind: KeyType, key: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn incr(args: &ClientArgs, gcounter: bool, key: &str, by: i64) -> Result<()> {
+pub async fn incr(args: &ClientArgs, gcounter: bool, key: &str, by: i128) -> Result<()> {
     let client = Client::new(args)?;
     let kind = if gcounter {
         KeyType::Gcounters

@@ -68,8 +68,8 @@ enum Command {
         gcounter: bool,
         #[arg(value_parser = NonEmptyStringValueParser::new())]
         key: String,
-        #[arg(default_value_t = 1, allow_negative_numbers = true)]
-        by: i64,
+        #[arg(default_value_t = 1, allow_negative_numbers = true, value_parser = parse_step)]
+        by: i128,
     },
     /// Add elements to a set (each JSON, or taken as a string).
     Sadd {
@@ -306,6 +306,17 @@ pub fn run(cli: Cli) -> Result<()> {
             limit,
             all,
         } => client::block_on(client::list(&client, kind, &prefix, limit, all)),
+    }
+}
+
+/// A counter step: any PN-Counter step (i64) or G-Counter step (u64); the node refuses the
+/// ones its counter type does not take.
+fn parse_step(text: &str) -> Result<i128, String> {
+    let step: i128 = text.parse().map_err(|e| format!("{e}"))?;
+    if (i128::from(i64::MIN)..=i128::from(u64::MAX)).contains(&step) {
+        Ok(step)
+    } else {
+        Err(format!("{step} is outside -2^63 ..= 2^64 - 1"))
     }
 }
 
