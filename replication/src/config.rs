@@ -114,6 +114,9 @@ pub struct ReplicationConfig {
     /// First reconnect delay; doubles per failure up to `reconnect_max`.
     pub reconnect_base: Duration,
     pub reconnect_max: Duration,
+    /// The round-trip time QUIC assumes before it has measured one: an unanswered dial is
+    /// resent after about three times this.
+    pub initial_rtt: Duration,
     /// How long `shutdown` waits for tasks and for the endpoint to drain.
     pub shutdown_timeout: Duration,
     /// The anti-entropy worker's schedule and budget.
@@ -200,6 +203,10 @@ impl ReplicationConfig {
             // a 20-s cut took 0.94 s; with this and the lower `initial_rtt` (see `tls`) it
             // takes 0.42 s (README, "Convergence after a partition heals").
             reconnect_max: Duration::from_secs(1),
+            // quinn's default is 333 ms: a dial made during a partition would then resend its
+            // Initial only after about 1 s, and a healed partition wait for it. A round trip
+            // longer than this costs one spurious Initial.
+            initial_rtt: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(3),
             anti_entropy: AntiEntropyConfig::default(),
             gc: GcConfig::default(),
@@ -237,6 +244,9 @@ impl ReplicationConfig {
         }
         if self.reconnect_base.is_zero() || self.reconnect_max < self.reconnect_base {
             return bad("reconnect_max must be at least a non-zero reconnect_base".into());
+        }
+        if self.initial_rtt.is_zero() {
+            return bad("initial_rtt must be non-zero".into());
         }
         Ok(())
     }

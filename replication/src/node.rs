@@ -681,9 +681,8 @@ impl Replicator {
                 config.node
             )));
         }
-        let idle = config.peer_timeout + config.heartbeat_interval;
-        let server = tls::server_config(&config.tls, idle, config.window_bytes)?;
-        let client_config = tls::client_config(&config.tls, idle, config.window_bytes)?;
+        let server = tls::server_config(&config.tls, &config)?;
+        let client_config = tls::client_config(&config.tls, &config)?;
         let bind_error = |source| ReplicationError::Bind {
             addr: config.listen,
             source,
@@ -876,9 +875,8 @@ impl Replicator {
     /// reconnect, or the peer restarting). On error nothing changes.
     pub fn reload_tls(&self, material: &crate::TlsMaterial) -> Result<(), ReplicationError> {
         let config = &self.shared.config;
-        let idle = config.peer_timeout + config.heartbeat_interval;
-        let server = tls::server_config(material, idle, config.window_bytes)?;
-        let client = tls::client_config(material, idle, config.window_bytes)?;
+        let server = tls::server_config(material, config)?;
+        let client = tls::client_config(material, config)?;
         self.endpoint
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -7,7 +7,6 @@
 //! ([`certificate_matches`]), so a node's certificate cannot be used to speak as another node.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
@@ -17,7 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::ReplicationError;
-use crate::config::TlsMaterial;
+use crate::config::{ReplicationConfig, TlsMaterial};
 use crate::wire::{ALPN, MAX_FRAME};
 
 struct Identity {
@@ -102,19 +101,13 @@ fn provider() -> Arc<CryptoProvider> {
 /// The idle timeout matches the failure detector, so a silent peer's connection is torn down
 /// and redialled. The stream receive window comfortably exceeds the publisher's in-flight window
 /// plus one maximal frame: QUIC flow control then never stalls a batch the window allowed.
-fn transport(
-    idle: Duration,
-    window_bytes: usize,
-) -> Result<quinn::TransportConfig, ReplicationError> {
+fn transport(config: &ReplicationConfig) -> Result<quinn::TransportConfig, ReplicationError> {
+    let window_bytes = config.window_bytes;
     let mut t = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(idle)
+    let idle = quinn::IdleTimeout::try_from(config.peer_timeout + config.heartbeat_interval)
         .map_err(|e| ReplicationError::Config(format!("peer_timeout: {e}")))?;
     t.max_idle_timeout(Some(idle));
-    // Until it has an RTT sample, quinn resends an unanswered Initial after a PTO derived from
-    // this (about 1 s at its default of 333 ms). A dial made during a partition then resends
-    // sooner once the partition heals. A round trip longer than this costs one spurious
-    // Initial.
-    t.initial_rtt(Duration::from_millis(100));
+    t.initial_rtt(config.initial_rtt);
     let stream_window = (window_bytes as u64).saturating_mul(2) + 2 * MAX_FRAME as u64;
     let stream_window = quinn::VarInt::from_u64(stream_window)
         .map_err(|e| ReplicationError::Config(format!("window_bytes: {e}")))?;
@@ -128,8 +121,7 @@ fn transport(
 
 pub(crate) fn server_config(
     material: &TlsMaterial,
-    idle: Duration,
-    window_bytes: usize,
+    config: &ReplicationConfig,
 ) -> Result<quinn::ServerConfig, ReplicationError> {
     let id = load(material)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
@@ -144,15 +136,14 @@ pub(crate) fn server_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic =
         QuicServerConfig::try_from(tls).map_err(|e| tls_err("QUIC server")(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport(idle, window_bytes)?));
-    Ok(config)
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(transport(config)?));
+    Ok(server)
 }
 
 pub(crate) fn client_config(
     material: &TlsMaterial,
-    idle: Duration,
-    window_bytes: usize,
+    config: &ReplicationConfig,
 ) -> Result<quinn::ClientConfig, ReplicationError> {
     let id = load(material)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -164,9 +155,9 @@ pub(crate) fn client_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic =
         QuicClientConfig::try_from(tls).map_err(|e| tls_err("QUIC client")(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport(idle, window_bytes)?));
-    Ok(config)
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(Arc::new(transport(config)?));
+    Ok(client)
 }
 
 /// True when the certificate the peer presented on `connection` (already verified against

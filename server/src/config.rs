@@ -254,6 +254,12 @@ pub struct ReplicationSection {
     /// Ops kept in the WAL for peers that have not acknowledged them; beyond this a lagging
     /// peer is repaired by anti-entropy instead.
     pub wal_retention_ops: u64,
+    /// Redial delay after a lost connection, doubling per failure up to the maximum.
+    pub reconnect_base_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// The round trip QUIC assumes until it has measured one; raise it for links much slower
+    /// than 100 ms, where a lower value costs a spurious resend per dial.
+    pub initial_rtt_ms: u64,
 }
 
 impl Default for ReplicationSection {
@@ -264,6 +270,9 @@ impl Default for ReplicationSection {
             heartbeat_ms: 250,
             peer_timeout_ms: 1_500,
             wal_retention_ops: 10_000_000,
+            reconnect_base_ms: 100,
+            reconnect_max_ms: 1_000,
+            initial_rtt_ms: 100,
         }
     }
 }
@@ -425,6 +434,18 @@ impl Config {
         if self.storage.max_batch == 0 {
             return invalid("storage.max_batch must be positive");
         }
+        let replication = &self.replication;
+        if replication.reconnect_base_ms == 0
+            || replication.reconnect_max_ms < replication.reconnect_base_ms
+        {
+            return invalid(
+                "[replication] reconnect_max_ms must be at least reconnect_base_ms, which must \
+                 be positive",
+            );
+        }
+        if replication.initial_rtt_ms == 0 {
+            return invalid("[replication] initial_rtt_ms must be positive");
+        }
         Ok(())
     }
 
@@ -528,5 +549,47 @@ max_key_bytes = 512
         ));
         std::fs::write(&path, SAMPLE.replace("id = 2", "id = 1")).unwrap();
         assert!(matches!(Config::load(&path), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn reconnect_and_initial_rtt_are_configurable_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let with = |replication: &str| format!("{SAMPLE}[replication]\n{replication}\n");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let defaults = Config::load(&path).unwrap().replication;
+        assert_eq!(
+            (
+                defaults.reconnect_base_ms,
+                defaults.reconnect_max_ms,
+                defaults.initial_rtt_ms
+            ),
+            (100, 1_000, 100)
+        );
+        std::fs::write(
+            &path,
+            with("reconnect_base_ms = 250\nreconnect_max_ms = 8000\ninitial_rtt_ms = 400"),
+        )
+        .unwrap();
+        let tuned = Config::load(&path).unwrap().replication;
+        assert_eq!(
+            (
+                tuned.reconnect_base_ms,
+                tuned.reconnect_max_ms,
+                tuned.initial_rtt_ms
+            ),
+            (250, 8_000, 400)
+        );
+        for bad in [
+            "reconnect_base_ms = 0",
+            "reconnect_base_ms = 2000",
+            "initial_rtt_ms = 0",
+        ] {
+            std::fs::write(&path, with(bad)).unwrap();
+            assert!(
+                matches!(Config::load(&path), Err(ConfigError::Invalid(_))),
+                "{bad} was accepted"
+            );
+        }
     }
 }

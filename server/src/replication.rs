@@ -113,6 +113,9 @@ pub async fn start(
     replication.batch_max_delay = Duration::from_millis(knobs.batch_max_delay_ms);
     replication.heartbeat_interval = Duration::from_millis(knobs.heartbeat_ms);
     replication.peer_timeout = Duration::from_millis(knobs.peer_timeout_ms);
+    replication.reconnect_base = Duration::from_millis(knobs.reconnect_base_ms);
+    replication.reconnect_max = Duration::from_millis(knobs.reconnect_max_ms);
+    replication.initial_rtt = Duration::from_millis(knobs.initial_rtt_ms);
     let ae = &config.anti_entropy;
     replication.anti_entropy = AntiEntropyConfig {
         enabled: ae.enabled,
