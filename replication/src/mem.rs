@@ -286,6 +286,20 @@ impl ReplicaStore for MemStore {
         Ok(out)
     }
 
+    async fn fast_forward(&self, origin: NodeId, to: u64) -> Result<VersionVector, StoreError> {
+        let mut inner = self.lock();
+        if inner.applied.get(origin) < to {
+            inner.applied.raise(origin, to);
+            // Whatever this node holds of the skipped range is not contiguous any more: a
+            // reader is told it was truncated, as the server's WAL tells it.
+            inner.wal.retain(|&(o, seq), _| o != origin || seq > to);
+            let start = inner.wal_start.entry(origin).or_insert(1);
+            *start = (*start).max(to + 1);
+            self.applied_tx.send_replace(inner.applied.clone());
+        }
+        Ok(inner.applied.clone())
+    }
+
     async fn apply_remote(&self, ops: Vec<Op>) -> Result<VersionVector, StoreError> {
         self.apply_calls.fetch_add(1, Ordering::SeqCst);
         self.applies_opened().await;

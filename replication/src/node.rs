@@ -213,6 +213,9 @@ struct PeerSlot {
     /// backoff, or an unanswered handshake (QUIC retransmits the Initial only after about a
     /// second), and starts again; see [`dial_loop`].
     redial: Notify,
+    /// Woken after a fast-forward (see [`fast_forward`]): the subscription to this peer starts
+    /// over from the raised applied vector.
+    resubscribe: Notify,
 }
 
 impl PeerSlot {
@@ -262,6 +265,9 @@ struct Shared {
     stability: Mutex<StabilityTracker>,
     /// What garbage collection has done.
     gc: Mutex<GcStatus>,
+    /// Woken when a peer reports our cursor truncated: anti-entropy with it should not wait
+    /// for the next scheduled pass.
+    repair_truncated: Notify,
 }
 
 /// Garbage collection at causal stability, for `/v1/cluster` and metrics.
@@ -367,17 +373,32 @@ async fn ae_round<S: ReplicaStore>(
     let slot = shared
         .slot(peer)
         .ok_or_else(|| AeError::UnknownPeer(peer.to_string()))?;
-    let conn = slot.lock().conn.clone();
+    // Only a round that starts after the peer reported the truncation may fast-forward past it.
+    let (conn, truncation) = {
+        let state = slot.lock();
+        (state.conn.clone(), state.truncated)
+    };
     let result = match conn {
         Some(conn) => {
             crate::ae::run_round(store, &QuicPeer(conn), &shared.config.anti_entropy.limits).await
         }
         None => Err(AeError::NotConnected(slot.config.name.clone())),
     };
+    book_round(shared, peer, &result);
+    if let (Ok(report), Some(truncation)) = (&result, truncation) {
+        if report.complete {
+            fast_forward(store, slot, truncation).await;
+        }
+    }
+    result
+}
+
+/// Counts a round's outcome for `/v1/cluster` and metrics.
+fn book_round(shared: &Shared, peer: NodeId, result: &Result<RoundReport, AeError>) {
     let mut book = shared.ae.lock().unwrap_or_else(PoisonError::into_inner);
     let entry = book.peers.entry(peer).or_default();
     entry.last_round = Some(Instant::now());
-    match &result {
+    match result {
         Ok(report) => {
             if report.complete {
                 shared.stability().on_resynced(peer);
@@ -402,7 +423,41 @@ async fn ae_round<S: ReplicaStore>(
             debug!(peer = %peer, error = %e, "anti-entropy round failed; retried next round");
         }
     }
-    result
+}
+
+/// Resumes the WAL path past ops a peer truncated before we had them, once a complete
+/// anti-entropy round with that peer has given us their effects.
+///
+/// Why the round covers them: the peer truncates an op only after it is folded into its
+/// states and Merkle tree (the server caps retention at its folded vector; acknowledged ops we
+/// already hold). So from the moment it reported `Truncated`, its tree reflects every op of
+/// the origin below `first_available`. A complete round that started after that report joined
+/// into ours every state of the peer that differed, as the peer held it then or later, and
+/// states only grow. The store then raises our applied entry for the origin to
+/// `first_available - 1`, durably, after those merges, and the subscription starts over from
+/// there. Without this, the origin's later ops would reach us only through anti-entropy.
+async fn fast_forward<S: ReplicaStore>(store: &S, slot: &PeerSlot, truncation: Truncation) {
+    let Truncation {
+        origin,
+        first_available,
+    } = truncation;
+    let peer = slot.config.id;
+    let to = first_available.saturating_sub(1);
+    match store.fast_forward(origin, to).await {
+        Ok(applied) => {
+            info!(peer = %peer, origin = %origin, to, applied = applied.get(origin),
+                "anti-entropy covered the truncated ops; resuming the WAL path past them");
+            {
+                let mut state = slot.lock();
+                if state.truncated == Some(truncation) {
+                    state.truncated = None;
+                }
+            }
+            slot.resubscribe.notify_one();
+        }
+        Err(e) => warn!(peer = %peer, origin = %origin, error = %e,
+            "cannot fast-forward past truncated ops; anti-entropy keeps repairing"),
+    }
 }
 
 /// One garbage-collection pass: the frontier, then storage drops what it covers.
@@ -484,6 +539,20 @@ async fn anti_entropy_loop<S: ReplicaStore>(
             job = jobs.recv() => {
                 let Some((peer, reply)) = job else { return };
                 let _ = reply.send(ae_round(&shared, &*store, peer).await);
+            }
+            () = shared.repair_truncated.notified() => {
+                let truncated: Vec<NodeId> = shared
+                    .peers
+                    .iter()
+                    .filter(|(_, slot)| slot.lock().truncated.is_some())
+                    .map(|(&id, _)| id)
+                    .collect();
+                for peer in truncated {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    let _ = ae_round(&shared, &*store, peer).await;
+                }
             }
             () = sleep_until(due), if config.enabled => {
                 let mut peers: Vec<NodeId> = shared.peers.keys().copied().collect();
@@ -736,6 +805,7 @@ impl Replicator {
                         config: peer.clone(),
                         state: Mutex::new(state),
                         redial: Notify::new(),
+                        resubscribe: Notify::new(),
                     },
                 )
             })
@@ -767,6 +837,7 @@ impl Replicator {
             config,
             started: now,
             ae: Mutex::new(AeBook::default()),
+            repair_truncated: Notify::new(),
         }));
 
         let cancel = shutdown.child_token();
@@ -1968,6 +2039,12 @@ async fn pull<S: ReplicaStore>(
                 }
                 resubscribe = true;
             }
+            () = slot.resubscribe.notified() => {
+                if let Some(message) = inbound.restart(&store.applied()) {
+                    info!(peer = %peer, "resubscribing after a fast-forward");
+                    write_message(&mut control, &message).await?;
+                }
+            }
             _ = heartbeat.tick() => {
                 write_message(&mut control, &heartbeat_message(store)).await?;
                 // Our vector also moves through local writes and other peers: keep the
@@ -1989,6 +2066,7 @@ async fn pull<S: ReplicaStore>(
                             warn!(peer = %peer, origin = %origin, first_available,
                                 "peer's WAL no longer holds our cursor; needs anti-entropy");
                             slot.lock().truncated = Some(Truncation { origin, first_available });
+                            shared.repair_truncated.notify_one();
                         }
                     }
                     other => {

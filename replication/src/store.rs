@@ -161,6 +161,20 @@ pub trait ReplicaStore: Send + Sync + 'static {
         states: Vec<(Vec<u8>, State)>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// After anti-entropy repaired what the WAL path can no longer deliver: records that this
+    /// node's state covers every op of `origin` up to `to`, raising the applied vector to
+    /// match, so that the WAL path resumes after `to`. The caller guarantees the coverage (see
+    /// `node::fast_forward`); the store makes the raise durable, after every state merged
+    /// before the call, and reports it in [`Self::applied`] only once it is. Ops of `origin`
+    /// up to `to` that this node never received are then missing from its WAL, and
+    /// [`Self::read_wal`] answers [`StoreError::Truncated`] for them. Returns the applied vector
+    /// after the raise (unchanged if it already covered `to`).
+    fn fast_forward(
+        &self,
+        origin: NodeId,
+        to: u64,
+    ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send;
+
     /// Garbage collection at causal stability: drops the metadata that `frontier` (a
     /// [`crate::gc::Frontier::Stable`] vector) makes unnecessary, through
     /// [`meridian_crdt::Crdt::collect_garbage`] on each state — today, register tombstones

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meridian_crdt::{Kind, NodeId, State};
 use meridian_replication::{
     MemStore, PeerConfig, ReplicaStore, ReplicationConfig, ReplicationError, Replicator, Resolve,
-    TlsMaterial, Truncation,
+    StoreError, TlsMaterial,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -525,8 +525,11 @@ async fn a_valid_certificate_cannot_claim_another_node_id() {
     impostor.shutdown().await;
 }
 
+/// A peer whose cursor fell behind our truncated WAL: anti-entropy gives it the truncated ops'
+/// effects, it fast-forwards its applied vector past them, and the WAL path resumes: later ops
+/// arrive as ops (anti-entropy merges states and never moves an applied vector).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncated_wal_is_reported_to_the_peer() {
+async fn a_truncated_wal_is_repaired_and_the_wal_path_resumes_past_it() {
     init_tracing();
     let ca = Ca::new("test CA");
     let configs = configs(&ca, 2);
@@ -534,6 +537,7 @@ async fn a_truncated_wal_is_reported_to_the_peer() {
     for _ in 0..10 {
         stores[0].increment("k", 1).unwrap();
     }
+    stores[0].increment("other", 7).unwrap();
     stores[0].truncate_wal(id(1), 6);
     let nodes: Vec<Replicator> = configs
         .iter()
@@ -541,16 +545,36 @@ async fn a_truncated_wal_is_reported_to_the_peer() {
         .map(|(c, s)| start(c, s))
         .collect();
 
-    wait_until("node 2 learns node 1's WAL was truncated", || {
-        nodes[1].peers()[0].truncated
-            == Some(Truncation {
-                origin: id(1),
-                first_available: 6,
-            })
+    wait_until("node 2 catches up with node 1 past the truncation", || {
+        stores[1].applied().get(id(1)) == 11
     })
     .await;
-    // Nothing was applied out of order: anti-entropy will repair this peer.
-    assert_eq!(stores[1].applied().get(id(1)), 0);
+    assert_eq!(
+        counter(&stores[1], "k"),
+        10,
+        "ops 1-5 came as state, 6-10 as ops"
+    );
+    assert_eq!(counter(&stores[1], "other"), 7);
+    assert_eq!(nodes[1].peers()[0].truncated, None, "the report is cleared");
+    // Node 2 never held ops 1-5: its WAL says so to whoever asks, rather than skip them.
+    assert!(matches!(
+        stores[1].read_wal(id(1), 0, 100, usize::MAX),
+        Err(StoreError::Truncated {
+            first_available: 6,
+            ..
+        })
+    ));
+
+    // New writes travel the WAL path again.
+    for _ in 0..5 {
+        stores[0].increment("k", 1).unwrap();
+    }
+    wait_until("node 2 applies node 1's new ops", || {
+        stores[1].applied().get(id(1)) == 16
+    })
+    .await;
+    assert_eq!(counter(&stores[1], "k"), 15);
+    assert!(converged(&[&stores[0], &stores[1]]));
     for node in &nodes {
         node.shutdown().await;
     }

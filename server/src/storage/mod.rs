@@ -160,6 +160,13 @@ pub(crate) enum Command {
         stable: VersionVector,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
+    /// Raise the applied entry of `origin` to `to` without its ops, durably (see
+    /// `ReplicaStore::fast_forward`); answers with the applied vector once a fold holds it.
+    FastForward {
+        origin: NodeId,
+        to: u64,
+        reply: oneshot::Sender<VersionVector>,
+    },
     /// Commit what came before, then stop.
     Shutdown,
 }

@@ -211,6 +211,19 @@ impl ReplicaStore for Storage {
         async move { this.merge_full_states(states).await.map_err(unavailable) }
     }
 
+    fn fast_forward(
+        &self,
+        origin: NodeId,
+        to: u64,
+    ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send {
+        let this = self.clone();
+        async move {
+            this.fast_forward_applied(origin, to)
+                .await
+                .map_err(unavailable)
+        }
+    }
+
     fn collect_garbage(
         &self,
         frontier: &VersionVector,
@@ -252,6 +265,18 @@ impl Storage {
     /// Joins full states into storage keys through the group commit, logging no op (see
     /// ARCHITECTURE.md, "Anti-entropy path", for why that is correct). Returns how many keys
     /// changed.
+    /// See [`ReplicaStore::fast_forward`].
+    pub async fn fast_forward_applied(
+        &self,
+        origin: NodeId,
+        to: u64,
+    ) -> Result<VersionVector, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::FastForward { origin, to, reply })
+            .await?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)
+    }
+
     pub async fn merge_full_states(
         &self,
         states: Vec<(Vec<u8>, State)>,

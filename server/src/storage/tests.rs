@@ -542,3 +542,71 @@ async fn each_write_of_a_group_is_answered_with_the_state_right_after_it() {
     values.sort_unstable();
     assert_eq!(values, (1..=500).collect::<Vec<i64>>());
 }
+
+/// A fast-forward after anti-entropy: the applied vector moves past ops this node never
+/// received, the WAL reports the gap as truncated rather than skip it, the next op of that
+/// origin applies, and all of it is what a restart finds.
+#[tokio::test]
+async fn a_fast_forward_raises_applied_past_missing_ops_and_persists() {
+    use meridian_replication::{MemStore, ReplicaStore, merkle};
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    let peer = MemStore::new(NodeId::new(2).unwrap(), Duration::from_secs(1));
+    let origin = peer.node_id();
+    let ops: Vec<_> = (0..10).map(|_| peer.increment("c", 1).unwrap()).collect();
+    storage.apply_remote_ops(ops[..3].to_vec()).await.unwrap();
+    // Anti-entropy brings the peer's state after op 8 (ops 4-8 never arrive as ops).
+    let at_eight = MemStore::new(NodeId::new(2).unwrap(), Duration::from_secs(1));
+    at_eight.apply_remote(ops[..8].to_vec()).await.unwrap();
+    let state = at_eight.get(Kind::Counter, "c").unwrap();
+    storage
+        .merge_full_states(vec![(merkle::storage_key(Kind::Counter, "c"), state)])
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.applied().get(origin),
+        3,
+        "a merge moves no applied vector"
+    );
+
+    let applied = ReplicaStore::fast_forward(&storage, origin, 8)
+        .await
+        .unwrap();
+    assert_eq!(applied.get(origin), 8);
+    assert_eq!(storage.applied().get(origin), 8, "published once durable");
+    // Ops 1-3 are in this node's WAL, 4-8 are not: a reader gets the first and is told the
+    // rest were truncated, never ops 9 onwards as if they followed 3.
+    let held: Vec<u64> = storage
+        .read_wal_ops(origin, 0, 100, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|op| op.dot.seq)
+        .collect();
+    assert_eq!(held, [1, 2, 3]);
+    match storage.read_wal_ops(origin, 3, 100, usize::MAX) {
+        Err(StoreError::Truncated {
+            first_available, ..
+        }) => assert_eq!(first_available, 9),
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+    // Lowering is not a thing: an older fast-forward changes nothing.
+    let applied = ReplicaStore::fast_forward(&storage, origin, 5)
+        .await
+        .unwrap();
+    assert_eq!(applied.get(origin), 8);
+
+    storage.apply_remote_ops(ops[8..].to_vec()).await.unwrap();
+    assert_eq!(storage.applied().get(origin), 10);
+    let counter = |storage: &Storage| match storage.get(Kind::Counter, "c").unwrap() {
+        Some(State::Counter(c)) => c.value(),
+        other => panic!("not a counter: {other:?}"),
+    };
+    assert_eq!(counter(&storage), 10);
+    storage.shutdown().await;
+    drop(storage);
+
+    let storage = open(dir.path());
+    assert_eq!(storage.applied().get(origin), 10);
+    assert_eq!(counter(&storage), 10);
+    storage.shutdown().await;
+}

@@ -333,6 +333,7 @@ impl Writer {
             }
             let mut checkpoint_due = false;
             let mut waiting = Vec::new();
+            let mut fast_forwards = Vec::new();
             commands.retain_mut(|c| match c {
                 Command::Checkpoint => {
                     checkpoint_due = true;
@@ -341,6 +342,14 @@ impl Writer {
                 Command::Fold(_) => {
                     if let Command::Fold(reply) = std::mem::replace(c, Command::Checkpoint) {
                         waiting.push(reply);
+                    }
+                    false
+                }
+                Command::FastForward { .. } => {
+                    if let Command::FastForward { origin, to, reply } =
+                        std::mem::replace(c, Command::Checkpoint)
+                    {
+                        fast_forwards.push((origin, to, reply));
                     }
                     false
                 }
@@ -353,6 +362,10 @@ impl Writer {
             self.syncer.flush();
             if stop.is_some() {
                 break;
+            }
+            if !fast_forwards.is_empty() {
+                self.fast_forward(fast_forwards);
+                ops_since_fold = 0;
             }
             if !waiting.is_empty() {
                 self.checkpoint(true, waiting);
@@ -447,7 +460,10 @@ impl Writer {
                     let purged = group.purge(keys, &stable)?;
                     pending.push(Pending::Merge(reply, purged));
                 }
-                Command::Shutdown | Command::Checkpoint | Command::Fold(_) => {}
+                Command::Shutdown
+                | Command::Checkpoint
+                | Command::Fold(_)
+                | Command::FastForward { .. } => {}
             }
         }
         Ok(group.publish())
@@ -486,6 +502,47 @@ impl Writer {
             stamp,
             applied: VersionVector::new(),
         })
+    }
+
+    /// Raises applied entries without their ops (after anti-entropy gave this node their
+    /// effects), and answers once a fold holds the raise. Everything queued before, the merges
+    /// that justify it included, is in that fold too.
+    ///
+    /// The raise is in no journal record: until the fold commits it, a crash forgets it (and
+    /// the merges), and the next anti-entropy round does both again. So it must reach no one
+    /// before that fold: the applier waits for the fold here, publishing no group meanwhile,
+    /// and only then publishes the raised vector. Anything else would let a peer, a session
+    /// or garbage collection rely on ops a crash could still take back. Fast-forwards are rare
+    /// (a peer's WAL moved on without this node), so holding writes for one fold is cheap.
+    fn fast_forward(&mut self, raises: Vec<(NodeId, u64, oneshot::Sender<VersionVector>)>) {
+        let before = self.applied.clone();
+        for (origin, to, _) in &raises {
+            self.applied.raise(*origin, *to);
+        }
+        if self.applied == before {
+            for (_, _, reply) in raises {
+                let _ = reply.send(self.applied.clone());
+            }
+            return;
+        }
+        self.memtable
+            .publish(std::iter::empty(), std::iter::empty(), &self.applied);
+        let (folded, done) = oneshot::channel();
+        if !self.checkpoint(true, vec![folded]) || done.blocking_recv().is_err() {
+            // Not durable: nothing is answered (the callers see the store unavailable) and the
+            // raise stays unpublished. It is in the active layer, though, so the next fold
+            // would persist it without a round having checked it: take it back there too.
+            tracing::error!("a fast-forward could not be folded; it is dropped");
+            self.applied = before;
+            self.memtable
+                .publish(std::iter::empty(), std::iter::empty(), &self.applied);
+            return;
+        }
+        self.syncer.applied_tx.send_replace(self.applied.clone());
+        for (origin, to, reply) in raises {
+            tracing::info!(%origin, to, "applied vector fast-forwarded past truncated ops");
+            let _ = reply.send(self.applied.clone());
+        }
     }
 
     /// Starts a new journal segment and hands the memtable's active layer to the fold thread,
