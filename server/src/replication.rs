@@ -143,10 +143,16 @@ pub async fn start(
 /// The WAL prefix that may go: per origin, what every peer has acknowledged, or, past the
 /// retention bound, everything but the newest `retention` ops (a peer that far behind is
 /// repaired by anti-entropy instead).
+///
+/// Retention takes only ops already `folded` (in redb and the Merkle tree). A peer we tell
+/// its cursor was truncated repairs itself by anti-entropy and then skips the truncated ops
+/// (`meridian_replication::node::fast_forward`); that is sound only if our tree held every one
+/// of them when we told it.
 pub fn truncation_point(
     peers: &[NodeId],
     acked: &std::collections::BTreeMap<NodeId, VersionVector>,
     applied: &VersionVector,
+    folded: &VersionVector,
     retention: u64,
 ) -> VersionVector {
     let mut everyone: Option<VersionVector> = None;
@@ -159,7 +165,10 @@ pub fn truncation_point(
     }
     let mut below = everyone.unwrap_or_else(|| applied.clone()).meet(applied);
     for (origin, seq) in applied.iter() {
-        below.raise(origin, seq.saturating_sub(retention));
+        below.raise(
+            origin,
+            seq.saturating_sub(retention).min(folded.get(origin)),
+        );
     }
     below
 }
@@ -182,6 +191,7 @@ pub async fn truncate_wal(
             &peers,
             &storage.peer_vectors(),
             &storage.applied(),
+            &storage.folded_applied(),
             retention,
         );
         if done.dominates(&below) {
@@ -210,11 +220,15 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let below = truncation_point(&[n(2), n(3)], &acked, &applied, 1000);
+        let below = truncation_point(&[n(2), n(3)], &acked, &applied, &applied, 1000);
         assert_eq!(below, [(n(1), 60), (n(2), 40)].into_iter().collect());
-        let below = truncation_point(&[n(2), n(3)], &acked, &applied, 10);
+        let below = truncation_point(&[n(2), n(3)], &acked, &applied, &applied, 10);
         assert_eq!(below, [(n(1), 90), (n(2), 40)].into_iter().collect());
-        let silent = truncation_point(&[n(2), n(4)], &acked, &applied, 1000);
+        // Retention never takes an op not folded yet; what everyone acknowledged still goes.
+        let folded: VersionVector = [(n(1), 70)].into_iter().collect();
+        let below = truncation_point(&[n(2), n(3)], &acked, &applied, &folded, 10);
+        assert_eq!(below, [(n(1), 70), (n(2), 40)].into_iter().collect());
+        let silent = truncation_point(&[n(2), n(4)], &acked, &applied, &applied, 1000);
         assert!(
             silent.is_empty(),
             "a peer that never acked holds everything back"

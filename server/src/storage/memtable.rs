@@ -158,6 +158,14 @@ impl Memtable {
             .clone()
     }
 
+    /// The applied vector of the last fold: its ops are in redb and in the Merkle tree. Empty
+    /// until the first fold.
+    pub(crate) fn folded_applied(&self) -> VersionVector {
+        self.folded_last()
+            .map(|layer| layer.applied.clone())
+            .unwrap_or_default()
+    }
+
     /// The state of `key` in memory (active, then frozen, then last folded), if a layer has
     /// it. For the applier, the layers' only writer, so nothing can change between this and
     /// its publish.

@@ -795,6 +795,11 @@ impl Storage {
         Ok(read.open_table(WAL)?.len()? + self.inner.memtable.wal_len())
     }
 
+    /// The applied vector whose ops are all in redb and in the Merkle tree (the last fold's).
+    pub fn folded_applied(&self) -> VersionVector {
+        self.inner.memtable.folded_applied()
+    }
+
     /// Drops WAL entries every peer has acknowledged (`below`, per origin): at once from
     /// memory, from redb at the next fold. Returns how many were dropped from memory.
     pub fn truncate_wal(&self, below: &VersionVector) -> u64 {
