@@ -621,3 +621,72 @@ async fn cluster_endpoint_and_metrics_expose_per_peer_state() {
     }
     cluster.shutdown().await.unwrap();
 }
+
+/// A node cut off while the others write past their WAL retention: when the cut heals, the
+/// others report its cursor truncated, anti-entropy repairs it, and it fast-forwards. Its
+/// applied vector then catches up with theirs, which anti-entropy alone never moves, and
+/// later writes reach it as ops again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_wal_retention_is_repaired_and_rejoins_the_wal_stream() {
+    let spec = ClusterSpec::new(REGIONS)
+        .relays(true)
+        .extra_config("[replication]\nwal_retention_ops = 50\n");
+    let cluster = Cluster::start(spec).await.unwrap();
+    let (a, c) = (0, 2);
+    let writer = cluster.node(a).client();
+    let lagging = cluster.node(c).client();
+    let origin = cluster.node(a).id().to_string();
+    cluster.partition(&[c], &[0, 1]).unwrap();
+    for i in 0..300 {
+        writer.incr(&format!("k{}", i % 30), 1).await.unwrap();
+    }
+    wait_until(CONVERGE, "A to truncate its WAL past C's cursor", || {
+        let writer = writer.clone();
+        async move {
+            let wal = writer.cluster_info().await?["wal_ops"].as_u64();
+            Ok(wal.is_some_and(|ops| ops <= 100))
+        }
+    })
+    .await
+    .unwrap();
+    let before = applied(lagging.clone()).await.unwrap();
+    assert_eq!(
+        before.get(&origin).copied().unwrap_or(0),
+        0,
+        "C saw nothing"
+    );
+
+    cluster.heal().unwrap();
+    let written = applied(writer.clone()).await.unwrap()[&origin];
+    assert_eq!(written, 300);
+    wait_until(
+        CONVERGE,
+        "C's applied vector to catch up with A's ops",
+        || {
+            let lagging = lagging.clone();
+            let origin = origin.clone();
+            async move { Ok(applied(lagging).await?.get(&origin) == Some(&written)) }
+        },
+    )
+    .await
+    .unwrap();
+    for i in 0..30 {
+        assert_eq!(lagging.counter(&format!("k{i}")).await.unwrap(), 10);
+    }
+    let from_a = peer_view(&lagging, cluster.node(a).id()).await.unwrap();
+    assert_eq!(from_a["truncated"], Value::Null, "{from_a}");
+
+    // The WAL path again: new ops arrive as ops, and the vector follows them.
+    for _ in 0..10 {
+        writer.incr("after", 1).await.unwrap();
+    }
+    wait_until(CONVERGE, "C to apply A's new ops", || {
+        let lagging = lagging.clone();
+        let origin = origin.clone();
+        async move { Ok(applied(lagging).await?.get(&origin) == Some(&(written + 10))) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(lagging.counter("after").await.unwrap(), 10);
+    cluster.shutdown().await.unwrap();
+}
