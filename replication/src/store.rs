@@ -80,7 +80,9 @@ pub trait ReplicaStore: Send + Sync + 'static {
 
     /// Up to `max_ops` ops (and roughly at most `max_bytes` encoded) of `origin` with sequence
     /// greater than `after`, in sequence order. Returns an empty vector when there are none yet,
-    /// and [`StoreError::Truncated`] when `after + 1` is no longer in the WAL.
+    /// and [`StoreError::Truncated`] when `after + 1` is no longer in the WAL. A store may drop
+    /// an op from its WAL only once the Merkle tree it serves reflects the op: the peer told
+    /// it is truncated repairs by anti-entropy and then skips it ([`Self::fast_forward`]).
     ///
     /// Must return at least one op when `after + 1` exists, even if that op alone exceeds
     /// `max_bytes`: otherwise an oversized op would stall its origin forever.
