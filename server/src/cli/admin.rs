@@ -97,7 +97,7 @@ async fn download_backup(
         .post(&endpoint)
         .send()
         .await
-        .map_err(|error| super::client::unreachable(url.trim_end_matches('/'), error))?;
+        .map_err(|error| super::client::unanswered(url.trim_end_matches('/'), error))?;
     if !response.status().is_success() {
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);

@@ -193,7 +193,7 @@ impl Client {
         let response = request
             .send()
             .await
-            .map_err(|error| unreachable(&self.base, error))?;
+            .map_err(|error| unanswered(&self.base, error))?;
         let status = response.status();
         if let (Some(file), Some(token)) = (&self.session, response.headers().get("session-token"))
         {
@@ -213,7 +213,7 @@ impl Client {
 /// A request that got no HTTP answer, with what to do about the mistakes a first session
 /// makes: plain HTTP to a node serving HTTPS (what `meridian dev` starts), HTTPS to one that
 /// serves plain HTTP, and HTTPS without the cluster's CA.
-pub(super) fn unreachable(base: &str, error: reqwest::Error) -> anyhow::Error {
+pub(super) fn unanswered(base: &str, error: reqwest::Error) -> anyhow::Error {
     let hint = mismatch_hint(base, &error);
     let error = anyhow::Error::new(error).context(format!("cannot reach {base}"));
     match hint {

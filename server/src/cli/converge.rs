@@ -103,7 +103,7 @@ impl Watcher {
             .get(format!("{url}{path}"))
             .send()
             .await
-            .map_err(|error| super::client::unreachable(url, error))?;
+            .map_err(|error| super::client::unanswered(url, error))?;
         let status = response.status();
         if !status.is_success() {
             bail!("{url}{path} answered {status}");
