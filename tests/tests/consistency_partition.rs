@@ -162,6 +162,11 @@ async fn partitioned_region_refuses_quorum_writes_and_converges_after_heal() {
         let response = incr(&at_level, "all", 1).await;
         if l == "ALL" {
             assert_problem(&response, StatusCode::SERVICE_UNAVAILABLE, ":unavailable");
+            let read = at_level
+                .request(Method::GET, &["v1", "sets", "session-set"], None)
+                .await
+                .unwrap();
+            assert_problem(&read, StatusCode::SERVICE_UNAVAILABLE, ":unavailable");
         } else {
             // The majority can serve GLOBAL_QUORUM: only the session holds this one back.
             assert_problem(

@@ -171,6 +171,19 @@ impl AppState {
         overall.min(started + per_level)
     }
 
+    /// What every read and write does before it touches data: the electorate of `level`, once
+    /// the session's token is satisfied. Too few reachable is a 503 at once (DESIGN §2), before
+    /// any wait for the session, and is checked again after that wait, which can take seconds.
+    pub async fn admit(
+        &self,
+        level: ConsistencyLevel,
+        session: &SessionCtx,
+    ) -> Result<Electorate, ConsistencyError> {
+        self.check_reachable(level)?;
+        self.wait_session(session).await?;
+        self.check_reachable(level)
+    }
+
     /// Waits (bounded) until this node has durably applied everything the token names.
     pub async fn wait_session(&self, session: &SessionCtx) -> Result<(), ConsistencyError> {
         if session.token.is_empty() {

@@ -411,14 +411,7 @@ async fn write(
 ) -> ApiResult<Committed> {
     let level = level.get()?;
     let result: ApiResult<Committed> = async {
-        // DESIGN §2: too few reachable is a 503 at once, before any wait for the session;
-        // checked again after that wait, which can take seconds.
-        app.check_reachable(level)?;
-        // DESIGN §2: too few reachable is a 503 at once, before any wait for the session;
-        // checked again after that wait, which can take seconds.
-        app.check_reachable(level)?;
-        app.wait_session(&session.0).await?;
-        let electorate = app.check_reachable(level)?;
+        let electorate = app.admit(level, &session.0).await?;
         let committed = app.storage.write(kind, key, intent).await?;
         // Even if the level is not reached, the client wrote this: its token says so.
         session.0.saw(&committed.applied);
@@ -441,8 +434,7 @@ async fn read(
 ) -> ApiResult<CrdtState> {
     let level = level.get()?;
     let result: ApiResult<CrdtState> = async {
-        app.wait_session(&session.0).await?;
-        let electorate = app.check_reachable(level)?;
+        let electorate = app.admit(level, &session.0).await?;
         let local = app.read_local(kind, key).await?;
         let (state, applied) = app
             .quorum_read(level, &electorate, kind, key, local, session.0.started)
