@@ -547,11 +547,8 @@ async fn anti_entropy_loop<S: ReplicaStore>(
                     .filter(|(_, slot)| slot.lock().truncated.is_some())
                     .map(|(&id, _)| id)
                     .collect();
-                for peer in truncated {
-                    if cancel.is_cancelled() {
-                        return;
-                    }
-                    let _ = ae_round(&shared, &*store, peer).await;
+                if !rounds(&shared, &*store, truncated, &cancel).await {
+                    return;
                 }
             }
             () = sleep_until(due), if config.enabled => {
@@ -560,16 +557,29 @@ async fn anti_entropy_loop<S: ReplicaStore>(
                     let j = (random() % (i as u64 + 1)) as usize;
                     peers.swap(i, j);
                 }
-                for peer in peers {
-                    if cancel.is_cancelled() {
-                        return;
-                    }
-                    let _ = ae_round(&shared, &*store, peer).await;
+                if !rounds(&shared, &*store, peers, &cancel).await {
+                    return;
                 }
                 due = next_pass();
             }
         }
     }
+}
+
+/// One round with each of `peers` in turn; false if cancelled on the way.
+async fn rounds<S: ReplicaStore>(
+    shared: &Shared,
+    store: &S,
+    peers: Vec<NodeId>,
+    cancel: &CancellationToken,
+) -> bool {
+    for peer in peers {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        let _ = ae_round(shared, store, peer).await;
+    }
+    true
 }
 
 impl Shared {
