@@ -78,7 +78,7 @@ impl Default for AeLimits {
 }
 
 /// What a round did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoundReport {
     /// Leaf buckets whose hashes differed.
     pub buckets_differing: u64,

@@ -170,6 +170,31 @@ async fn converge_refuses_one_node_and_names_the_node_it_cannot_read() {
     );
 }
 
+/// `--anti-entropy` takes exactly two nodes, and a node without peers cannot run a round: each
+/// is one line.
+#[tokio::test]
+async fn anti_entropy_refuses_other_than_two_nodes_and_a_node_without_peers() {
+    let node = Node::start("").await;
+    let url = node.url("");
+    for (urls, says) in [
+        (url.clone(), "takes two nodes"),
+        (format!("{url},{url},{url}"), "takes two nodes"),
+        (
+            format!("{url},{url}"),
+            "this node has no peers (HTTP 400 no-peers)",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["bench", "--anti-entropy", "--keys", "3", "--url", &urls])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}
+
 /// A preload write the node refuses ends the run with one line that says what the node
 /// answered: here a value over the node's 64 KiB limit.
 #[tokio::test]

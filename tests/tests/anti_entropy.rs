@@ -3,7 +3,8 @@
 //! - (a) a node whose cursors are older than every peer's WAL (truncated past retention);
 //! - (b) a node restored from an old copy of its data directory;
 //! - (c) a key corrupted on one node (a valid state no op produced);
-//! - (d) the bytes a round exchanges scale with the difference, not the data.
+//! - (d) the bytes a round exchanges scale with the difference, not the data, and
+//!   `meridian bench --anti-entropy` measures that between two running nodes.
 //!
 //! Every case ends with every node holding identical states: the same Merkle root (equal
 //! roots mean equal canonical encodings of every state) and the same listings and values.
@@ -12,7 +13,7 @@
 
 use std::time::Duration;
 
-use meridian_tests::{Client, Cluster, ClusterSpec, holdings, wait_until};
+use meridian_tests::{Client, Cluster, ClusterSpec, holdings, meridian_bin, wait_until};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -259,6 +260,97 @@ async fn round_traffic_scales_with_the_difference() {
     converge(&cluster).await;
     let after = sync(&clients[0], &peer).await;
     assert_eq!(after["keys_compared"], 0, "{after}");
+    cluster.shutdown().await.unwrap();
+}
+
+/// `meridian bench --anti-entropy` between the cluster's first two nodes.
+async fn bench_anti_entropy(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    let urls = format!("{},{}", cluster.node(0).url(), cluster.node(1).url());
+    tokio::process::Command::new(meridian_bin().unwrap())
+        .args(["bench", "--anti-entropy", "--url", &urls])
+        .args(args)
+        .args(cluster.node(0).credentials().cli_args())
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_anti_entropy_measures_a_round_for_each_difference() {
+    let cluster = Cluster::start(ClusterSpec::new(&["us-east", "eu-west"]).extra_config(MANUAL))
+        .await
+        .unwrap();
+    let output = bench_anti_entropy(
+        &cluster,
+        &[
+            "--keys",
+            "300",
+            "--value-size",
+            "200",
+            "--differ",
+            "1,40",
+            "--json",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["peer"], cluster.node(1).name(), "{report}");
+    assert_eq!(report["tree_keys"], 300 + 1 + 40, "{report}");
+    let rows = report["measurements"].as_array().unwrap();
+    let differing: Vec<&Value> = rows.iter().map(|r| &r["differing_keys"]).collect();
+    assert_eq!(differing, [0, 1, 40], "{report}");
+
+    // Identical replicas: the roots agree and nothing else is exchanged.
+    let idle = &rows[0]["round"];
+    assert_eq!(idle["buckets_differing"], 0, "{report}");
+    assert_eq!(idle["keys_compared"], 0, "{report}");
+    assert!(rows[0]["bytes_per_differing_key"].is_null(), "{report}");
+    // One key, made on the first node: pushed, not fetched.
+    let one = &rows[1]["round"];
+    assert_eq!(one["keys_repaired_there"], 1, "{report}");
+    assert_eq!(one["keys_repaired_here"], 0, "{report}");
+    // Forty, twenty on each node, each repaired on the other; the 300 registers of 200 bytes
+    // (≈ 80 KB) are never sent.
+    let forty = &rows[2]["round"];
+    assert_eq!(forty["keys_repaired_here"], 20, "{report}");
+    assert_eq!(forty["keys_repaired_there"], 20, "{report}");
+    assert_eq!(forty["complete"], true, "{report}");
+    let bytes = |row: &Value| row["bytes"].as_u64().unwrap();
+    assert!(bytes(&rows[0]) < bytes(&rows[1]), "{report}");
+    assert!(bytes(&rows[1]) < bytes(&rows[2]), "{report}");
+    assert!(bytes(&rows[2]) < 40_000, "{report}");
+
+    // What it reported happened: both nodes hold the same 41 sets.
+    let clients = cluster.clients();
+    let a = holdings(clients[0].clone()).await.unwrap();
+    let b = holdings(clients[1].clone()).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a["sets"]["keys"].as_array().unwrap().len(), 41, "{a}");
+    cluster.shutdown().await.unwrap();
+}
+
+/// Without the debug route the bench cannot make differences, and says what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_anti_entropy_names_the_settings_it_needs() {
+    let cluster = Cluster::start(ClusterSpec::new(&["us-east", "eu-west"]))
+        .await
+        .unwrap();
+    let output = bench_anti_entropy(&cluster, &["--keys", "1", "--differ", "2"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("allow_state_overwrite = true")
+            && stderr.contains("[anti_entropy] enabled = false"),
+        "{stderr}"
+    );
+    // It stopped at the first unlogged write: the replicas still agree.
+    let clients = cluster.clients();
+    let a = holdings(clients[0].clone()).await.unwrap();
+    let b = holdings(clients[1].clone()).await.unwrap();
+    assert_eq!(a["root"], b["root"]);
     cluster.shutdown().await.unwrap();
 }
 

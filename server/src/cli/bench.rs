@@ -192,9 +192,20 @@ pub struct BenchArgs {
     /// when a partition heals (or just before), with the load stopped.
     #[arg(long)]
     converge: bool,
-    /// Seconds --converge waits before it gives up.
+    /// Seconds --converge waits before it gives up (and --anti-entropy for each of its waits).
     #[arg(long, default_value_t = 120)]
     converge_timeout: u64,
+    /// Put no load: measure what anti-entropy rounds cost against how many keys two replicas
+    /// differ in. --url names two nodes: the first runs the rounds with the second. It writes
+    /// --keys registers, then for each --differ size makes the replicas differ in that many
+    /// keys and reports the rounds' bytes and time. The nodes need `[debug]
+    /// allow_state_overwrite = true` (the differences are unlogged writes) and `[anti_entropy]
+    /// enabled = false`: a cluster for benchmarks only.
+    #[arg(long, conflicts_with = "converge")]
+    anti_entropy: bool,
+    /// Numbers of differing keys --anti-entropy measures, in turn.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    differ: Vec<usize>,
     #[command(flatten)]
     auth: super::ConnectArgs,
 }
@@ -576,6 +587,19 @@ async fn preload(args: &Arc<BenchArgs>, endpoint: &Endpoint) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.anti_entropy {
+        return super::ae_bench::run(
+            &super::ae_bench::Plan {
+                urls: args.url,
+                keys: args.keys,
+                value_size: args.value_size,
+                differ: args.differ,
+                timeout: Duration::from_secs(args.converge_timeout),
+                json: args.json,
+            },
+            &args.auth,
+        );
+    }
     if args.converge {
         return super::converge::run(
             &args.url,

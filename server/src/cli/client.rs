@@ -263,7 +263,7 @@ fn mismatch_hint(base: &str, error: &reqwest::Error) -> Option<String> {
     None
 }
 
-fn problem_error(status: StatusCode, body: &Value) -> anyhow::Error {
+pub(super) fn problem_error(status: StatusCode, body: &Value) -> anyhow::Error {
     let detail = body
         .get("detail")
         .and_then(Value::as_str)

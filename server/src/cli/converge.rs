@@ -78,12 +78,67 @@ impl Vector {
     }
 }
 
-struct Watcher {
+pub(super) struct Watcher {
     http: reqwest::Client,
     urls: Vec<String>,
 }
 
 impl Watcher {
+    /// Watches `urls` (at least two) with the credentials of `auth`.
+    pub(super) fn new(urls: &[String], auth: &ConnectArgs) -> Result<Self> {
+        if urls.len() < 2 {
+            bail!("comparing nodes takes at least two in --url");
+        }
+        Ok(Self {
+            http: auth
+                .client_builder()?
+                .timeout(Duration::from_secs(5))
+                .build()
+                .context("cannot build the HTTP client")?,
+            urls: urls
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .collect(),
+        })
+    }
+
+    /// Waits until every node holds the same ops, and answers how many that is. Unlike
+    /// [`watch`] it does not wait for equal Merkle roots.
+    pub(super) async fn same_ops(&self, timeout: Duration) -> Result<u64> {
+        let started = Instant::now();
+        loop {
+            let round = self.poll_all().await;
+            let read: Vec<&Vector> = round
+                .iter()
+                .filter_map(|p| p.as_ref().ok())
+                .map(|(_, v)| v)
+                .collect();
+            if read.len() == round.len() {
+                let all = Vector::join(read.iter().copied());
+                if read.iter().all(|vector| **vector == all) {
+                    return Ok(all.ops());
+                }
+            }
+            if started.elapsed() >= timeout {
+                bail!(
+                    "the nodes did not reach the same ops within {} s: {}",
+                    timeout.as_secs(),
+                    describe(&round, &self.urls)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Every node's Merkle root, in the order of --url.
+    pub(super) async fn roots(&self) -> Result<Vec<String>> {
+        let mut roots = Vec::with_capacity(self.urls.len());
+        for url in &self.urls {
+            roots.push(self.root(url).await?);
+        }
+        Ok(roots)
+    }
+
     async fn poll(&self, url: &str) -> Poll {
         let view: ClusterView = self
             .get(url, "/v1/cluster")
@@ -178,10 +233,7 @@ async fn watch(watcher: &Watcher, timeout: Duration) -> Result<Converged> {
                 roots_apart = None;
             } else if Instant::now() >= next_root_check {
                 next_root_check = Instant::now() + ROOT_INTERVAL;
-                let mut roots = Vec::with_capacity(watcher.urls.len());
-                for url in &watcher.urls {
-                    roots.push(watcher.root(url).await?);
-                }
+                let mut roots = watcher.roots().await?;
                 if roots.windows(2).all(|pair| pair[0] == pair[1]) {
                     return Ok(Converged {
                         elapsed: started.elapsed(),
@@ -212,17 +264,7 @@ pub fn run(urls: &[String], auth: &ConnectArgs, timeout: Duration, json: bool) -
     if urls.len() < 2 {
         bail!("--converge compares nodes: give at least two in --url");
     }
-    let watcher = Watcher {
-        http: auth
-            .client_builder()?
-            .timeout(Duration::from_secs(5))
-            .build()
-            .context("cannot build the HTTP client")?,
-        urls: urls
-            .iter()
-            .map(|u| u.trim_end_matches('/').to_owned())
-            .collect(),
-    };
+    let watcher = Watcher::new(urls, auth)?;
     let started_at = SystemTime::now();
     super::client::block_on(async {
         let converged = watch(&watcher, timeout).await?;

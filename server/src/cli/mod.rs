@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod admin;
+mod ae_bench;
 mod bench;
 mod client;
 mod converge;
