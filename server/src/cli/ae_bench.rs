@@ -152,6 +152,34 @@ impl Nodes {
             .with_context(|| format!("{}/v1/cluster names no node", self.second))
     }
 
+    /// Waits until the first node's connection to `peer` is up: rounds run on it, and a node
+    /// just started may not have dialled yet.
+    async fn connected(&self, peer: &str, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let cluster = self
+                .call(Method::GET, &self.first, "/v1/cluster", None)
+                .await?;
+            let peers = cluster["peers"].as_array().map_or(&[][..], Vec::as_slice);
+            let Some(entry) = peers.iter().find(|p| p["name"] == peer) else {
+                bail!(
+                    "{} has no peer named {peer}: give two nodes of one cluster",
+                    self.first
+                );
+            };
+            if entry["connected"] == true {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < timeout,
+                "{} is not connected to {peer} after {} s",
+                self.first,
+                timeout.as_secs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends each request, `IN_FLIGHT` at a time.
     async fn send_all(self: &Arc<Self>, requests: Vec<Request>) -> Result<()> {
         let requests = Arc::new(requests);
@@ -265,6 +293,7 @@ pub(super) fn run(plan: &Plan, auth: &ConnectArgs) -> Result<()> {
         let peer = nodes.peer_name().await?;
         nodes.send_all(fill(plan.keys, plan.value_size)).await?;
         watcher.same_ops(plan.timeout).await?;
+        nodes.connected(&peer, plan.timeout).await?;
         // A first pass repairs whatever an earlier run left; the replicas are then identical,
         // and a round between them is the first row.
         let mut measured = vec![nodes.sync(&peer, 0).await?];
