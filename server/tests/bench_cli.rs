@@ -131,14 +131,10 @@ async fn bench_compares_a_node_with_the_baseline_round_by_round() {
 
 #[tokio::test]
 async fn bench_refuses_zero_rounds_with_one_line() {
-    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["bench", "--rounds", "0", "--url", "http://127.0.0.1:9"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--rounds"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    fails_in_one_line(
+        &["--rounds", "0", "--url", "http://127.0.0.1:9"],
+        "--rounds",
+    );
 }
 
 /// `--converge` compares nodes: one URL is refused, and a node that cannot be read makes it
@@ -146,21 +142,11 @@ async fn bench_refuses_zero_rounds_with_one_line() {
 #[tokio::test]
 async fn converge_refuses_one_node_and_names_the_node_it_cannot_read() {
     let node = Node::start("").await;
-    let one_line = |args: &[&str], says: &str| {
-        let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["bench", "--converge"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(1), "{output:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(says), "{stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    };
-    one_line(&["--url", &node.url("")], "at least two");
+    fails_in_one_line(&["--converge", "--url", &node.url("")], "at least two");
     let away = format!("http://127.0.0.1:{}", free_port());
-    one_line(
+    fails_in_one_line(
         &[
+            "--converge",
             "--url",
             &format!("{},{away}", node.url("")),
             "--converge-timeout",
@@ -180,15 +166,21 @@ async fn anti_entropy_refuses_other_than_two_nodes_of_one_cluster() {
         (format!("{url},{url},{url}"), "takes two nodes"),
         (format!("{url},{url}"), "has no peer named test-1"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["bench", "--anti-entropy", "--keys", "3", "--url", &urls])
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(1), "{output:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(says), "{stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        fails_in_one_line(&["--anti-entropy", "--keys", "3", "--url", &urls], says);
     }
+}
+
+/// `meridian bench ARGS` exits 1 with one line on stderr that says `says`.
+fn fails_in_one_line(args: &[&str], says: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(says), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
 /// A preload write the node refuses ends the run with one line that says what the node
