@@ -12,7 +12,7 @@
 //! Replication cannot make replicas differ on purpose: every write reaches the peer. So the
 //! bench makes differences the way the anti-entropy tests do: `POST
 //! /v1/admin/debug/merge-unlogged/sets/{key}` adds an element to a set on one node and logs no
-//! op, as a restored backup or a lost journal would leave it. That route exists only with
+//! op, as a restored backup or a corrupted key would leave it. That route exists only with
 //! `[debug] allow_state_overwrite = true`, so this runs against a cluster set up for
 //! benchmarks, also with `[anti_entropy] enabled = false` so a scheduled round does not repair
 //! the difference first.
