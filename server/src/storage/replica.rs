@@ -262,9 +262,6 @@ impl Storage {
 const DURABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Storage {
-    /// Joins full states into storage keys through the group commit, logging no op (see
-    /// ARCHITECTURE.md, "Anti-entropy path", for why that is correct). Returns how many keys
-    /// changed.
     /// See [`ReplicaStore::fast_forward`].
     pub async fn fast_forward_applied(
         &self,
@@ -277,6 +274,9 @@ impl Storage {
         answer.await.map_err(|_| StorageError::ShuttingDown)
     }
 
+    /// Joins full states into storage keys through the group commit, logging no op (see
+    /// ARCHITECTURE.md, "Anti-entropy path", for why that is correct). Returns how many keys
+    /// changed.
     pub async fn merge_full_states(
         &self,
         states: Vec<(Vec<u8>, State)>,
