@@ -199,6 +199,32 @@ fn checksum(segment: u64, payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
+/// Payload size at which [`encode_records`] starts a new record: far below [`MAX_RECORD`]
+/// (and the `u32` length), however many large writes one group commit drains.
+pub(crate) const RECORD_PAYLOAD_TARGET: usize = 64 << 20;
+
+/// Encodes a group's ops as journal records of about `target` bytes of payload or less (an
+/// op larger than that gets a record of its own). Ops keep their order, so a crash that tears
+/// a later record leaves a prefix of the group: none of it was acknowledged yet.
+pub(crate) fn encode_records<O: AsRef<[u8]>>(ops: &[O], target: usize) -> Vec<Vec<u8>> {
+    let mut records = Vec::new();
+    let mut start = 0;
+    let mut payload = 0;
+    for (index, op) in ops.iter().enumerate() {
+        let size = 4 + op.as_ref().len();
+        if index > start && payload + size > target {
+            records.push(encode_record(&ops[start..index]));
+            start = index;
+            payload = 0;
+        }
+        payload += size;
+    }
+    if start < ops.len() {
+        records.push(encode_record(&ops[start..]));
+    }
+    records
+}
+
 /// Encodes one batch of ops as a journal record; the checksum is filled in by
 /// [`Journal::append`], which knows the segment.
 pub(crate) fn encode_record<O: AsRef<[u8]>>(ops: &[O]) -> Vec<u8> {
@@ -316,9 +342,18 @@ impl Journal {
     fn create(dir: &Path, segment: u64, direct: bool) -> io::Result<Self> {
         let path = segment_path(dir, segment);
         let spare = dir.join(SPARE);
-        if spare.exists() {
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() >= SEGMENT_BYTES) {
+            // Left by an earlier rotation to this segment that failed after taking the spare
+            // (at the directory sync or the open): no record of this segment is in it yet, and
+            // its old records fail this segment's checksum. Refusing it would fail every later
+            // rotation too, and the unfolded layer would grow without end.
+        } else if spare.exists() {
             std::fs::rename(&spare, &path)?;
         } else {
+            match std::fs::remove_file(&path) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
             zero_filled(&path)?;
         }
         sync_dir(dir)?;
@@ -589,6 +624,67 @@ mod tests {
             proptest::prop_assert_eq!(replay.ops, expected);
             proptest::prop_assert_eq!(replay.torn_segments, 0);
         }
+    }
+
+    #[test]
+    fn a_large_group_is_cut_into_records_that_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path()).unwrap();
+        let ops: Vec<Op> = (1..=40).map(|seq| op_with_key_len(seq, 1000)).collect();
+        let encoded: Vec<Vec<u8>> = ops.iter().map(codec::encode_op).collect();
+        let records = encode_records(&encoded, 4500);
+        assert!(records.len() > 1, "40 ops of ~1 KB in one 4.5 KB record");
+        for record in &records {
+            let payload = u32::from_le_bytes(record[..4].try_into().unwrap()) as usize;
+            assert!(payload <= 4500, "a record of {payload} bytes");
+            journal.append(record).unwrap();
+        }
+        // An op above the target still gets a record.
+        let big = op_with_key_len(41, 9000);
+        let big_records = encode_records(&[codec::encode_op(&big)], 4500);
+        assert_eq!(big_records.len(), 1);
+        journal.append(&big_records[0]).unwrap();
+        journal.sync().unwrap();
+        let mut expected = ops;
+        expected.push(big);
+        assert_eq!(Journal::replay(dir.path()).unwrap().ops, expected);
+        assert!(encode_records::<Vec<u8>>(&[], 4500).is_empty());
+    }
+
+    #[test]
+    fn a_rotation_that_failed_after_taking_the_spare_does_not_block_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path()).unwrap();
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(1))]))
+            .unwrap();
+        journal.sync().unwrap();
+        // What a rotation to segment 2 leaves when the directory sync or the open fails after
+        // it renamed the spare: segment 2 on disk, no spare, the journal still on segment 1.
+        let spare = dir.path().join(SPARE);
+        std::fs::rename(&spare, segment_path(dir.path(), 2)).unwrap();
+        assert_eq!(journal.rotate().unwrap(), 2);
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(2))]))
+            .unwrap();
+        // And a rotation cut short while zero-filling: a short segment 3, no spare.
+        std::fs::write(segment_path(dir.path(), 3), [0u8; 100]).unwrap();
+        assert!(!spare.exists());
+        assert_eq!(journal.rotate().unwrap(), 3);
+        assert_eq!(
+            std::fs::metadata(segment_path(dir.path(), 3))
+                .unwrap()
+                .len(),
+            SEGMENT_BYTES
+        );
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(3))]))
+            .unwrap();
+        journal.sync().unwrap();
+        assert_eq!(
+            Journal::replay(dir.path()).unwrap().ops,
+            vec![op(1), op(2), op(3)]
+        );
     }
 
     #[test]

@@ -393,12 +393,8 @@ impl Writer {
             Ok((applied, records)) => {
                 self.applied = applied.clone();
                 let ops = records.len();
-                let record = if records.is_empty() {
-                    Vec::new()
-                } else {
-                    journal::encode_record(&records)
-                };
-                self.syncer.append(&record, ops, pending, applied);
+                let encoded = journal::encode_records(&records, journal::RECORD_PAYLOAD_TARGET);
+                self.syncer.append(&encoded, ops, pending, applied);
                 ops
             }
             Err(error) => {
@@ -623,13 +619,20 @@ impl Syncer {
         }
     }
 
-    /// Appends a group's journal record (empty when it logged no op) and keeps its replies,
+    /// Appends a group's journal records (none when it logged no op) and keeps its replies,
     /// with the applied vector they report, for the next [`Self::flush`].
-    fn append(&mut self, record: &[u8], ops: usize, pending: Vec<Pending>, applied: VersionVector) {
-        if !record.is_empty() {
+    fn append(
+        &mut self,
+        records: &[Vec<u8>],
+        ops: usize,
+        pending: Vec<Pending>,
+        applied: VersionVector,
+    ) {
+        for record in records {
             if let Err(error) = self.journal.append(record) {
                 tracing::error!(%error, "journal append failed; refusing further writes");
                 self.failed.store(true, Ordering::Release);
+                break;
             }
         }
         self.ops_waiting += ops;
