@@ -285,8 +285,12 @@ impl AppState {
     }
 
     /// Reads `key` here: the state, and the applied vector of the same snapshot, once what it
-    /// reflects is durable (waited for briefly; the group commit makes it so within
-    /// milliseconds).
+    /// reflects is durable (the group commit makes it so within milliseconds).
+    ///
+    /// A snapshot that is still not durable after [`DURABLE_WAIT`] is not served: a crash
+    /// before its journal sync returns takes those writes back and the node reissues their
+    /// dots for other writes, so a client, a session token or read repair (which would make
+    /// peers hold them durably) must never see them.
     pub async fn read_local(
         &self,
         kind: Kind,
@@ -295,13 +299,20 @@ impl AppState {
         let (state, applied) = self.storage.get_with_applied(kind, key)?;
         let mut durable = self.storage.watch_applied();
         if !durable.borrow().dominates(&applied) {
-            // Bounded: were the journal stuck, the storage error surfaces on writes; the token
-            // then over-states what the client saw, which only makes later reads wait more.
-            let _ = tokio::time::timeout(
+            let waited = tokio::time::timeout(
                 DURABLE_WAIT,
                 durable.wait_for(|vector| vector.dominates(&applied)),
             )
             .await;
+            match waited {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(crate::storage::StorageError::ShuttingDown),
+                Err(_) => {
+                    return Err(crate::storage::StorageError::NotDurable {
+                        waited_ms: DURABLE_WAIT.as_millis() as u64,
+                    });
+                }
+            }
         }
         Ok((state, applied))
     }

@@ -125,6 +125,10 @@ impl From<StorageError> for Problem {
             StorageError::ShuttingDown => {
                 Self::unavailable("shutting-down", "the node is shutting down", 1)
             }
+            StorageError::NotDurable { .. } => {
+                tracing::warn!(error = %error, "a read timed out waiting for the journal");
+                Self::unavailable("not-durable", error.to_string(), 1)
+            }
             other => {
                 tracing::error!(error = %other, "storage error");
                 Self::internal(format!("storage error: {other}"))

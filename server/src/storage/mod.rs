@@ -79,6 +79,12 @@ pub enum StorageError {
     ForeignJournal { dir: String, owner: String },
     #[error("storage is shutting down")]
     ShuttingDown,
+    /// A read's snapshot reflects writes whose journal sync has not returned: serving it could
+    /// hand out (and let read repair spread) a write that a crash would still take back.
+    #[error(
+        "the state read here includes writes the journal has not made durable after {waited_ms} ms; nothing was answered, retry shortly"
+    )]
+    NotDurable { waited_ms: u64 },
     #[error("commit failed: {0}")]
     Failed(String),
 }
