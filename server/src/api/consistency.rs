@@ -369,6 +369,9 @@ impl AppState {
                     });
                 }
                 Ok(Some(Ok((peer, Ok(read))))) => {
+                    if let Some(theirs) = &read.state {
+                        self.storage.observe_state_stamp(theirs);
+                    }
                     match (&mut state, &read.state) {
                         (Some(mine), Some(theirs)) => mine.merge(theirs)?,
                         (None, Some(theirs)) => state = Some(theirs.clone()),

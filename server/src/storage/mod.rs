@@ -13,6 +13,7 @@
 //! they never wait for the applier beyond a brief lock, nor for a fold.
 
 pub mod backup;
+mod clock;
 mod fold;
 mod intent;
 mod journal;
@@ -34,6 +35,7 @@ use meridian_replication::merkle::{self, MerkleTree};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use clock::Clock;
 pub use intent::Intent;
 use journal::Journal;
 use memtable::Memtable;
@@ -181,7 +183,7 @@ struct Inner {
     db: Arc<Database>,
     memtable: Arc<Memtable>,
     node: NodeId,
-    hlc: Arc<uhlc::HLC>,
+    clock: Arc<Clock>,
     commands: mpsc::Sender<Command>,
     applied: watch::Receiver<VersionVector>,
     peer_applied: Arc<Mutex<BTreeMap<NodeId, VersionVector>>>,
@@ -222,11 +224,6 @@ pub fn journal_dir(data_dir: &Path, configured: Option<&Path>) -> PathBuf {
 
 /// A fresh reading of this node's HLC as a [`Stamp`]. The HLC was built with `node`'s id, so
 /// the conversion cannot fail; should it ever, the reading keeps its time rather than panic.
-fn read_clock(hlc: &uhlc::HLC, node: NodeId) -> Stamp {
-    let ts = hlc.new_timestamp();
-    Stamp::from_uhlc(&ts).unwrap_or(Stamp::new(ts.get_time().as_u64(), node))
-}
-
 fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt {
         what: what.into(),
@@ -261,14 +258,9 @@ impl Storage {
         let node = options.node;
         let (applied, peer_applied, last_stamp) = Self::bootstrap(&db, options.node)?;
 
-        let hlc = uhlc::HLCBuilder::new()
-            .with_id(options.node.to_uhlc())
-            .with_max_delta(options.max_clock_skew)
-            .build();
-        let hlc = Arc::new(hlc);
+        let clock = Arc::new(Clock::new(options.node, options.max_clock_skew));
         if let Some(stamp) = last_stamp {
-            // Our own past stamp: never refused, whatever the skew bound says.
-            let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
+            clock.observe_own(stamp);
         }
 
         let journal_dir = journal_dir(dir, options.journal_dir.as_deref());
@@ -281,7 +273,7 @@ impl Storage {
                 "journal replay stopped at an invalid record"
             );
         }
-        let applied = Self::replay(&db, &hlc, node, applied, replay.ops)?;
+        let applied = Self::replay(&db, &clock, node, applied, replay.ops)?;
         let tree = Arc::new(RwLock::new(Self::build_tree(&db)?));
         let journal = Journal::start(&journal_dir).map_err(io)?;
 
@@ -317,7 +309,7 @@ impl Storage {
             db: db.clone(),
             memtable: memtable.clone(),
             options,
-            hlc: hlc.clone(),
+            clock: clock.clone(),
             applied,
             queue,
             metrics: metrics.clone(),
@@ -349,7 +341,7 @@ impl Storage {
             db,
             memtable,
             node,
-            hlc,
+            clock,
             commands,
             applied: applied_rx,
             peer_applied,
@@ -369,7 +361,7 @@ impl Storage {
     /// Applies the journal's ops over the last fold, durably, before anything else runs.
     fn replay(
         db: &Database,
-        hlc: &uhlc::HLC,
+        clock: &Clock,
         node: NodeId,
         applied: VersionVector,
         ops: Vec<Op>,
@@ -384,7 +376,7 @@ impl Storage {
             .map(|op| op.stamp)
             .max()
         {
-            let _ = hlc.update_with_timestamp(&stamp.to_uhlc());
+            clock.observe_own(stamp);
         }
         let memtable = Memtable::new(applied.clone());
         // Replay is once, at start: the group grows as it goes rather than guess its keys.
@@ -405,7 +397,7 @@ impl Storage {
             &fold::FoldJob {
                 layer,
                 segment: 0,
-                last_stamp: read_clock(hlc, node),
+                last_stamp: clock.read(),
                 peer_applied,
                 truncated: VersionVector::new(),
                 notify: Vec::new(),
@@ -774,7 +766,7 @@ impl Storage {
 
     /// A fresh HLC reading.
     pub fn now(&self) -> Stamp {
-        read_clock(&self.inner.hlc, self.inner.node)
+        self.inner.clock.read()
     }
 
     /// Remote stamps refused as clock input because they were too far ahead.
@@ -784,15 +776,22 @@ impl Storage {
 
     /// Feeds a remote stamp to the HLC; false (and counted) when beyond the skew bound.
     pub fn observe_stamp(&self, stamp: Stamp) -> bool {
-        let ok = self
-            .inner
-            .hlc
-            .update_with_timestamp(&stamp.to_uhlc())
-            .is_ok();
+        let ok = self.inner.clock.observe(stamp);
         if !ok {
             self.inner.refused_stamps.fetch_add(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// Feeds a register's stamp to the clock, as replicated ops feed theirs: a state that
+    /// arrives whole (anti-entropy, a quorum read, read repair) can carry a value a client
+    /// reads and then overwrites here, and the overwrite must be stamped after it.
+    pub fn observe_state_stamp(&self, state: &State) {
+        if let State::Register(register) = state {
+            if let Some(entry) = register.entry() {
+                self.observe_stamp(entry.stamp);
+            }
+        }
     }
 
     /// Number of ops held in the WAL, in redb and in memory (an op being folded counts twice).

@@ -281,6 +281,9 @@ impl Storage {
         &self,
         states: Vec<(Vec<u8>, State)>,
     ) -> Result<u64, StorageError> {
+        for (_, state) in &states {
+            self.observe_state_stamp(state);
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Merge { states, reply }).await?;
         answer.await.map_err(|_| StorageError::ShuttingDown)?

@@ -610,3 +610,46 @@ async fn a_fast_forward_raises_applied_past_missing_ops_and_persists() {
     assert_eq!(counter(&storage), 10);
     storage.shutdown().await;
 }
+
+/// The host clock stepped back further than the skew bound while the node was down: its
+/// next write must still be stamped after the ones it made before, or it would lose to them.
+#[tokio::test]
+async fn writes_after_a_restart_follow_the_nodes_own_stamps_when_the_clock_stepped_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    put(&storage, "k", json!("before")).await;
+    storage.shutdown().await;
+    drop(storage);
+    // The last stamp a fold recorded, one minute ahead of the wall clock: what the node sees
+    // at start when the clock was set back a minute (the skew bound here is one second).
+    let ahead = uhlc::system_time_clock() + uhlc::NTP64::from(Duration::from_secs(60));
+    let last = meridian_crdt::Stamp::new(ahead.as_u64(), NodeId::new(1).unwrap());
+    {
+        let db = redb::Database::create(dir.path().join("meridian.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(super::tables::META)
+            .unwrap()
+            .insert(
+                super::tables::META_LAST_STAMP,
+                postcard::to_allocvec(&last).unwrap().as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let storage = open(dir.path());
+    let committed = storage
+        .write(
+            Kind::Register,
+            "k".to_owned(),
+            Intent::PutRegister(CanonicalJson::new(&json!("after"))),
+        )
+        .await
+        .unwrap();
+    assert!(
+        committed.stamp > last,
+        "{:?} is not after {last:?}",
+        committed.stamp
+    );
+    assert_eq!(register(&storage, "k"), Some(json!("after")));
+    storage.shutdown().await;
+}

@@ -294,7 +294,7 @@ pub(super) struct Writer {
     pub(super) db: Arc<Database>,
     pub(super) memtable: Arc<Memtable>,
     pub(super) options: StorageOptions,
-    pub(super) hlc: Arc<uhlc::HLC>,
+    pub(super) clock: Arc<super::clock::Clock>,
     /// The applied vector as of the last published group; the applier assigns sequences from
     /// it and is its only author.
     pub(super) applied: VersionVector,
@@ -474,7 +474,7 @@ impl Writer {
     ) -> Result<Committed, WriteError> {
         let node = self.options.node;
         let dot = Dot::new(node, group.applied.get(node) + 1);
-        let stamp = super::read_clock(&self.hlc, node);
+        let stamp = self.clock.read();
         let max = self.options.max_set_elements;
         let shared = group.shared_state_at(state_key(kind, &key), kind)?;
         let state = Arc::make_mut(shared);
@@ -574,7 +574,7 @@ impl Writer {
             segment,
             // A fresh reading is ahead of every stamp issued before the freeze; later ones are
             // in the journal, whose replay feeds them to the clock too.
-            last_stamp: super::read_clock(&self.hlc, self.options.node),
+            last_stamp: self.clock.read(),
             peer_applied: self
                 .peer_applied
                 .lock()
