@@ -93,7 +93,14 @@ pub struct RoundReport {
     /// Frame bytes sent and received during the round.
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// False when the key budget ran out before every differing key was exchanged.
+    /// Keys asked for that the peer did not send: they changed there since its leaves reply
+    /// listed them (a fold rewrote their leaves), or did not fit in one reply. The next round
+    /// fetches them.
+    #[serde(default)]
+    pub keys_unanswered: u64,
+    /// False when the key budget ran out before every differing key was exchanged, or some
+    /// fetched keys went unanswered: only a complete round vouches that this node holds every
+    /// state the peer had (which is what a fast-forward relies on).
     pub complete: bool,
 }
 
@@ -231,7 +238,8 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
             push.extend(missing_there);
         }
         let room = budget.saturating_sub(exchanged);
-        if wanted.len() + push.len() > room {
+        let budget_spent = wanted.len() + push.len() > room;
+        if budget_spent {
             report.complete = false;
             wanted.truncate(room);
             push.truncate(room - wanted.len());
@@ -258,6 +266,11 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
                 )));
             }
             let decoded = decode_states(states.iter().cloned())?;
+            let unanswered = items.len().saturating_sub(decoded.len()) as u64;
+            if unanswered > 0 {
+                report.keys_unanswered += unanswered;
+                report.complete = false;
+            }
             report.keys_fetched += decoded.len() as u64;
             report.keys_repaired_here += store.merge_states(decoded).await?;
             theirs_by_key.extend(states);
@@ -277,18 +290,46 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
             if states.is_empty() {
                 continue;
             }
-            report.keys_pushed += states.len() as u64;
-            let Message::PushReply { merged } = peer_push(peer, states, &mut report).await? else {
-                return Err(AeError::Protocol("expected PushReply".into()));
-            };
-            report.keys_repaired_there += merged;
-            pace(started, &report, limits).await;
+            for part in split_by_bytes(states, STATES_MESSAGE_BYTES) {
+                report.keys_pushed += part.len() as u64;
+                let Message::PushReply { merged } = peer_push(peer, part, &mut report).await?
+                else {
+                    return Err(AeError::Protocol("expected PushReply".into()));
+                };
+                report.keys_repaired_there += merged;
+                pace(started, &report, limits).await;
+            }
         }
-        if !report.complete {
+        if budget_spent {
             break;
         }
     }
     Ok(report)
+}
+
+/// The most state bytes one message carries, half the frame limit: a batch of keys is bounded
+/// by count, and large states (a big set, registers near the value limit) would otherwise
+/// make a message the frame refuses, failing every round at the same keys.
+const STATES_MESSAGE_BYTES: usize = crate::wire::MAX_FRAME / 2;
+
+/// Cuts `states` into runs of at most `limit` bytes of keys and states (a state larger than
+/// that travels alone), in order.
+fn split_by_bytes(states: Vec<(Vec<u8>, Vec<u8>)>, limit: usize) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut parts: Vec<Vec<(Vec<u8>, Vec<u8>)>> = Vec::new();
+    let mut bytes = 0;
+    for (key, state) in states {
+        // A few bytes of framing per entry besides the key and the state.
+        let size = key.len() + state.len() + 16;
+        match parts.last_mut() {
+            Some(part) if bytes + size <= limit => part.push((key, state)),
+            _ => {
+                parts.push(vec![(key, state)]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    parts
 }
 
 /// Sends our states for the peer to merge (the version-1 message, which both dialogues share).
@@ -573,12 +614,17 @@ async fn answer_v2<S: ReplicaStore>(store: &S, request: AeRequest) -> Result<AeR
                 })
                 .collect();
             let states = store.read_states(keys).await.map_err(|e| e.to_string())?;
-            Ok(AeReply::States {
-                states: states
-                    .into_iter()
-                    .filter_map(|(k, s)| Some((k, s?)))
-                    .collect(),
-            })
+            let held = states
+                .into_iter()
+                .filter_map(|(k, s)| Some((k, s?)))
+                .collect();
+            // What does not fit in one reply goes unanswered; the round that asked says so,
+            // and the next one asks again for what is still missing.
+            let states = split_by_bytes(held, STATES_MESSAGE_BYTES)
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            Ok(AeReply::States { states })
         }
     }
 }
@@ -624,6 +670,21 @@ mod tests {
         }
     }
 
+    /// A transport that writes to the peer's keys between its leaves reply and the fetch that
+    /// follows, as a fold on a node under writes does.
+    struct WritesBeforeFetch<'a>(&'a MemStore, Vec<String>);
+
+    impl AeTransport for WritesBeforeFetch<'_> {
+        async fn call(&self, request: Message) -> Result<(Message, u64, u64), AeError> {
+            if matches!(request, Message::SyncRequest(AeRequest::Fetch { .. })) {
+                for key in &self.1 {
+                    self.0.increment(key, 1).unwrap();
+                }
+            }
+            Direct(self.0).call(request).await
+        }
+    }
+
     /// One key's divergent state, from a small generated description.
     fn state_of(kind: u8, origin: u64, value: u64) -> (Kind, State) {
         let node = n(origin);
@@ -656,6 +717,53 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    /// Registers near the 64 KiB value limit: 400 of them are 24 MiB, more than a frame
+    /// holds.
+    fn large_registers(store: &MemStore, origin: NodeId, prefix: &str) {
+        for i in 0..400_u64 {
+            let value = format!("\"{i}{}\"", "x".repeat(60 << 10));
+            let register = LwwRegister::default().write(
+                Stamp::new(i + 1, origin),
+                Dot::new(origin, i + 1),
+                Some(CanonicalJson::parse(&value).unwrap()),
+            );
+            store
+                .merge_unlogged(
+                    Kind::Register,
+                    &format!("{prefix}{i}"),
+                    &State::Register(register),
+                )
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn states_larger_than_a_message_cross_in_several() {
+        run(async {
+            let a = MemStore::new(n(1), Duration::from_secs(10));
+            let b = MemStore::new(n(2), Duration::from_secs(10));
+            large_registers(&a, n(1), "a");
+            large_registers(&b, n(2), "b");
+            let limits = AeLimits {
+                keys_per_sec: 0,
+                bytes_per_sec: 0,
+                ..AeLimits::default()
+            };
+            let first = run_round(&a, &Direct(&b), &limits).await.unwrap();
+            // Every push went, in several messages; the fetch reply held what fitted.
+            assert_eq!(first.keys_repaired_there, 400, "{first:?}");
+            assert!(!first.complete, "{first:?}");
+            assert!(first.keys_unanswered > 0, "{first:?}");
+            let mut rounds = 1;
+            while !run_round(&a, &Direct(&b), &limits).await.unwrap().complete {
+                rounds += 1;
+                assert!(rounds < 10, "no round completed");
+            }
+            assert_eq!(a.states(), b.states());
+            assert_eq!(a.merkle_root(), b.merkle_root());
+        });
     }
 
     proptest! {
@@ -697,6 +805,30 @@ mod tests {
                 let again = run_round(&a, &counting, &limits).await.unwrap();
                 prop_assert_eq!(counting.1.load(Ordering::Relaxed), 1, "{:?}", again);
                 prop_assert_eq!(again.keys_compared, 0);
+                Ok(())
+            })?;
+        }
+
+        /// Keys the peer rewrote between listing and fetching them are not fetched: the round
+        /// says so and is not complete, and the next one repairs them.
+        #[test]
+        fn a_round_whose_fetches_go_unanswered_is_not_complete(changed in 1_usize..20) {
+            run(async {
+                let a = MemStore::new(n(1), Duration::from_secs(10));
+                let b = MemStore::new(n(2), Duration::from_secs(10));
+                let keys: Vec<String> = (0..changed).map(|i| format!("k{i}")).collect();
+                for key in &keys {
+                    b.increment(key, 1).unwrap();
+                }
+                let limits = AeLimits { keys_per_sec: 0, bytes_per_sec: 0, ..AeLimits::default() };
+                let report = run_round(&a, &WritesBeforeFetch(&b, keys), &limits).await.unwrap();
+                prop_assert!(!report.complete, "{report:?}");
+                prop_assert_eq!(report.keys_unanswered, changed as u64);
+                prop_assert_eq!(report.keys_fetched, 0);
+                let again = run_round(&a, &Direct(&b), &limits).await.unwrap();
+                prop_assert!(again.complete, "{again:?}");
+                prop_assert_eq!(again.keys_unanswered, 0);
+                prop_assert_eq!(a.states(), b.states());
                 Ok(())
             })?;
         }

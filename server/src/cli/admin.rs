@@ -177,10 +177,12 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     n("keys_repaired_there"),
                     n("bytes_sent"),
                     n("bytes_received"),
-                    if round.get("complete").and_then(Value::as_bool) == Some(false) {
-                        " (key budget reached: run again)"
-                    } else {
-                        ""
+                    match round.get("complete").and_then(Value::as_bool) {
+                        Some(false) if n("keys_unanswered") > 0 => {
+                            " (some keys were not fetched: they changed on the peer meanwhile, or did not fit in one reply; run again)"
+                        }
+                        Some(false) => " (key budget reached: run again)",
+                        _ => "",
                     }
                 );
             }
