@@ -175,6 +175,8 @@ pub struct Metrics {
     pub commit_failures: Counter,
     pub read_repairs: Family<RepairLabels, Counter>,
     pub checkpoint_seconds: Histogram,
+    /// Writes held back while a fold caught up (see `storage::writer::MAX_UNFOLDED_OPS`).
+    pub write_stall_seconds: Histogram,
     /// Ops from peers: from the HLC stamp their origin gave them to their durable apply here.
     pub apply_lag_seconds: Histogram,
     /// Ops from peers: from the HLC stamp their origin gave them to their arrival here, before
@@ -226,6 +228,7 @@ impl Metrics {
         let commit_seconds = latency_histogram();
         let commit_failures = Counter::default();
         let checkpoint_seconds = latency_histogram();
+        let write_stall_seconds = latency_histogram();
         let apply_lag_seconds = Histogram::new(apply_lag_buckets());
         let receive_lag_seconds = Histogram::new(apply_lag_buckets());
         registry.register(
@@ -260,6 +263,11 @@ impl Metrics {
             checkpoint_seconds.clone(),
         );
         registry.register(
+            "storage_write_stall_seconds",
+            "Time the applier held every write while the previous fold into redb caught up (new keys arriving faster than redb takes them)",
+            write_stall_seconds.clone(),
+        );
+        registry.register(
             "replication_apply_lag_seconds",
             "Ops received from peers: time from the HLC stamp of their origin to their durable apply on this node",
             apply_lag_seconds.clone(),
@@ -286,6 +294,7 @@ impl Metrics {
             commit_failures,
             read_repairs: Family::default(),
             checkpoint_seconds,
+            write_stall_seconds,
             apply_lag_seconds,
             receive_lag_seconds,
             applied_seq: Family::default(),
@@ -437,6 +446,10 @@ impl Metrics {
 
     pub fn record_checkpoint(&self, elapsed: Duration) {
         self.checkpoint_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_write_stall(&self, elapsed: Duration) {
+        self.write_stall_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// One read repair: of this node or a peer, and whether it changed the target's state.

@@ -43,6 +43,13 @@ use crate::metrics::Metrics;
 pub(super) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Fold early once the active layer holds this many ops, to bound memory and replay time.
 pub(super) const FOLD_OPS: usize = 200_000;
+/// Past this many ops, or [`MAX_UNFOLDED_BYTES`] of journal, since the last checkpoint, the
+/// applier waits for the fold in progress before it takes more writes. New keys can arrive
+/// faster than redb takes random inserts; without a bound each layer would outgrow the last,
+/// and memory, the journal and the replay at start would grow until the node died. Like an
+/// LSM tree's write stall, this holds writers at the rate the fold sustains instead.
+pub(super) const MAX_UNFOLDED_OPS: usize = FOLD_OPS;
+pub(super) const MAX_UNFOLDED_BYTES: usize = 256 << 20;
 
 /// A reply to send once the group's fate is known.
 pub(super) enum Pending {
@@ -316,7 +323,7 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn run(mut self) {
-        let mut ops_since_fold = 0usize;
+        let (mut ops_since_fold, mut bytes_since_fold) = (0usize, 0usize);
         while let Some(first) = self.queue.blocking_recv() {
             let mut commands = vec![first];
             while commands.len() < self.options.max_batch {
@@ -356,7 +363,9 @@ impl Writer {
                 _ => true,
             });
             if !commands.is_empty() {
-                ops_since_fold += self.commit(commands);
+                let (ops, bytes) = self.commit(commands);
+                ops_since_fold += ops;
+                bytes_since_fold += bytes;
             }
             // Everything drained since the last fsync shares this one.
             self.syncer.flush();
@@ -365,15 +374,30 @@ impl Writer {
             }
             if !fast_forwards.is_empty() {
                 self.fast_forward(fast_forwards);
-                ops_since_fold = 0;
+                (ops_since_fold, bytes_since_fold) = (0, 0);
             }
             if !waiting.is_empty() {
                 self.checkpoint(true, waiting);
-                ops_since_fold = 0;
+                (ops_since_fold, bytes_since_fold) = (0, 0);
+            } else if ops_since_fold >= MAX_UNFOLDED_OPS || bytes_since_fold >= MAX_UNFOLDED_BYTES
+            {
+                let started = Instant::now();
+                let folding = self.memtable.frozen().is_some();
+                if self.checkpoint(true, Vec::new()) {
+                    (ops_since_fold, bytes_since_fold) = (0, 0);
+                }
+                if folding {
+                    let stalled = started.elapsed();
+                    self.metrics.record_write_stall(stalled);
+                    tracing::warn!(
+                        stalled_ms = stalled.as_millis() as u64,
+                        "writes held until the previous fold finished: new keys arrive faster than redb takes them"
+                    );
+                }
             } else if (checkpoint_due || ops_since_fold >= FOLD_OPS)
                 && self.checkpoint(false, Vec::new())
             {
-                ops_since_fold = 0;
+                (ops_since_fold, bytes_since_fold) = (0, 0);
             }
         }
         self.checkpoint(true, Vec::new());
@@ -381,21 +405,22 @@ impl Writer {
         tracing::debug!("applier stopped");
     }
 
-    /// Applies one group; returns how many ops it logged.
-    fn commit(&mut self, commands: Vec<Command>) -> usize {
+    /// Applies one group; returns how many ops it logged, and their journal bytes.
+    fn commit(&mut self, commands: Vec<Command>) -> (usize, usize) {
         let size = commands.len();
         let mut pending = Vec::with_capacity(size);
         if self.failed.load(Ordering::Acquire) {
             drop(commands);
-            return 0;
+            return (0, 0);
         }
         match self.execute(commands, &mut pending) {
             Ok((applied, records)) => {
                 self.applied = applied.clone();
                 let ops = records.len();
                 let encoded = journal::encode_records(&records, journal::RECORD_PAYLOAD_TARGET);
+                let bytes = encoded.iter().map(Vec::len).sum();
                 self.syncer.append(&encoded, ops, pending, applied);
-                ops
+                (ops, bytes)
             }
             Err(error) => {
                 tracing::error!(%error, group = size, "applying a group failed; none of it was applied");
@@ -404,7 +429,7 @@ impl Writer {
                 for p in pending {
                     p.fail(&detail);
                 }
-                0
+                (0, 0)
             }
         }
     }
