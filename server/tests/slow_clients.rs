@@ -157,3 +157,66 @@ async fn an_oversized_streamed_body_is_refused_without_reading_it_all() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("application/problem+json"), "{text}");
 }
+
+/// A write that outlasts the request timeout after it was queued is answered 504, never 503:
+/// it still commits, and a client that retried an increment on a 503 would count it twice.
+/// One that times out before it is queued (503) is not applied. Large set updates here take
+/// longer than 150 ms to apply in a test build.
+#[tokio::test]
+async fn a_write_that_times_out_after_it_was_queued_is_504_and_lands() {
+    let node = Node::start("[timeouts]\nrequest_ms = 150\n").await;
+    let client = reqwest::Client::new();
+    let mut timed_out_queued = 0;
+    for size in [20_000, 40_000, 60_000, 80_000] {
+        let key = format!("big{size}");
+        let elements: Vec<String> = (0..size).map(|i| format!("e{i}")).collect();
+        let response = client
+            .post(node.url(&format!("/v1/sets/{key}")))
+            .json(&serde_json::json!({ "add": elements }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let problem: serde_json::Value = response.json().await.unwrap_or_default();
+        let expected = match status {
+            200 => Some(size),
+            504 => {
+                assert_eq!(problem["type"], "urn:meridian:problem:request-timeout");
+                timed_out_queued += 1;
+                Some(size)
+            }
+            503 => None,
+            other => panic!("{size} elements: {other} {problem}"),
+        };
+        // The applier finishes what it was given; poll until it has. Absent for 2 s after a
+        // 503 is absent for good: that write never reached the applier.
+        let asked = Instant::now();
+        let deadline = asked + Duration::from_secs(20);
+        loop {
+            let read = client
+                .get(node.url(&format!("/v1/sets/{key}")))
+                .send()
+                .await
+                .unwrap();
+            let found = if read.status() == reqwest::StatusCode::OK {
+                let body: serde_json::Value = read.json().await.unwrap();
+                body["size"].as_u64().map(|n| n as usize)
+            } else {
+                None
+            };
+            match (expected, found) {
+                (Some(want), Some(got)) if want == got => break,
+                (None, Some(0) | None) if asked.elapsed() > Duration::from_secs(2) => break,
+                _ if Instant::now() > deadline => {
+                    panic!("{size} elements answered {status}: the set holds {found:?}");
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+    assert!(
+        timed_out_queued > 0,
+        "no update outlasted the request timeout after it was queued"
+    );
+    healthy(&node).await;
+}

@@ -25,6 +25,7 @@
 //! are near, waits at most half the request timeout. A session token is waited for at most
 //! `min(request timeout / 2, 2 s)`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -100,6 +101,9 @@ pub enum ConsistencyError {
 pub struct SessionCtx {
     pub token: VersionVector,
     seen: Mutex<VersionVector>,
+    /// Set once the request's write is queued for the applier: from then on it commits even
+    /// if the client stops waiting, so a timeout must not say it was refused.
+    write_queued: AtomicBool,
     /// When the request arrived: every deadline is measured from it.
     pub started: Instant,
 }
@@ -109,8 +113,17 @@ impl SessionCtx {
         Self {
             token,
             seen: Mutex::new(VersionVector::new()),
+            write_queued: AtomicBool::new(false),
             started,
         }
+    }
+
+    pub fn queue_write(&self) {
+        self.write_queued.store(true, Ordering::Release);
+    }
+
+    pub fn write_queued(&self) -> bool {
+        self.write_queued.load(Ordering::Acquire)
     }
 
     /// Adds what this request saw or wrote.

@@ -412,6 +412,7 @@ async fn write(
     let level = level.get()?;
     let result: ApiResult<Committed> = async {
         let electorate = app.admit(level, &session.0).await?;
+        session.0.queue_write();
         let committed = app.storage.write(kind, key, intent).await?;
         // Even if the level is not reached, the client wrote this: its token says so.
         session.0.saw(&committed.applied);

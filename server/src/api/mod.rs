@@ -232,7 +232,10 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
                 tokio::time::Instant::from_std(started),
             ));
             request.extensions_mut().insert(session.clone());
-            (limited(&app, route, request, next).await, Some(session))
+            (
+                limited(&app, route, request, next, &session).await,
+                Some(session),
+            )
         }
     };
     let headers = response.headers_mut();
@@ -282,7 +285,13 @@ fn refuse(denied: &Denied) -> Response {
 const BACKUP_ROUTE: &str = "/v1/admin/backup";
 
 /// The concurrency limit and the request timeout.
-async fn limited(app: &AppState, route: &str, request: Request, next: Next) -> Response {
+async fn limited(
+    app: &AppState,
+    route: &str,
+    request: Request,
+    next: Next,
+    session: &SessionCtx,
+) -> Response {
     match app.in_flight.clone().try_acquire_owned() {
         Ok(_permit) if route == BACKUP_ROUTE => next.run(request).await,
         Err(_) => Problem::unavailable(
@@ -294,7 +303,20 @@ async fn limited(app: &AppState, route: &str, request: Request, next: Next) -> R
         Ok(_permit) => {
             match tokio::time::timeout(app.timeouts.request(), next.run(request)).await {
                 Ok(response) => response,
-                // A write that was already queued still commits: the client only stops waiting.
+                // A write already queued still commits: the client only stops waiting. A 503
+                // would say it was refused, and a client that retried an increment on it
+                // would count it twice.
+                Err(_) if session.write_queued() => Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "request-timeout",
+                    format!(
+                        "the write did not complete within {} ms; it was queued and is applied \
+                         unless the node fails first, and then replicates: read the key \
+                         before retrying a write that is not idempotent (an increment)",
+                        app.timeouts.request_ms
+                    ),
+                )
+                .into_response(),
                 Err(_) => Problem::unavailable(
                     "request-timeout",
                     format!(
