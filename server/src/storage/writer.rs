@@ -379,8 +379,7 @@ impl Writer {
             if !waiting.is_empty() {
                 self.checkpoint(true, waiting);
                 (ops_since_fold, bytes_since_fold) = (0, 0);
-            } else if ops_since_fold >= MAX_UNFOLDED_OPS || bytes_since_fold >= MAX_UNFOLDED_BYTES
-            {
+            } else if ops_since_fold >= MAX_UNFOLDED_OPS || bytes_since_fold >= MAX_UNFOLDED_BYTES {
                 let started = Instant::now();
                 let folding = self.memtable.frozen().is_some();
                 if self.checkpoint(true, Vec::new()) {
