@@ -488,6 +488,13 @@ mod tests {
         }
     }
 
+    /// Appends op `seq` alone in a record.
+    fn append_op(journal: &mut Journal, seq: u64) {
+        journal
+            .append(&encode_record(&[codec::encode_op(&op(seq))]))
+            .unwrap();
+    }
+
     #[test]
     fn records_replay_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -499,9 +506,7 @@ mod tests {
             ]))
             .unwrap();
         journal.rotate().unwrap();
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(3))]))
-            .unwrap();
+        append_op(&mut journal, 3);
         journal.sync().unwrap();
         let replay = Journal::replay(dir.path()).unwrap();
         assert_eq!(replay.ops, vec![op(1), op(2), op(3)]);
@@ -512,9 +517,7 @@ mod tests {
     fn a_torn_tail_stops_replay_without_losing_earlier_records() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(1))]))
-            .unwrap();
+        append_op(&mut journal, 1);
         let second = encode_record(&[codec::encode_op(&op(2))]);
         journal.append(&second[..second.len() - 3]).unwrap();
         journal.sync().unwrap();
@@ -527,9 +530,7 @@ mod tests {
     fn a_flipped_bit_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(1))]))
-            .unwrap();
+        append_op(&mut journal, 1);
         journal.sync().unwrap();
         let path = segment_path(dir.path(), 1);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -556,9 +557,7 @@ mod tests {
         );
         // The spare (full of segment 1's records) becomes segment 3; one new record goes in.
         let third = journal.rotate().unwrap();
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(51))]))
-            .unwrap();
+        append_op(&mut journal, 51);
         journal.sync().unwrap();
         let replay = Journal::replay(dir.path()).unwrap();
         assert_eq!(
@@ -655,18 +654,14 @@ mod tests {
     fn a_rotation_that_failed_after_taking_the_spare_does_not_block_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(1))]))
-            .unwrap();
+        append_op(&mut journal, 1);
         journal.sync().unwrap();
         // What a rotation to segment 2 leaves when the directory sync or the open fails after
         // it renamed the spare: segment 2 on disk, no spare, the journal still on segment 1.
         let spare = dir.path().join(SPARE);
         std::fs::rename(&spare, segment_path(dir.path(), 2)).unwrap();
         assert_eq!(journal.rotate().unwrap(), 2);
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(2))]))
-            .unwrap();
+        append_op(&mut journal, 2);
         // And a rotation cut short while zero-filling: a short segment 3, no spare.
         std::fs::write(segment_path(dir.path(), 3), [0u8; 100]).unwrap();
         assert!(!spare.exists());
@@ -677,9 +672,7 @@ mod tests {
                 .len(),
             SEGMENT_BYTES
         );
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(3))]))
-            .unwrap();
+        append_op(&mut journal, 3);
         journal.sync().unwrap();
         assert_eq!(
             Journal::replay(dir.path()).unwrap().ops,
@@ -740,9 +733,7 @@ mod tests {
     fn start_recycles_replayed_segments() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path()).unwrap();
-        journal
-            .append(&encode_record(&[codec::encode_op(&op(1))]))
-            .unwrap();
+        append_op(&mut journal, 1);
         let next = journal.rotate().unwrap();
         journal.prune_before(next).unwrap();
         assert_eq!(segments(dir.path()).unwrap(), vec![next]);
