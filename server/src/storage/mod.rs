@@ -222,8 +222,6 @@ pub fn journal_dir(data_dir: &Path, configured: Option<&Path>) -> PathBuf {
     configured.map_or_else(|| data_dir.join("journal"), Path::to_path_buf)
 }
 
-/// A fresh reading of this node's HLC as a [`Stamp`]. The HLC was built with `node`'s id, so
-/// the conversion cannot fail; should it ever, the reading keeps its time rather than panic.
 fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt {
         what: what.into(),
