@@ -192,6 +192,8 @@ pub struct Timeouts {
     /// A client must send its complete request head within this (slowloris guard); it also
     /// closes keep-alive connections idle for that long.
     pub header_read_ms: u64,
+    /// A connection whose client takes no response bytes for this long is closed.
+    pub write_stall_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_ms: u64,
 }
@@ -201,6 +203,7 @@ impl Default for Timeouts {
         Self {
             request_ms: 10_000,
             header_read_ms: 10_000,
+            write_stall_ms: 10_000,
             shutdown_ms: 10_000,
         }
     }
@@ -212,6 +215,9 @@ impl Timeouts {
     }
     pub fn header_read(&self) -> Duration {
         Duration::from_millis(self.header_read_ms)
+    }
+    pub fn write_stall(&self) -> Duration {
+        Duration::from_millis(self.write_stall_ms)
     }
     pub fn shutdown(&self) -> Duration {
         Duration::from_millis(self.shutdown_ms)

@@ -220,3 +220,51 @@ async fn a_write_that_times_out_after_it_was_queued_is_504_and_lands() {
     );
     healthy(&node).await;
 }
+
+/// A client that asks for a large answer and stops reading is cut off once it has taken no
+/// bytes for `write_stall_ms`, before the whole answer is written; the node goes on serving.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_cut_off() {
+    let node = Node::start("[timeouts]\nwrite_stall_ms = 500\n").await;
+    let client = reqwest::Client::new();
+    // 90 000 elements of 64 bytes: an answer of about 6 MB, more than loopback's socket
+    // buffers hold, in requests under the 1 MiB body limit.
+    for batch in 0..8 {
+        let elements: Vec<String> = (0..11_250).map(|i| format!("{batch}-{i:0>58}")).collect();
+        let response = client
+            .post(node.url("/v1/sets/big"))
+            .json(&serde_json::json!({ "add": elements }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+    }
+    let whole = client
+        .get(node.url("/v1/sets/big"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    assert!(whole > 5_000_000, "the answer is only {whole} bytes");
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(node.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/sets/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let taken = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("a connection whose client stopped reading must be closed");
+    assert!(
+        taken.len() < whole,
+        "the whole answer ({} of {whole} bytes) was written to a client that did not read",
+        taken.len()
+    );
+    healthy(&node).await;
+}
