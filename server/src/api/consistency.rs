@@ -310,24 +310,32 @@ impl AppState {
         key: &str,
     ) -> Result<(Option<CrdtState>, VersionVector), crate::storage::StorageError> {
         let (state, applied) = self.storage.get_with_applied(kind, key)?;
-        let mut durable = self.storage.watch_applied();
-        if !durable.borrow().dominates(&applied) {
-            let waited = tokio::time::timeout(
-                DURABLE_WAIT,
-                durable.wait_for(|vector| vector.dominates(&applied)),
-            )
-            .await;
-            match waited {
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Err(crate::storage::StorageError::ShuttingDown),
-                Err(_) => {
-                    return Err(crate::storage::StorageError::NotDurable {
-                        waited_ms: DURABLE_WAIT.as_millis() as u64,
-                    });
-                }
-            }
-        }
+        self.wait_durable(&applied).await?;
         Ok((state, applied))
+    }
+
+    /// Waits until everything `applied` names is durable here, or refuses after
+    /// [`DURABLE_WAIT`] (see [`Self::read_local`]).
+    pub async fn wait_durable(
+        &self,
+        applied: &VersionVector,
+    ) -> Result<(), crate::storage::StorageError> {
+        let mut durable = self.storage.watch_applied();
+        if durable.borrow().dominates(applied) {
+            return Ok(());
+        }
+        let waited = tokio::time::timeout(
+            DURABLE_WAIT,
+            durable.wait_for(|vector| vector.dominates(applied)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(crate::storage::StorageError::ShuttingDown),
+            Err(_) => Err(crate::storage::StorageError::NotDurable {
+                waited_ms: DURABLE_WAIT.as_millis() as u64,
+            }),
+        }
     }
 
     /// Above LOCAL_ONE: fetches the key from reachable peers of the electorate until enough

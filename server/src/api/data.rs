@@ -850,9 +850,11 @@ pub async fn list_keys(
         ),
         None => None,
     };
-    let (entries, next) = app
-        .storage
-        .list(kind, &params.prefix, after.as_deref(), limit)?;
+    let ((entries, next), applied) =
+        app.storage
+            .list(kind, &params.prefix, after.as_deref(), limit)?;
+    // A key of a write whose journal sync has not returned is not listed before it is durable.
+    app.wait_durable(&applied).await?;
     Ok(Json(KeyList {
         keys: entries.into_iter().map(|(k, _)| k).collect(),
         next_cursor: next.map(|k| URL_SAFE_NO_PAD.encode(k)),

@@ -739,19 +739,19 @@ impl Storage {
     }
 
     /// Up to `limit` keys of `kind` that start with `prefix` and sort after `after`, with their
-    /// states, in key order. Keys whose state holds no visible value (deleted registers) are
-    /// skipped but still count as scanned, so the scan is bounded by `limit * 4` entries.
+    /// states, in key order, and the applied vector of the same snapshot. Keys whose state
+    /// holds no visible value (deleted registers) are skipped but still count as scanned, so
+    /// the scan is bounded by `limit * 4` entries.
     pub fn list(
         &self,
         kind: Kind,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Page, StorageError> {
-        self.inner
-            .memtable
-            .view(&self.inner.db)
-            .list(kind, prefix, after, limit, is_visible)
+    ) -> Result<(Page, VersionVector), StorageError> {
+        let view = self.inner.memtable.view(&self.inner.db);
+        let page = view.list(kind, prefix, after, limit, is_visible)?;
+        Ok((page, view.applied().clone()))
     }
 
     pub fn applied(&self) -> VersionVector {

@@ -89,7 +89,7 @@ async fn listing_merges_memory_over_redb() {
     put(&storage, "f", json!("f-new")).await;
     delete(&storage, "b").await;
 
-    let (page, next) = storage.list(Kind::Register, "", None, 100).unwrap();
+    let ((page, next), _) = storage.list(Kind::Register, "", None, 100).unwrap();
     assert_eq!(next, None);
     let seen: Vec<(String, serde_json::Value)> = page
         .iter()
@@ -112,6 +112,7 @@ async fn listing_merges_memory_over_redb() {
     loop {
         let (page, next) = storage
             .list(Kind::Register, "", after.as_deref(), 2)
+            .map(|(page, _)| page)
             .unwrap();
         keys.extend(page.into_iter().map(|(k, _)| k));
         match next {
@@ -121,7 +122,14 @@ async fn listing_merges_memory_over_redb() {
     }
     assert_eq!(keys, ["a", "c", "d", "e", "f"]);
     // Other kinds and prefixes stay out.
-    assert!(storage.list(Kind::Set, "", None, 10).unwrap().0.is_empty());
+    assert!(
+        storage
+            .list(Kind::Set, "", None, 10)
+            .unwrap()
+            .0
+            .0
+            .is_empty()
+    );
     storage.shutdown().await;
 }
 
