@@ -240,16 +240,61 @@ pub(crate) fn encode_record<O: AsRef<[u8]>>(ops: &[O]) -> Vec<u8> {
     record
 }
 
-/// Ops of a record payload; `None` if the payload is not what `encode_record` writes.
-fn decode_payload(mut payload: &[u8]) -> Option<Vec<Op>> {
-    let mut ops = Vec::new();
+/// The length-prefixed items of a record payload; `None` if the payload is not what
+/// `encode_record` writes.
+fn split_payload(mut payload: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut items = Vec::new();
     while !payload.is_empty() {
         let len = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize;
-        let bytes = payload.get(4..4 + len)?;
-        ops.push(codec::decode_op(bytes).ok()?);
+        items.push(payload.get(4..4 + len)?);
         payload = &payload[4 + len..];
     }
-    Some(ops)
+    Some(items)
+}
+
+/// Ops of a record payload; `None` if the payload is not what `encode_record` writes.
+fn decode_payload(payload: &[u8]) -> Option<Vec<Op>> {
+    split_payload(payload)?
+        .into_iter()
+        .map(|bytes| codec::decode_op(bytes).ok())
+        .collect()
+}
+
+/// Hands the payload of every valid record in `dir`, segment by segment and in order, to
+/// `each` (with its segment and offset); returns how many segments end in a torn record.
+fn walk_records(
+    dir: &Path,
+    mut each: impl FnMut(u64, usize, &[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut torn_segments = 0;
+    for segment in segments(dir)? {
+        let mut bytes = Vec::new();
+        File::open(segment_path(dir, segment))?.read_to_end(&mut bytes)?;
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let record = (|| {
+                let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+                let crc = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?);
+                if len > MAX_RECORD {
+                    return None;
+                }
+                let payload = bytes.get(at + 8..at + 8 + len)?;
+                (len > 0 && checksum(segment, payload) == crc).then_some((len, payload))
+            })();
+            let Some((len, payload)) = record else {
+                // Zeros or old records of a recycled file are the normal end of a
+                // segment; anything else was torn by a crash.
+                let rest = &bytes[at..];
+                if rest.get(..4).is_some_and(|l| l != [0; 4]) {
+                    torn_segments += 1;
+                }
+                break;
+            };
+            each(segment, at, payload)?;
+            at += 8 + len;
+        }
+    }
+    Ok(torn_segments)
 }
 
 /// What replay found.
@@ -266,45 +311,20 @@ impl Journal {
     /// then calls [`Journal::start`], which deletes the replayed segments.
     pub(crate) fn replay(dir: &Path) -> io::Result<Replay> {
         std::fs::create_dir_all(dir)?;
-        let mut replay = Replay::default();
-        for segment in segments(dir)? {
-            let mut bytes = Vec::new();
-            File::open(segment_path(dir, segment))?.read_to_end(&mut bytes)?;
-            let mut at = 0usize;
-            while at < bytes.len() {
-                let record = (|| {
-                    let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-                    let crc = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?);
-                    if len > MAX_RECORD {
-                        return None;
-                    }
-                    let payload = bytes.get(at + 8..at + 8 + len)?;
-                    (len > 0 && checksum(segment, payload) == crc).then_some((len, payload))
-                })();
-                let Some((len, payload)) = record else {
-                    // Zeros or old records of a recycled file are the normal end of a
-                    // segment; anything else was torn by a crash.
-                    let rest = &bytes[at..];
-                    if rest.get(..4).is_some_and(|l| l != [0; 4]) {
-                        replay.torn_segments += 1;
-                    }
-                    break;
-                };
-                match decode_payload(payload) {
-                    Some(ops) => replay.ops.extend(ops),
-                    None => {
-                        // The checksum matched but the ops do not decode: written by a newer
-                        // format. Refuse to guess; stopping here would lose acknowledged data.
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("journal segment {segment}: undecodable record at byte {at}"),
-                        ));
-                    }
-                }
-                at += 8 + len;
-            }
-        }
-        Ok(replay)
+        let mut ops = Vec::new();
+        let torn_segments = walk_records(dir, |segment, at, payload| {
+            let decoded = decode_payload(payload).ok_or_else(|| {
+                // The checksum matched but the ops do not decode: written by a newer format.
+                // Refuse to guess; stopping here would lose acknowledged data.
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("journal segment {segment}: undecodable record at byte {at}"),
+                )
+            })?;
+            ops.extend(decoded);
+            Ok(())
+        })?;
+        Ok(Replay { ops, torn_segments })
     }
 
     /// Opens a fresh segment after every existing one, and recycles or deletes the existing
@@ -450,6 +470,66 @@ impl Journal {
     }
 }
 
+/// The journal with nothing in front of it: the durable ceiling `meridian bench-baseline
+/// --durable` measures. A group's payloads become one record and a sync is the write path's
+/// own (one `O_DIRECT | O_DSYNC` write where the file system allows), so a server that
+/// answers only after [`BareJournal::sync`] pays exactly what durability costs a node, and
+/// nothing of the CRDTs, the memtable or the fold. Segments are recycled as checkpoints do, so
+/// the file never grows.
+#[derive(Debug)]
+pub struct BareJournal {
+    journal: Journal,
+    /// Bytes appended to the current segment.
+    written: u64,
+}
+
+impl BareJournal {
+    /// Starts a journal in `dir` (created if missing), recycling any segments already there.
+    pub fn start(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            journal: Journal::start(dir)?,
+            written: 0,
+        })
+    }
+
+    /// Appends `payloads` as one record, durable after the next [`BareJournal::sync`].
+    pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> io::Result<()> {
+        let record = encode_record(payloads);
+        self.written += record.len() as u64;
+        self.journal.append(&record)
+    }
+
+    /// Makes every append so far durable. Past half a segment it continues in the next one
+    /// and recycles the last (its payloads are then gone: nothing replays a bare journal).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.journal.sync()?;
+        if self.written >= SEGMENT_BYTES / 2 {
+            let segment = self.journal.rotate()?;
+            self.journal.prune_before(segment)?;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Every payload the segments in `dir` hold, in order: what was synced since the last
+    /// recycling.
+    pub fn payloads(dir: &Path) -> io::Result<Vec<Vec<u8>>> {
+        let mut payloads = Vec::new();
+        walk_records(dir, |segment, at, payload| {
+            let items = split_payload(payload).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("journal segment {segment}: malformed record at byte {at}"),
+                )
+            })?;
+            payloads.extend(items.into_iter().map(<[u8]>::to_vec));
+            Ok(())
+        })?;
+        Ok(payloads)
+    }
+}
+
 /// Drops the segments of the journal in `dir` before `segment`: the newest becomes the spare
 /// (if none is waiting), the rest are deleted. Safe beside a [`Journal`] writing to a later
 /// segment: both touch the spare only by renaming it, so at worst a rotation misses a spare
@@ -493,6 +573,40 @@ mod tests {
         journal
             .append(&encode_record(&[codec::encode_op(&op(seq))]))
             .unwrap();
+    }
+
+    #[test]
+    fn a_bare_journal_keeps_each_group_in_order_and_recycles_full_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = BareJournal::start(dir.path()).unwrap();
+        journal.append(&[b"first".as_slice(), b"second"]).unwrap();
+        journal.append(&[b"third"]).unwrap();
+        journal.sync().unwrap();
+        journal.append(&[Vec::<u8>::new()]).unwrap();
+        journal.sync().unwrap();
+        let expected: Vec<Vec<u8>> = vec![
+            b"first".to_vec(),
+            b"second".to_vec(),
+            b"third".to_vec(),
+            Vec::new(),
+        ];
+        assert_eq!(BareJournal::payloads(dir.path()).unwrap(), expected);
+
+        // Half a segment of payloads later the journal has moved on, and the segment it left
+        // became the spare instead of a file that grows.
+        let big = vec![7u8; 1 << 20];
+        for _ in 0..SEGMENT_BYTES / 2 / (1 << 20) {
+            journal.append(&[&big]).unwrap();
+            journal.sync().unwrap();
+        }
+        journal.append(&[b"after"]).unwrap();
+        journal.sync().unwrap();
+        assert_eq!(
+            BareJournal::payloads(dir.path()).unwrap(),
+            vec![b"after".to_vec()]
+        );
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
+        assert!(dir.path().join(SPARE).exists());
     }
 
     #[test]

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use clock::Clock;
 pub use intent::Intent;
+pub use journal::BareJournal;
 use journal::Journal;
 use memtable::Memtable;
 use tables::{
