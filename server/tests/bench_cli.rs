@@ -7,6 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 
 use common::{Node, free_port};
+use meridian_server::storage::BareJournal;
 
 /// A server process (the bare baseline, Redis, etcd), killed on drop.
 struct Process(Child);
@@ -20,9 +21,15 @@ impl Drop for Process {
 
 /// A `meridian bench-baseline` process and its URL.
 async fn baseline() -> (Process, String) {
+    baseline_with(&[]).await
+}
+
+/// A `meridian bench-baseline` process given `extra` arguments, and its URL.
+async fn baseline_with(extra: &[&str]) -> (Process, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["bench-baseline", "--listen", &addr])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -127,6 +134,85 @@ async fn bench_compares_a_node_with_the_baseline_round_by_round() {
     // The writes went to the node, not only to the baseline.
     let keys = keys(&node, "registers").await;
     assert!(!keys.is_empty() && keys.len() <= 50, "{keys:?}");
+}
+
+/// The durable ceiling runs between the bare baseline and the node in every round, answers
+/// every write only once its body is in the journal, and the report's ratios are its runs'
+/// own.
+#[tokio::test]
+async fn bench_measures_the_durable_ceiling_between_the_baseline_and_the_node() {
+    let node = Node::start("").await;
+    let (_baseline, baseline_url) = baseline().await;
+    let journal = tempfile::tempdir().unwrap();
+    let journal_dir = journal.path().to_str().unwrap();
+    let (durable_baseline, durable_url) = baseline_with(&["--durable", journal_dir]).await;
+    let node_url = node.url("");
+    let report = bench(&[
+        "--workload",
+        "put",
+        "--keys",
+        "50",
+        "--rounds",
+        "2",
+        "--url",
+        &node_url,
+        "--baseline-url",
+        &baseline_url,
+        "--durable-baseline-url",
+        &durable_url,
+    ]);
+    let runs = report["runs"].as_array().unwrap();
+    let order: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (1, "baseline"),
+            (1, "durable"),
+            (1, "node"),
+            (2, "baseline"),
+            (2, "durable"),
+            (2, "node")
+        ]
+    );
+    let throughput = |run: &serde_json::Value| run["throughput"].as_f64().unwrap();
+    let (mut over_durable, mut ceiling) = (Vec::new(), Vec::new());
+    let mut acknowledged = 0;
+    for round in runs.chunks(3) {
+        let [baseline, durable, node] = round else {
+            unreachable!()
+        };
+        assert_eq!(
+            durable["errors"], 0,
+            "the durable baseline answered every write"
+        );
+        acknowledged += durable["ok"].as_u64().unwrap();
+        over_durable.push(throughput(node) / throughput(durable));
+        ceiling.push(throughput(durable) / throughput(baseline));
+    }
+    for (field, ratios) in [
+        ("durable_ratio", over_durable),
+        ("durable_ceiling", ceiling),
+    ] {
+        let reported = report[field]["median"].as_f64().unwrap();
+        let expected = f64::midpoint(ratios[0], ratios[1]);
+        assert!(
+            (reported - expected).abs() < 1e-12,
+            "{field}: {reported} vs {expected}"
+        );
+    }
+    // Every acknowledged write is in the journal: the bench's 100-byte register value, as sent.
+    drop(durable_baseline);
+    let payloads = BareJournal::payloads(journal.path()).unwrap();
+    assert!(
+        payloads.len() as u64 >= acknowledged && acknowledged > 0,
+        "{} bodies in the journal, {acknowledged} writes acknowledged",
+        payloads.len()
+    );
+    let sent = format!("\"{}\"", "x".repeat(98));
+    assert!(payloads.iter().all(|p| p == sent.as_bytes()));
 }
 
 #[tokio::test]

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
@@ -20,6 +23,7 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use meridian_server::storage::BareJournal;
 use serde_json::json;
 use tokio::net::TcpStream;
 
@@ -154,6 +158,12 @@ pub struct BenchArgs {
     /// throughputs, so a figure like the README's comes from one command.
     #[arg(long)]
     baseline_url: Option<String>,
+    /// The durable ceiling (`meridian bench-baseline --durable DIR`): each round measures it
+    /// after the bare baseline, and the end prints the node's throughput over it and its own
+    /// over the bare baseline's, which is as far as any server that syncs each group of
+    /// writes before answering can go on this machine.
+    #[arg(long)]
+    durable_baseline_url: Option<String>,
     /// Another store to load the same way, each round after the baseline and before the
     /// node: `redis://host:port` (for the durable-write comparison start Redis with
     /// `--appendonly yes --appendfsync always`) or `etcd://host:port` (its JSON gateway; put,
@@ -217,6 +227,12 @@ pub struct BaselineArgs {
     /// Worker threads (1 to compare against a node given one core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Serve the durable ceiling instead: every PUT, POST and DELETE hands its body to one
+    /// writer thread, which appends each group of them to a Meridian journal in DIR as one
+    /// record, syncs once, and only then lets them answer: the node's group commit with none
+    /// of its other work. GETs still answer at once.
+    #[arg(long, value_name = "DIR")]
+    durable: Option<std::path::PathBuf>,
 }
 
 struct Target {
@@ -639,6 +655,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .as_deref()
         .map(|u| connect.target(u).map(Arc::new))
         .transpose()?;
+    let durable_baseline = args
+        .durable_baseline_url
+        .as_deref()
+        .map(|u| connect.target(u).map(Arc::new))
+        .transpose()?;
     let peer = match args.peer_url.as_deref() {
         None => None,
         Some(url) => {
@@ -680,6 +701,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .await
                     .with_context(|| format!("measuring the baseline {}", baseline.host))?;
                 runs.push(Run::new(round, Side::Baseline, measured));
+            }
+            if let Some(durable) = &durable_baseline {
+                let measured = measure(&args, &[Endpoint::Http(durable.clone())], None)
+                    .await
+                    .with_context(|| format!("measuring the durable baseline {}", durable.host))?;
+                runs.push(Run::new(round, Side::Durable, measured));
             }
             if let Some((url, endpoint)) = &peer {
                 let measured = measure(&args, std::slice::from_ref(endpoint), None)
@@ -975,6 +1002,8 @@ async fn lag_probe(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
     Baseline,
+    /// The bare handler behind a group-committed journal (`bench-baseline --durable`).
+    Durable,
     Peer,
     Node,
 }
@@ -983,6 +1012,7 @@ impl Side {
     fn label(self) -> &'static str {
         match self {
             Self::Baseline => "baseline",
+            Self::Durable => "durable",
             Self::Peer => "peer",
             Self::Node => "node",
         }
@@ -1040,12 +1070,13 @@ fn throughputs(runs: &[Run], side: Side) -> Vec<f64> {
         .collect()
 }
 
-/// The node's throughput over the baseline's (or the peer's), round by round.
-fn ratios(runs: &[Run], over: Side) -> Vec<f64> {
-    throughputs(runs, Side::Node)
+/// One side's throughput over another's (the node's over the baseline's, say), round by
+/// round.
+fn ratios(runs: &[Run], of: Side, over: Side) -> Vec<f64> {
+    throughputs(runs, of)
         .iter()
         .zip(throughputs(runs, over))
-        .map(|(node, other)| node / other)
+        .map(|(side, other)| side / other)
         .collect()
 }
 
@@ -1055,9 +1086,12 @@ fn report(args: &BenchArgs, runs: &[Run], peer: Option<&Described>) {
     let summarised = runs.len() > 1;
     let node = Spread::of(&throughputs(runs, Side::Node));
     let baseline = Spread::of(&throughputs(runs, Side::Baseline));
+    let durable = Spread::of(&throughputs(runs, Side::Durable));
     let peer_throughput = Spread::of(&throughputs(runs, Side::Peer));
-    let ratio = Spread::of(&ratios(runs, Side::Baseline));
-    let peer_ratio = Spread::of(&ratios(runs, Side::Peer));
+    let ratio = Spread::of(&ratios(runs, Side::Node, Side::Baseline));
+    let durable_ratio = Spread::of(&ratios(runs, Side::Node, Side::Durable));
+    let durable_ceiling = Spread::of(&ratios(runs, Side::Durable, Side::Baseline));
+    let peer_ratio = Spread::of(&ratios(runs, Side::Node, Side::Peer));
     if args.json {
         let objects: Vec<serde_json::Value> = runs.iter().map(|r| run_json(args, r)).collect();
         match objects.as_slice() {
@@ -1070,6 +1104,9 @@ fn report(args: &BenchArgs, runs: &[Run], peer: Option<&Described>) {
                     "throughput": node.map(Spread::json),
                     "baseline_throughput": baseline.map(Spread::json),
                     "ratio": ratio.map(Spread::json),
+                    "durable_throughput": durable.map(Spread::json),
+                    "durable_ratio": durable_ratio.map(Spread::json),
+                    "durable_ceiling": durable_ceiling.map(Spread::json),
                     "peer": peer.map(|p| p.json.clone()),
                     "peer_throughput": peer_throughput.map(Spread::json),
                     "peer_ratio": peer_ratio.map(Spread::json),
@@ -1094,6 +1131,7 @@ fn report(args: &BenchArgs, runs: &[Run], peer: Option<&Described>) {
     for (side, spread) in [
         (Side::Node, node),
         (Side::Baseline, baseline),
+        (Side::Durable, durable),
         (Side::Peer, peer_throughput),
     ] {
         if let Some(s) = spread {
@@ -1106,10 +1144,16 @@ fn report(args: &BenchArgs, runs: &[Run], peer: Option<&Described>) {
             );
         }
     }
-    for (over, spread) in [(Side::Baseline, ratio), (Side::Peer, peer_ratio)] {
+    for (of, over, spread) in [
+        (Side::Node, Side::Baseline, ratio),
+        (Side::Node, Side::Durable, durable_ratio),
+        (Side::Durable, Side::Baseline, durable_ceiling),
+        (Side::Node, Side::Peer, peer_ratio),
+    ] {
         if let Some(r) = spread {
             println!(
-                "ratio node/{}, round by round: median {:.2} ({:.2}–{:.2})",
+                "ratio {}/{}, round by round: median {:.2} ({:.2}–{:.2})",
+                of.label(),
                 over.label(),
                 r.median,
                 r.min,
@@ -1190,20 +1234,81 @@ fn print_run(args: &BenchArgs, m: &Measured) {
     }
 }
 
-/// The HTTP ceiling: the same serving stack (hyper, axum router) with handlers that do no work.
+/// The bare answer, after the body is durable when serving the durable ceiling.
+const BARE_ANSWER: &str = r#"{"key":"k","value":"x"}"#;
+
+async fn answer() -> &'static str {
+    BARE_ANSWER
+}
+
+/// Bodies waiting for the durable ceiling's writer, as many as a node's write queue holds.
+const DURABLE_QUEUE: usize = 4096;
+
+/// A request body and who waits for it to be durable.
+type Durable = (Bytes, tokio::sync::oneshot::Sender<()>);
+
+async fn durable_answer(
+    State(queue): State<tokio::sync::mpsc::Sender<Durable>>,
+    body: Bytes,
+) -> Response {
+    let (done, durable) = tokio::sync::oneshot::channel();
+    if queue.send((body, done)).await.is_err() || durable.await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the journal failed").into_response();
+    }
+    BARE_ANSWER.into_response()
+}
+
+/// The node's group commit and nothing else: drain what is queued, append it as one record,
+/// sync once, answer all of it. A failed sync stops the writer, and every request answers 503.
+fn group_commit(mut journal: BareJournal, mut pending: tokio::sync::mpsc::Receiver<Durable>) {
+    let mut group = Vec::new();
+    while let Some(first) = pending.blocking_recv() {
+        group.push(first);
+        while let Ok(next) = pending.try_recv() {
+            group.push(next);
+        }
+        let bodies: Vec<&[u8]> = group.iter().map(|(body, _)| body.as_ref()).collect();
+        if let Err(error) = journal.append(&bodies).and_then(|()| journal.sync()) {
+            eprintln!("bench-baseline: the journal failed: {error}");
+            return;
+        }
+        for (_, done) in group.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The HTTP ceiling: the same serving stack (hyper, axum router) with handlers that do no work
+/// (or, with `--durable`, only what durability costs).
 pub fn baseline(args: &BaselineArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        async fn answer() -> &'static str {
-            r#"{"key":"k","value":"x"}"#
-        }
-        let app = Router::new().route(
-            "/v1/{collection}/{key}",
-            get(answer).put(answer).post(answer).delete(answer),
-        );
+        let app = match &args.durable {
+            None => Router::new().route(
+                "/v1/{collection}/{key}",
+                get(answer).put(answer).post(answer).delete(answer),
+            ),
+            Some(dir) => {
+                let journal = BareJournal::start(dir)
+                    .with_context(|| format!("starting a journal in {}", dir.display()))?;
+                let (queue, pending) = tokio::sync::mpsc::channel(DURABLE_QUEUE);
+                std::thread::Builder::new()
+                    .name("meridian-writer".into())
+                    .spawn(move || group_commit(journal, pending))?;
+                Router::new()
+                    .route(
+                        "/v1/{collection}/{key}",
+                        get(answer)
+                            .put(durable_answer)
+                            .post(durable_answer)
+                            .delete(durable_answer),
+                    )
+                    .with_state(queue)
+            }
+        };
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         eprintln!("baseline listening on http://{}", listener.local_addr()?);
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1264,8 +1369,9 @@ mod tests {
             Run::new(2, Side::Baseline, measured(500, 1.0)),
             Run::new(2, Side::Node, measured(500, 2.0)),
         ];
-        assert_eq!(ratios(&runs, Side::Baseline), vec![0.4, 0.5]);
-        assert_eq!(ratios(&runs, Side::Peer), Vec::<f64>::new());
+        assert_eq!(ratios(&runs, Side::Node, Side::Baseline), vec![0.4, 0.5]);
+        assert_eq!(ratios(&runs, Side::Baseline, Side::Node), vec![2.5, 2.0]);
+        assert_eq!(ratios(&runs, Side::Node, Side::Peer), Vec::<f64>::new());
         assert_eq!(throughputs(&runs, Side::Node), vec![400.0, 250.0]);
     }
 
