@@ -132,9 +132,11 @@ pub struct GcConfig {
     pub enabled: bool,
     /// Time between passes.
     pub interval: Duration,
-    /// A node not heard from for this long no longer holds the frontier back; when it
-    /// returns it needs a full anti-entropy round (see [`crate::gc`]).
-    pub horizon: Duration,
+    /// If set, a node not heard from for this long no longer holds the frontier back: metadata
+    /// stops growing while it is gone, at the price of deletes it may undo when it returns
+    /// (see [`crate::gc`]). Unset (the default), only every node's report, or the node's
+    /// removal from the membership, lets the frontier pass it.
+    pub horizon: Option<Duration>,
 }
 
 impl Default for GcConfig {
@@ -142,7 +144,7 @@ impl Default for GcConfig {
         Self {
             enabled: true,
             interval: Duration::from_secs(60),
-            horizon: Duration::from_secs(24 * 3600),
+            horizon: None,
         }
     }
 }
@@ -239,7 +241,7 @@ impl ReplicationConfig {
         if self.heartbeat_interval.is_zero() || self.peer_timeout <= self.heartbeat_interval {
             return bad("peer_timeout must exceed a non-zero heartbeat_interval".into());
         }
-        if self.gc.interval.is_zero() || self.gc.horizon.is_zero() {
+        if self.gc.interval.is_zero() || self.gc.horizon.is_some_and(|h| h.is_zero()) {
             return bad("gc interval and horizon must be non-zero".into());
         }
         if self.reconnect_base.is_zero() || self.reconnect_max < self.reconnect_base {

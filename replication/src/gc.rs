@@ -36,15 +36,23 @@
 //! unusable one, plus the latest) and promoted when `A` catches up, so a node that keeps
 //! writing still lets the frontier advance, a report or two behind.
 //!
-//! # Down nodes: the GC horizon
-//! A node not heard from (no message of any kind) for longer than `horizon` is *excluded*:
-//! the frontier ignores it, so one dead region does not make metadata grow forever. The price:
-//! while excluded, others may purge tombstones it never saw, so when it returns, its old
-//! concurrent writes can revive keys that were deleted. It is therefore flagged
-//! [`StabilityTracker::needs_resync`] from the moment it is excluded until a complete
-//! anti-entropy round with it has finished; `/v1/cluster` and the metrics list both sets so an
-//! operator can see it. Once heard again it counts in the frontier again (which only makes GC
-//! more conservative).
+//! # Down nodes, and the optional GC horizon
+//! By default a silent node holds the frontier back for as long as it is a member: a region
+//! cut off for a day may still hold writes that are older than a delete made elsewhere
+//! meanwhile, and only the tombstone makes the delete win when they arrive. A node that is
+//! gone for good is taken out of the membership (`meridian cluster remove-node`), and the
+//! frontier moves on without it.
+//!
+//! With a `horizon` configured, a node not heard from (no message of any kind) for longer is
+//! *excluded*: the frontier ignores it, so metadata stops growing while it is gone. The
+//! price: others purge tombstones it never saw, and when it returns its writes that are
+//! older than those deletes find no tombstone and bring the keys back; anti-entropy then
+//! spreads them. Nothing after the fact can tell such a write from a newer one, so a node
+//! excluded this way must be re-seeded rather than let back (README, "Garbage collection").
+//! It is flagged [`StabilityTracker::needs_resync`] from the moment it is excluded until a
+//! complete anti-entropy round with it has finished; `/v1/cluster` and the metrics list both
+//! sets so an operator can see it. Once heard again it counts in the frontier again (which
+//! only makes GC more conservative).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -96,18 +104,19 @@ struct PeerReports {
 /// in, so tests drive it with made-up instants.
 #[derive(Clone, Debug)]
 pub struct StabilityTracker {
-    horizon: Duration,
+    horizon: Option<Duration>,
     peers: BTreeMap<NodeId, PeerReports>,
 }
 
 impl StabilityTracker {
     /// Tracks `peers`; `persisted` are their vectors as last recorded (e.g. before a restart),
     /// taken as pending reports, and every peer counts as heard at `now` (start-up), so a
-    /// restart never excludes a node sooner than one horizon after it.
+    /// restart never excludes a node sooner than one horizon after it. Without a `horizon`
+    /// no node is ever excluded.
     pub fn new(
         peers: impl IntoIterator<Item = NodeId>,
         persisted: &BTreeMap<NodeId, VersionVector>,
-        horizon: Duration,
+        horizon: Option<Duration>,
         now: Instant,
     ) -> Self {
         let peers = peers
@@ -172,7 +181,7 @@ impl StabilityTracker {
     }
 
     fn beyond_horizon(&self, p: &PeerReports, now: Instant) -> bool {
-        now.saturating_duration_since(p.last_heard) > self.horizon
+        silent_beyond(self.horizon, p, now)
     }
 
     /// The stable frontier given this node's own applied vector `own` (see the module docs).
@@ -181,7 +190,7 @@ impl StabilityTracker {
         let mut vector = own.clone();
         let mut waiting = BTreeSet::new();
         for (&id, p) in &mut self.peers {
-            if now.saturating_duration_since(p.last_heard) > horizon {
+            if silent_beyond(horizon, p, now) {
                 p.needs_resync = true;
                 continue;
             }
@@ -208,6 +217,11 @@ impl StabilityTracker {
     }
 }
 
+/// Whether `p` has been silent for longer than `horizon`; never without one.
+fn silent_beyond(horizon: Option<Duration>, p: &PeerReports, now: Instant) -> bool {
+    horizon.is_some_and(|horizon| now.saturating_duration_since(p.last_heard) > horizon)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,8 +237,12 @@ mod tests {
     #[test]
     fn the_frontier_is_the_minimum_once_every_node_reported() {
         let t0 = Instant::now();
-        let mut t =
-            StabilityTracker::new([n(2), n(3)], &BTreeMap::new(), Duration::from_secs(60), t0);
+        let mut t = StabilityTracker::new(
+            [n(2), n(3)],
+            &BTreeMap::new(),
+            Some(Duration::from_secs(60)),
+            t0,
+        );
         let own = vv(&[(1, 10), (2, 5), (3, 7)]);
         assert_eq!(t.frontier(&own, t0), Frontier::Waiting([n(2), n(3)].into()));
         t.on_report(n(2), &vv(&[(1, 8), (2, 5), (3, 7)]), t0);
@@ -239,7 +257,8 @@ mod tests {
     #[test]
     fn a_report_is_used_only_once_we_hold_the_reporters_own_ops() {
         let t0 = Instant::now();
-        let mut t = StabilityTracker::new([n(2)], &BTreeMap::new(), Duration::from_secs(60), t0);
+        let mut t =
+            StabilityTracker::new([n(2)], &BTreeMap::new(), Some(Duration::from_secs(60)), t0);
         // Node 2 has issued 9 ops; we hold 5 of them.
         t.on_report(n(2), &vv(&[(1, 3), (2, 9)]), t0);
         assert_eq!(
@@ -264,7 +283,7 @@ mod tests {
     fn a_silent_node_is_excluded_after_the_horizon_and_needs_a_resync() {
         let t0 = Instant::now();
         let horizon = Duration::from_secs(10);
-        let mut t = StabilityTracker::new([n(2), n(3)], &BTreeMap::new(), horizon, t0);
+        let mut t = StabilityTracker::new([n(2), n(3)], &BTreeMap::new(), Some(horizon), t0);
         let own = vv(&[(1, 10)]);
         t.on_report(n(2), &vv(&[(1, 10)]), t0);
         let later = t0 + Duration::from_secs(11);
@@ -283,10 +302,27 @@ mod tests {
     }
 
     #[test]
+    fn without_a_horizon_a_silent_node_holds_the_frontier_back_for_good() {
+        let t0 = Instant::now();
+        let mut t = StabilityTracker::new([n(2), n(3)], &BTreeMap::new(), None, t0);
+        let own = vv(&[(1, 10)]);
+        t.on_report(n(2), &vv(&[(1, 10)]), t0);
+        t.on_report(n(3), &vv(&[(1, 4)]), t0);
+        assert_eq!(t.frontier(&own, t0), Frontier::Stable(vv(&[(1, 4)])));
+        // A year later node 3 has said nothing since: its last report still bounds the
+        // frontier, and it is neither excluded nor flagged.
+        let later = t0 + Duration::from_secs(365 * 24 * 3600);
+        t.on_report(n(2), &vv(&[(1, 10)]), later);
+        assert_eq!(t.frontier(&own, later), Frontier::Stable(vv(&[(1, 4)])));
+        assert!(t.excluded(later).is_empty());
+        assert!(t.needs_resync().is_empty());
+    }
+
+    #[test]
     fn persisted_vectors_count_after_a_restart() {
         let t0 = Instant::now();
         let persisted = [(n(2), vv(&[(1, 4), (2, 2)]))].into();
-        let mut t = StabilityTracker::new([n(2)], &persisted, Duration::from_secs(60), t0);
+        let mut t = StabilityTracker::new([n(2)], &persisted, Some(Duration::from_secs(60)), t0);
         assert_eq!(
             t.frontier(&vv(&[(1, 9), (2, 2)]), t0),
             Frontier::Stable(vv(&[(1, 4), (2, 2)]))

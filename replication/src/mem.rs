@@ -634,7 +634,7 @@ mod tests {
                             tracker: StabilityTracker::new(
                                 (1..=NODES).filter(|&p| p != id).map(n),
                                 &BTreeMap::new(),
-                                Duration::from_secs(3600),
+                                Some(Duration::from_secs(3600)),
                                 now,
                             ),
                         })

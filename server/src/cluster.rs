@@ -60,7 +60,7 @@ pub struct GcView {
     /// Absent while some node has not yet sent a usable report (`waiting_for`).
     pub frontier: Option<BTreeMap<String, u64>>,
     pub waiting_for: Vec<String>,
-    /// Peers silent for longer than the GC horizon: the frontier ignores them.
+    /// Peers silent for longer than the GC horizon, if one is set: the frontier ignores them.
     pub excluded: Vec<String>,
     /// Peers that were excluded and have not completed an anti-entropy round with this node
     /// since; until then their old writes may revive keys deleted meanwhile.

@@ -323,9 +323,11 @@ pub struct GcSection {
     pub enabled: bool,
     /// Time between passes.
     pub interval_ms: u64,
-    /// A node silent for longer no longer holds garbage collection back; when it returns it
-    /// is flagged as needing a full anti-entropy round (see README, "Garbage collection").
-    pub horizon_secs: u64,
+    /// If set, a node silent for longer no longer holds garbage collection back, and must be
+    /// re-seeded rather than let back (see README, "Garbage collection"). Unset by default:
+    /// a silent node holds collection back until it returns or is removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub horizon_secs: Option<u64>,
 }
 
 impl Default for GcSection {
@@ -333,7 +335,7 @@ impl Default for GcSection {
         Self {
             enabled: true,
             interval_ms: 60_000,
-            horizon_secs: 24 * 3600,
+            horizon_secs: None,
         }
     }
 }

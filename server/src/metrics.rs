@@ -409,8 +409,8 @@ impl Metrics {
             );
             registry.register(
                 "gc_peer_excluded",
-                "1 when the peer has been silent beyond the GC horizon and no longer holds \
-                 garbage collection back",
+                "1 when the peer has been silent beyond the GC horizon (gc.horizon_secs, unset by \
+                 default) and no longer holds garbage collection back",
                 metrics.gc_peer_excluded.clone(),
             );
             registry.register(

@@ -131,7 +131,7 @@ pub async fn start(
     replication.gc = GcConfig {
         enabled: config.gc.enabled,
         interval: Duration::from_millis(config.gc.interval_ms),
-        horizon: Duration::from_secs(config.gc.horizon_secs),
+        horizon: config.gc.horizon_secs.map(Duration::from_secs),
     };
     Ok(Replicator::start(
         replication,
