@@ -98,6 +98,11 @@ pub struct RoundReport {
     /// fetches them.
     #[serde(default)]
     pub keys_unanswered: u64,
+    /// Keys of ours whose state is too large for any message, so they were not pushed (see
+    /// [`MAX_STATE_BYTES`]); the peer leaves its own such states out of its replies the same
+    /// way, and they count as unanswered.
+    #[serde(default)]
+    pub keys_too_large: u64,
     /// False when the key budget ran out before every differing key was exchanged, or some
     /// fetched keys went unanswered: only a complete round vouches that this node holds every
     /// state the peer had (which is what a fast-forward relies on).
@@ -280,13 +285,14 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
         push_keys.extend(theirs_by_key.keys().cloned());
         let push_keys: Vec<Vec<u8>> = push_keys.into_iter().collect();
         for keys in push_keys.chunks(batch) {
-            let states: Vec<(Vec<u8>, Vec<u8>)> = store
+            let mut states: Vec<(Vec<u8>, Vec<u8>)> = store
                 .read_states(keys.to_vec())
                 .await?
                 .into_iter()
                 .filter_map(|(k, s)| Some((k, s?)))
                 .filter(|(k, s)| theirs_by_key.get(k) != Some(s))
                 .collect();
+            report.keys_too_large += drop_oversized(&mut states, "push");
             if states.is_empty() {
                 continue;
             }
@@ -311,6 +317,30 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
 /// by count, and large states (a big set, registers near the value limit) would otherwise
 /// make a message the frame refuses, failing every round at the same keys.
 const STATES_MESSAGE_BYTES: usize = crate::wire::MAX_FRAME / 2;
+
+/// The largest key plus state that travels at all: one alone in a message, with room left for
+/// the framing. A larger one (a set of many large elements) is left out of fetch replies and
+/// pushes, logged and counted, rather than failing the round: that key cannot be repaired by
+/// anti-entropy, but every other key still is.
+pub const MAX_STATE_BYTES: usize = crate::wire::MAX_FRAME - (64 << 10);
+
+/// Splits off the states too large to travel, logging each.
+fn drop_oversized(states: &mut Vec<(Vec<u8>, Vec<u8>)>, doing: &str) -> u64 {
+    let before = states.len();
+    states.retain(|(key, state)| {
+        let fits = key.len() + state.len() <= MAX_STATE_BYTES;
+        if !fits {
+            tracing::warn!(
+                key = %String::from_utf8_lossy(key),
+                bytes = state.len(),
+                limit = MAX_STATE_BYTES,
+                "anti-entropy cannot {doing} a state this large; its ops still replicate by the WAL"
+            );
+        }
+        fits
+    });
+    (before - states.len()) as u64
+}
 
 /// Cuts `states` into runs of at most `limit` bytes of keys and states (a state larger than
 /// that travels alone), in order.
@@ -614,10 +644,11 @@ async fn answer_v2<S: ReplicaStore>(store: &S, request: AeRequest) -> Result<AeR
                 })
                 .collect();
             let states = store.read_states(keys).await.map_err(|e| e.to_string())?;
-            let held = states
+            let mut held = states
                 .into_iter()
                 .filter_map(|(k, s)| Some((k, s?)))
                 .collect();
+            drop_oversized(&mut held, "send");
             // What does not fit in one reply goes unanswered; the round that asked says so,
             // and the next one asks again for what is still missing.
             let states = split_by_bytes(held, STATES_MESSAGE_BYTES)
@@ -763,6 +794,58 @@ mod tests {
             }
             assert_eq!(a.states(), b.states());
             assert_eq!(a.merkle_root(), b.merkle_root());
+        });
+    }
+
+    /// A set whose encoding is larger than a frame: 300 elements of 60 KiB, about 18 MiB.
+    fn oversized_set(store: &MemStore, origin: NodeId, key: &str) {
+        let elements = (0..300_u32)
+            .map(|i| CanonicalJson::parse(&format!("\"{i}{}\"", "y".repeat(60 << 10))).unwrap());
+        let set = OrSet::default().add(origin, elements);
+        store
+            .merge_unlogged(Kind::Set, key, &State::Set(set))
+            .unwrap();
+        let encoded = codec::encode_state(&store.states()[&(Kind::Set, key.to_owned())]);
+        assert!(
+            encoded.len() > crate::wire::MAX_FRAME,
+            "{} bytes",
+            encoded.len()
+        );
+    }
+
+    /// A state no frame can carry is left out, both ways: every other key is still repaired,
+    /// and the round says what it could not carry instead of failing at that key every time.
+    #[test]
+    fn a_state_larger_than_a_frame_is_skipped_and_the_rest_repaired() {
+        run(async {
+            let a = MemStore::new(n(1), Duration::from_secs(10));
+            let b = MemStore::new(n(2), Duration::from_secs(10));
+            oversized_set(&b, n(2), "big-there");
+            oversized_set(&a, n(1), "big-here");
+            for i in 0..10 {
+                b.increment(&format!("there{i}"), 1).unwrap();
+                a.increment(&format!("here{i}"), 1).unwrap();
+            }
+            let limits = AeLimits {
+                keys_per_sec: 0,
+                bytes_per_sec: 0,
+                ..AeLimits::default()
+            };
+            for _ in 0..2 {
+                let report = run_round(&a, &Direct(&b), &limits).await.unwrap();
+                assert!(!report.complete, "{report:?}");
+                // Ours could not go; theirs did not come (the peer left it out).
+                assert_eq!(report.keys_too_large, 1, "{report:?}");
+                assert_eq!(report.keys_unanswered, 1, "{report:?}");
+            }
+            let without = |store: &MemStore, big: &str| {
+                let mut states = store.states();
+                states.retain(|(_, key), _| !key.starts_with("big"));
+                assert!(store.states().contains_key(&(Kind::Set, big.to_owned())));
+                states
+            };
+            assert_eq!(without(&a, "big-here"), without(&b, "big-there"));
+            assert_eq!(without(&a, "big-here").len(), 20);
         });
     }
 

@@ -168,9 +168,16 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             } else {
                 let round = &answer["round"];
                 let n = |k: &str| round.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let too_large = match n("keys_too_large") {
+                    0 => String::new(),
+                    keys => format!(
+                        "; {keys} of this node's states are too large for anti-entropy and were \
+                         not sent (the node's log names them)"
+                    ),
+                };
                 println!(
                     "synced with {peer}: {} differing buckets, {} keys compared, \
-                     {} repaired here, {} repaired there, {} bytes sent, {} received{}",
+                     {} repaired here, {} repaired there, {} bytes sent, {} received{}{too_large}",
                     n("buckets_differing"),
                     n("keys_compared"),
                     n("keys_repaired_here"),
@@ -179,7 +186,9 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                     n("bytes_received"),
                     match round.get("complete").and_then(Value::as_bool) {
                         Some(false) if n("keys_unanswered") > 0 => {
-                            " (some keys were not fetched: they changed on the peer meanwhile, or did not fit in one reply; run again)"
+                            " (some keys were not fetched: they changed on the peer meanwhile, \
+                             did not fit in one reply, or are too large for anti-entropy there; \
+                             run again, and see the peer's log)"
                         }
                         Some(false) => " (key budget reached: run again)",
                         _ => "",
