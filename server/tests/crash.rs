@@ -238,6 +238,8 @@ async fn a_journal_elsewhere_keeps_acknowledged_writes_and_is_never_silently_los
     std::fs::rename(&journal, &moved).unwrap();
     let log = node.spawn_refused().await;
     assert!(log.contains("holds no journal of this database"), "{log}");
+    // A log written to a file is plain text: no terminal colour codes around its fields.
+    assert!(!log.contains('\u{1b}'), "{log:?}");
 
     std::fs::rename(&moved, &journal).unwrap();
     node.spawn().await;
