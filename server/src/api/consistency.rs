@@ -350,8 +350,8 @@ impl AppState {
         started: Instant,
     ) -> Result<(Option<CrdtState>, VersionVector), ConsistencyError> {
         let (mut state, mut applied) = local;
-        let local_state = state.clone();
-        let mut answers: Vec<(NodeId, Option<CrdtState>)> = Vec::new();
+        let local_state = (state.clone(), applied.clone());
+        let mut answers: Vec<(NodeId, Option<CrdtState>, VersionVector)> = Vec::new();
         let needed = electorate.required.saturating_sub(1);
         if needed == 0 {
             return Ok((state, applied));
@@ -398,8 +398,8 @@ impl AppState {
                         (None, Some(theirs)) => state = Some(theirs.clone()),
                         (_, None) => {}
                     }
-                    answers.push((peer, read.state));
                     applied.merge(&read.applied);
+                    answers.push((peer, read.state, read.applied));
                     answered += 1;
                 }
                 Ok(Some(Ok((peer, Err(error))))) => {
@@ -411,37 +411,42 @@ impl AppState {
             }
         }
         if let Some(merged) = &state {
-            self.read_repair(
-                &replicator,
-                kind,
-                key,
-                merged,
-                local_state.as_ref(),
-                answers,
-            );
+            let (local_state, local_applied) = local_state;
+            let local = Replica {
+                holds_less: local_state.as_ref() != Some(merged),
+                applied: &local_applied,
+            };
+            let peers: Vec<(NodeId, Replica<'_>)> = answers
+                .iter()
+                .map(|(peer, theirs, their_applied)| {
+                    let holds_less = theirs.as_ref() != Some(merged);
+                    (
+                        *peer,
+                        Replica {
+                            holds_less,
+                            applied: their_applied,
+                        },
+                    )
+                })
+                .collect();
+            let (repair_local, repair_peers) = repair_targets(&applied, &local, &peers);
+            self.read_repair(&replicator, kind, key, merged, repair_local, repair_peers);
         }
         Ok((state, applied))
     }
 
-    /// Writes the merged state back, in the background, to every replica that answered with
-    /// less (this node included). Like an anti-entropy push it logs no op: the merged state
-    /// holds only ops that are durable on the replicas that sent them, and the WAL path still
-    /// delivers those ops everywhere; repair only gets there first.
+    /// Writes the merged state back, in the background, to the replicas [`repair_targets`]
+    /// chose (this node, `local_behind`, and `behind`). Like an anti-entropy push it logs no
+    /// op: the merged state holds only ops that are durable on the replicas that sent them.
     fn read_repair(
         &self,
         replicator: &Arc<meridian_replication::Replicator>,
         kind: Kind,
         key: &str,
         merged: &CrdtState,
-        local: Option<&CrdtState>,
-        answers: Vec<(NodeId, Option<CrdtState>)>,
+        local_behind: bool,
+        behind: Vec<NodeId>,
     ) {
-        let behind: Vec<NodeId> = answers
-            .into_iter()
-            .filter(|(_, theirs)| theirs.as_ref() != Some(merged))
-            .map(|(peer, _)| peer)
-            .collect();
-        let local_behind = local != Some(merged);
         if behind.is_empty() && !local_behind {
             return;
         }
@@ -469,5 +474,113 @@ impl AppState {
                 }
             }
         });
+    }
+}
+
+/// What a quorum read learned of one replica: whether its state lacks something of the merged
+/// one, and the applied vector it answered with.
+#[derive(Debug)]
+struct Replica<'a> {
+    holds_less: bool,
+    applied: &'a VersionVector,
+}
+
+/// Which replicas a quorum read repairs with its merged state (this node first, then peers):
+/// those that hold less although their applied vector already names every op the answers
+/// did (`merged_applied`). Only divergence needs repair; a replica that is merely behind on
+/// the WAL gets those ops from it, in milliseconds. Repairing it anyway would put ops in its
+/// state that its applied vector does not name, and every session token it issues is built
+/// from that vector: a client reading the repaired key there could carry a token that lets it
+/// read an older state in another region (ARCHITECTURE, "Known hazards").
+fn repair_targets(
+    merged_applied: &VersionVector,
+    local: &Replica<'_>,
+    peers: &[(NodeId, Replica<'_>)],
+) -> (bool, Vec<NodeId>) {
+    let repairs =
+        |replica: &Replica<'_>| replica.holds_less && replica.applied.dominates(merged_applied);
+    let peers = peers
+        .iter()
+        .filter(|(_, replica)| repairs(replica))
+        .map(|(peer, _)| *peer)
+        .collect();
+    (repairs(local), peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vv(entries: &[(u64, u64)]) -> VersionVector {
+        entries
+            .iter()
+            .filter_map(|&(node, seq)| Some((NodeId::new(node)?, seq)))
+            .collect()
+    }
+
+    fn peer(id: u64) -> NodeId {
+        NodeId::new(id).unwrap_or_else(|| unreachable!("node ids in these tests are non-zero"))
+    }
+
+    /// Node 1 wrote op 5; the read merged it from node 2, which holds it.
+    #[test]
+    fn a_replica_that_only_lags_is_left_to_the_wal() {
+        let merged = vv(&[(1, 5), (2, 3)]);
+        let lagging = vv(&[(1, 4), (2, 3)]);
+        let holding = vv(&[(1, 5), (2, 3)]);
+        let local = Replica {
+            holds_less: true,
+            applied: &lagging,
+        };
+        let peers = [
+            (
+                peer(2),
+                Replica {
+                    holds_less: false,
+                    applied: &holding,
+                },
+            ),
+            (
+                peer(3),
+                Replica {
+                    holds_less: true,
+                    applied: &lagging,
+                },
+            ),
+        ];
+        assert_eq!(repair_targets(&merged, &local, &peers), (false, vec![]));
+    }
+
+    /// A replica whose applied vector names every op of the merge and still holds less has
+    /// lost something (a restored backup, a corrupted key): that is what read repair is for.
+    #[test]
+    fn a_replica_that_claims_every_op_yet_holds_less_is_repaired() {
+        let merged = vv(&[(1, 5), (2, 3)]);
+        let claims_all = vv(&[(1, 5), (2, 3)]);
+        let claims_more = vv(&[(1, 7), (2, 3), (3, 1)]);
+        let local = Replica {
+            holds_less: true,
+            applied: &claims_more,
+        };
+        let peers = [
+            (
+                peer(2),
+                Replica {
+                    holds_less: true,
+                    applied: &claims_all,
+                },
+            ),
+            (
+                peer(3),
+                Replica {
+                    holds_less: false,
+                    applied: &claims_all,
+                },
+            ),
+        ];
+        assert_eq!(
+            repair_targets(&merged, &local, &peers),
+            (true, vec![peer(2)])
+        );
     }
 }
