@@ -114,6 +114,15 @@ impl PnCounter {
         i64::try_from(sum).unwrap_or(if sum < 0 { i64::MIN } else { i64::MAX })
     }
 
+    /// Whether any origin added or subtracted since the reset record: false for a counter
+    /// never written or reset with nothing since, whatever its value would be.
+    pub fn written_since_reset(&self) -> bool {
+        self.totals.iter().any(|(node, totals)| {
+            let base = self.reset.get(node).copied().unwrap_or_default();
+            totals.inc > base.inc || totals.dec > base.dec
+        })
+    }
+
     /// Refuses zero entries, which no operation stores (`merge` skips them, so a decoded one
     /// would make `bottom ⊔ s ≠ s` and equal counters compare unequal).
     pub(crate) fn validate(&self) -> Result<(), CrdtError> {
@@ -194,6 +203,11 @@ impl GCounter {
 
     pub fn totals(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
         self.0.totals().map(|(node, totals)| (node, totals.inc))
+    }
+
+    /// See [`PnCounter::written_since_reset`].
+    pub fn written_since_reset(&self) -> bool {
+        self.0.written_since_reset()
     }
 
     /// Refuses states with decrements, which no G-Counter operation creates.

@@ -203,6 +203,40 @@ fn observed_reset_keeps_concurrent_increments_in_every_delivery_order() {
     }
 }
 
+/// A counter is "written since reset" exactly when some origin moved it past the reset
+/// record: not when never written, not after a reset of all it held (whatever the order of
+/// delivery), but again after a concurrent or later increment, even one that leaves it at 0.
+#[test]
+fn written_since_reset_follows_the_reset_record_not_the_value() {
+    assert!(!PnCounter::default().written_since_reset());
+    let mut seen = PnCounter::default();
+    seen.apply(&seen.increment(n(1), 3).unwrap());
+    seen.apply(&seen.increment(n(2), -3).unwrap());
+    assert_eq!(seen.value(), 0);
+    assert!(
+        seen.written_since_reset(),
+        "+3 -3 is a counter that was written"
+    );
+    let reset = seen.reset();
+    let concurrent = seen.increment(n(3), 1).unwrap();
+    for order in permutations(1) {
+        assert!(!deliver(&seen, &[&reset], &order).written_since_reset());
+    }
+    for order in permutations(2) {
+        assert!(deliver(&seen, &[&reset, &concurrent], &order).written_since_reset());
+    }
+    let mut cleared = deliver(&seen, &[&reset], &[0]);
+    cleared.apply(&cleared.increment(n(1), -1).unwrap());
+    assert!(cleared.written_since_reset());
+
+    let mut g = GCounter::default();
+    assert!(!g.written_since_reset());
+    g.apply(&g.increment(n(1), 2).unwrap());
+    assert!(g.written_since_reset());
+    g.apply(&g.reset());
+    assert!(!g.written_since_reset());
+}
+
 #[test]
 fn a_reset_after_seeing_increments_zeroes_them_everywhere() {
     let mut a = GCounter::default();

@@ -502,6 +502,85 @@ async fn listing_paginates_by_prefix_and_hides_deleted_registers() {
     assert_eq!(body["status"], 404);
 }
 
+/// A delete that leaves nothing to show takes the key out of listings, for every type, as
+/// a deleted key is gone in Redis; a write after it brings the key back. `GET` still answers
+/// a reset counter (0) and an empty set, as for keys never written.
+#[tokio::test]
+async fn listing_hides_reset_counters_and_empty_sets() {
+    let node = Node::start("").await;
+    let c = Client::new();
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let (c, url) = (c.clone(), node.url(path));
+        async move {
+            let (status, body) = call(&c, method, url, body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body
+        }
+    };
+    let post = reqwest::Method::POST;
+    let delete = reqwest::Method::DELETE;
+    for key in ["kept", "reset", "zero"] {
+        send(
+            post.clone(),
+            &format!("/v1/counters/{key}"),
+            Some(json!({"increment": 2})),
+        )
+        .await;
+        send(
+            post.clone(),
+            &format!("/v1/gcounters/{key}"),
+            Some(json!({"increment": 2})),
+        )
+        .await;
+        send(
+            post.clone(),
+            &format!("/v1/sets/{key}"),
+            Some(json!({"add": [1, 2]})),
+        )
+        .await;
+    }
+    send(delete.clone(), "/v1/counters/reset", None).await;
+    send(delete.clone(), "/v1/gcounters/reset", None).await;
+    send(delete.clone(), "/v1/sets/reset", None).await;
+    // Written back to 0, not reset: still a counter someone wrote.
+    send(
+        post.clone(),
+        "/v1/counters/zero",
+        Some(json!({"increment": -2})),
+    )
+    .await;
+    // Every element removed one by one: as empty as a cleared set.
+    send(
+        post.clone(),
+        "/v1/sets/zero",
+        Some(json!({"remove": [1, 2]})),
+    )
+    .await;
+    let listed = |collection: &'static str| {
+        let send = &send;
+        async move {
+            send(reqwest::Method::GET, &format!("/v1/{collection}"), None).await["keys"].clone()
+        }
+    };
+    assert_eq!(listed("counters").await, json!(["kept", "zero"]));
+    assert_eq!(listed("gcounters").await, json!(["kept", "zero"]));
+    assert_eq!(listed("sets").await, json!(["kept"]));
+    let counter = send(reqwest::Method::GET, "/v1/counters/reset", None).await;
+    assert_eq!(counter["value"], 0);
+    let set = send(reqwest::Method::GET, "/v1/sets/reset", None).await;
+    assert_eq!(set["size"], 0);
+    // A write after the delete lists the key again.
+    send(
+        post.clone(),
+        "/v1/counters/reset",
+        Some(json!({"increment": 1})),
+    )
+    .await;
+    send(post, "/v1/sets/reset", Some(json!({"add": [3]}))).await;
+    assert_eq!(listed("counters").await, json!(["kept", "reset", "zero"]));
+    assert_eq!(listed("sets").await, json!(["kept", "reset"]));
+}
+
 #[tokio::test]
 async fn operations_endpoints_answer() {
     let node = Node::start("").await;

@@ -741,7 +741,7 @@ impl Storage {
 
     /// Up to `limit` keys of `kind` that start with `prefix` and sort after `after`, with their
     /// states, in key order, and the applied vector of the same snapshot. Keys whose state
-    /// holds no visible value (deleted registers) are skipped but still count as scanned, so
+    /// holds nothing to show (see `is_visible`) are skipped but still count as scanned, so
     /// the scan is bounded by `limit * 4` entries.
     pub fn list(
         &self,
@@ -868,10 +868,15 @@ pub struct StorageStats {
 /// One page of a listing: keys with their states, and the key to continue after.
 pub type Page = (Vec<(String, State)>, Option<String>);
 
-/// Whether listing shows the key: deleted registers are hidden; counters and sets always show.
+/// Whether listing shows the key: not when a delete left nothing to show, as a deleted key
+/// is absent in Redis. Hidden: a deleted register, a counter reset with nothing added since,
+/// a set with no elements (cleared, or every element removed). `GET` still answers these
+/// counters (0) and sets (empty), as it does for keys never written.
 fn is_visible(state: &State) -> bool {
     match state {
         State::Register(r) => r.value().is_some(),
-        _ => true,
+        State::Counter(c) => c.written_since_reset(),
+        State::GCounter(c) => c.written_since_reset(),
+        State::Set(s) => !s.is_empty(),
     }
 }
