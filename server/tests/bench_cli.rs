@@ -67,6 +67,13 @@ fn bench(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// Each run of a report as (round, server measured), in the order they ran.
+fn run_order(runs: &[serde_json::Value]) -> Vec<(u64, &str)> {
+    runs.iter()
+        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
+        .collect()
+}
+
 /// A GET of `path` on `node`, as JSON.
 async fn get_json(node: &Node, path: &str) -> serde_json::Value {
     reqwest::get(node.url(path))
@@ -101,10 +108,7 @@ async fn bench_compares_a_node_with_the_baseline_round_by_round() {
         &baseline_url,
     ]);
     let runs = report["runs"].as_array().unwrap();
-    let order: Vec<(u64, &str)> = runs
-        .iter()
-        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
-        .collect();
+    let order = run_order(runs);
     assert_eq!(
         order,
         [(1, "baseline"), (1, "node"), (2, "baseline"), (2, "node")]
@@ -162,10 +166,7 @@ async fn bench_measures_the_durable_ceiling_between_the_baseline_and_the_node() 
         &durable_url,
     ]);
     let runs = report["runs"].as_array().unwrap();
-    let order: Vec<(u64, &str)> = runs
-        .iter()
-        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
-        .collect();
+    let order = run_order(runs);
     assert_eq!(
         order,
         [
@@ -438,10 +439,7 @@ async fn bench_compares_a_node_with_a_durable_redis_round_by_round() {
         &redis.url,
     ]);
     let runs = report["runs"].as_array().unwrap();
-    let order: Vec<(u64, &str)> = runs
-        .iter()
-        .map(|r| (r["round"].as_u64().unwrap(), r["server"].as_str().unwrap()))
-        .collect();
+    let order = run_order(runs);
     assert_eq!(order, [(1, "peer"), (1, "node"), (2, "peer"), (2, "node")]);
     let mut ratios = Vec::new();
     for pair in runs.chunks(2) {
