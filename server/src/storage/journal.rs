@@ -144,14 +144,17 @@ struct AlignedBuffer {
 }
 
 impl AlignedBuffer {
-    /// A zeroed, block-aligned slice of `len` bytes (a multiple of [`BLOCK`]).
-    fn zeroed(&mut self, len: usize) -> &mut [u8] {
+    /// `bytes` followed by zeros up to `len` (a multiple of [`BLOCK`]), block-aligned. Only the
+    /// padding is zeroed: the bytes are written over whatever the last sync left.
+    fn padded(&mut self, bytes: &[u8], len: usize) -> &[u8] {
         if self.raw.len() < len + BLOCK {
             self.raw = vec![0; (len + BLOCK).next_power_of_two()];
         }
         let start = self.raw.as_ptr().align_offset(BLOCK);
         let slice = &mut self.raw[start..start + len];
-        slice.fill(0);
+        let (data, padding) = slice.split_at_mut(bytes.len());
+        data.copy_from_slice(bytes);
+        padding.fill(0);
         slice
     }
 }
@@ -432,8 +435,7 @@ impl Journal {
             return Ok(());
         }
         let padded = self.tail.len().div_ceil(BLOCK) * BLOCK;
-        let staging = self.staging.zeroed(padded);
-        staging[..self.tail.len()].copy_from_slice(&self.tail);
+        let staging = self.staging.padded(&self.tail, padded);
         if let Err(error) = self.file.write_all_at(staging, self.tail_offset) {
             // Some file systems accept O_DIRECT at open and refuse the writes. Nothing of
             // this tail was written: go on buffered, from the same offset.
@@ -737,6 +739,31 @@ mod tests {
             proptest::prop_assert_eq!(replay.ops, expected);
             proptest::prop_assert_eq!(replay.torn_segments, 0);
         }
+    }
+
+    /// A sync after a larger one writes zeros, not the larger one's leftovers, after its last
+    /// record: replay must read the end of the segment there, not a torn record.
+    #[test]
+    fn padding_after_a_smaller_sync_is_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path()).unwrap();
+        let big = op_with_key_len(1, 3 * BLOCK);
+        journal
+            .append(&encode_record(&[codec::encode_op(&big)]))
+            .unwrap();
+        journal.sync().unwrap();
+        append_op(&mut journal, 2);
+        journal.sync().unwrap();
+        let replay = Journal::replay(dir.path()).unwrap();
+        assert_eq!(replay.ops, vec![big, op(2)]);
+        assert_eq!(replay.torn_segments, 0);
+        let bytes = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        let end = journal.tail_offset as usize + journal.tail.len();
+        assert!(
+            bytes[end..end.div_ceil(BLOCK) * BLOCK]
+                .iter()
+                .all(|&b| b == 0)
+        );
     }
 
     #[test]
