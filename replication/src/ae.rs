@@ -29,6 +29,20 @@
 //! an older peer can sync with a newer one; a newer node syncing with an older one fails its
 //! rounds until the older one is upgraded.
 //!
+//! # States never run ahead of the applied vector (dialogue version 3)
+//! A node's session tokens are built from its applied vector, so a state it holds must not
+//! reflect an op that vector does not name: a client reading it would carry a token that lets
+//! it read an older state in another region. Local writes and the WAL keep that invariant, and
+//! anti-entropy keeps it too. States travel with the sender's applied vector, read after them,
+//! which names every op they hold; the receiver waits (at most [`AeLimits::wal_wait`] a round)
+//! until its own applied vector covers it, which the WAL makes happen within milliseconds while
+//! replication keeps up, and otherwise leaves them for a later round (`keys_deferred`). The
+//! exceptions are origins whose ops this node cannot get by the WAL any more: those a peer
+//! reported truncated ([`WalGaps`]), where the fast-forward that follows a complete round
+//! raises the applied vector after the merge, and the node's own, which it lacks only when its
+//! data directory was copied back by hand. A version-2 peer (an older node, during an
+//! upgrade) gets the version-2 dialogue, without the bound.
+//!
 //! [`run_round`] drives a round through an [`AeTransport`] (QUIC in `node`, a direct call in
 //! tests); [`answer`] is the serving side.
 
@@ -36,13 +50,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use meridian_crdt::{State, codec};
+use meridian_crdt::{NodeId, State, VersionVector, codec};
 
 use crate::merkle::{self, DEPTH, FANOUT, Hash};
 use crate::store::{ReplicaStore, StoreError};
 use crate::wire::{
-    AE_DIALOGUE_VERSION, AeReply, AeRequest, MAX_AE_BUCKETS, MAX_AE_ITEMS, MAX_AE_KEYS,
-    MAX_AE_PREFIXES, Message,
+    AE_DIALOGUE_MIN_VERSION, AE_DIALOGUE_VERSION, AeReply, AeRequest, MAX_AE_BUCKETS, MAX_AE_ITEMS,
+    MAX_AE_KEYS, MAX_AE_PREFIXES, Message,
 };
 
 /// Buckets asked per [`AeRequest::Leaves`].
@@ -64,6 +78,9 @@ pub struct AeLimits {
     pub keys_per_sec: u64,
     /// Pace: bytes sent plus received per second (0: unlimited).
     pub bytes_per_sec: u64,
+    /// How long a round waits, in all, for this node's WAL to apply every op a peer's states
+    /// name before it defers merging them to a later round (see "States never run ahead").
+    pub wal_wait: Duration,
 }
 
 impl Default for AeLimits {
@@ -73,9 +90,15 @@ impl Default for AeLimits {
             batch_keys: 512,
             keys_per_sec: 100_000,
             bytes_per_sec: 64 * 1024 * 1024,
+            wal_wait: WAL_WAIT,
         }
     }
 }
+
+/// The default [`AeLimits::wal_wait`], and how long a node answering a push waits likewise.
+/// Replication that keeps up applies a peer's ops within milliseconds; a node further behind
+/// than this is catching up after a partition, and the WAL brings it those ops anyway.
+pub const WAL_WAIT: Duration = Duration::from_secs(2);
 
 /// What a round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,6 +126,11 @@ pub struct RoundReport {
     /// way, and they count as unanswered.
     #[serde(default)]
     pub keys_too_large: u64,
+    /// Keys fetched but not merged, and keys the peer did not merge from our push, because
+    /// the receiving node had not yet applied every op the sender's vector names (see
+    /// "States never run ahead"). A later round merges them.
+    #[serde(default)]
+    pub keys_deferred: u64,
     /// False when the key budget ran out before every differing key was exchanged, or some
     /// fetched keys went unanswered: only a complete round vouches that this node holds every
     /// state the peer had (which is what a fast-forward relies on).
@@ -135,11 +163,33 @@ pub trait AeTransport: Send + Sync {
     ) -> impl Future<Output = Result<(Message, u64, u64), AeError>> + Send;
 }
 
-/// Runs one push-pull round with the peer behind `peer`.
+/// The origins whose ops a node can no longer get by the WAL, so that anti-entropy merges
+/// their states even ahead of its applied vector (see "States never run ahead").
+#[derive(Clone, Copy, Debug)]
+pub enum WalGaps<'a> {
+    /// These origins: a peer reported our cursor for them truncated.
+    Only(&'a BTreeSet<NodeId>),
+    /// Every origin: nothing but anti-entropy runs between the two stores (tests, benchmarks,
+    /// [`Direct`]).
+    All,
+}
+
+impl WalGaps<'_> {
+    fn contains(self, origin: NodeId) -> bool {
+        match self {
+            Self::Only(origins) => origins.contains(&origin),
+            Self::All => true,
+        }
+    }
+}
+
+/// Runs one push-pull round with the peer behind `peer`, merging fetched states ahead of this
+/// node's applied vector only for the origins in `wal_gaps`.
 pub async fn run_round<S: ReplicaStore, T: AeTransport>(
     store: &S,
     peer: &T,
     limits: &AeLimits,
+    wal_gaps: WalGaps<'_>,
 ) -> Result<RoundReport, AeError> {
     let started = Instant::now();
     let mut report = RoundReport {
@@ -159,16 +209,27 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
     let salt = fresh_salt();
     let fp = usize::from(FP_LEN);
 
-    // 0. Equal roots: identical replicas, one small exchange.
-    let request = AeRequest::Root {
-        version: AE_DIALOGUE_VERSION,
+    // 0. Equal roots: identical replicas, one small exchange. A peer that does not speak
+    //    this version yet (an older node) is asked again in the oldest one it may speak.
+    let mut version = AE_DIALOGUE_VERSION;
+    let root = loop {
+        match call(AeRequest::Root { version }, &mut report).await {
+            Err(AeError::Failed(reason))
+                if reason.contains("is not supported") && version > AE_DIALOGUE_MIN_VERSION =>
+            {
+                version = AE_DIALOGUE_MIN_VERSION;
+            }
+            other => break other?,
+        }
     };
-    let AeReply::Root { hash } = call(request, &mut report).await? else {
+    let AeReply::Root { hash } = root else {
         return Err(AeError::Protocol("expected a root".into()));
     };
     if hash == root_of(store)? {
         return Ok(report);
     }
+    let bounded = version >= 3;
+    let mut wal_deadline: Option<Instant> = None;
 
     // 1. Descend the tree through differing nodes only, comparing salted fingerprints.
     let mut differing: Vec<u32> = vec![0];
@@ -254,13 +315,28 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
         // What the peer holds of each fetched key: a join equal to it need not go back.
         let mut theirs_by_key: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for items in wanted.chunks(batch) {
-            let request = AeRequest::Fetch {
-                salt,
-                fp_len: FP_LEN,
-                wanted: group_by_bucket(items),
-            };
-            let AeReply::States { states } = call(request, &mut report).await? else {
-                return Err(AeError::Protocol("expected states".into()));
+            let wanted = group_by_bucket(items);
+            let (states, bound) = if bounded {
+                let request = AeRequest::FetchBounded {
+                    salt,
+                    fp_len: FP_LEN,
+                    wanted,
+                };
+                let AeReply::BoundedStates { states, applied } = call(request, &mut report).await?
+                else {
+                    return Err(AeError::Protocol("expected bounded states".into()));
+                };
+                (states, Some(applied))
+            } else {
+                let request = AeRequest::Fetch {
+                    salt,
+                    fp_len: FP_LEN,
+                    wanted,
+                };
+                let AeReply::States { states } = call(request, &mut report).await? else {
+                    return Err(AeError::Protocol("expected states".into()));
+                };
+                (states, None)
             };
             if let Some((key, _)) = states
                 .iter()
@@ -277,8 +353,18 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
                 report.complete = false;
             }
             report.keys_fetched += decoded.len() as u64;
-            report.keys_repaired_here += store.merge_states(decoded).await?;
-            theirs_by_key.extend(states);
+            let deadline = *wal_deadline.get_or_insert_with(|| Instant::now() + limits.wal_wait);
+            let applied_here = match &bound {
+                Some(bound) => applied_covers(store, bound, wal_gaps, deadline).await,
+                None => true,
+            };
+            if applied_here {
+                report.keys_repaired_here += store.merge_states(decoded).await?;
+                theirs_by_key.extend(states);
+            } else {
+                report.keys_deferred += decoded.len() as u64;
+                report.complete = false;
+            }
             pace(started, &report, limits).await;
         }
         let mut push_keys: BTreeSet<Vec<u8>> = push.into_iter().collect();
@@ -296,13 +382,28 @@ pub async fn run_round<S: ReplicaStore, T: AeTransport>(
             if states.is_empty() {
                 continue;
             }
+            // Read after the states: it names every op they hold.
+            let applied = store.applied();
             for part in split_by_bytes(states, STATES_MESSAGE_BYTES) {
                 report.keys_pushed += part.len() as u64;
-                let Message::PushReply { merged } = peer_push(peer, part, &mut report).await?
-                else {
-                    return Err(AeError::Protocol("expected PushReply".into()));
-                };
-                report.keys_repaired_there += merged;
+                if bounded {
+                    let request = AeRequest::PushBounded {
+                        states: part,
+                        applied: applied.clone(),
+                    };
+                    let AeReply::Pushed { merged, deferred } = call(request, &mut report).await?
+                    else {
+                        return Err(AeError::Protocol("expected Pushed".into()));
+                    };
+                    report.keys_repaired_there += merged;
+                    report.keys_deferred += deferred;
+                } else {
+                    let Message::PushReply { merged } = peer_push(peer, part, &mut report).await?
+                    else {
+                        return Err(AeError::Protocol("expected PushReply".into()));
+                    };
+                    report.keys_repaired_there += merged;
+                }
                 pace(started, &report, limits).await;
             }
         }
@@ -340,6 +441,32 @@ fn drop_oversized(states: &mut Vec<(Vec<u8>, Vec<u8>)>, doing: &str) -> u64 {
         fits
     });
     (before - states.len()) as u64
+}
+
+/// Whether this node has applied every op `bound` names, outside `wal_gaps` and its own
+/// origin, by `deadline`: waits for its WAL until then. No WAL brings a node its own ops; it
+/// lacks some only when its data directory was copied back by hand (ARCHITECTURE, "Known
+/// hazards"), and then anti-entropy is the only way back.
+async fn applied_covers<S: ReplicaStore>(
+    store: &S,
+    bound: &VersionVector,
+    wal_gaps: WalGaps<'_>,
+    deadline: Instant,
+) -> bool {
+    let own = store.node_id();
+    let needed: VersionVector = bound
+        .iter()
+        .filter(|&(origin, _)| origin != own && !wal_gaps.contains(origin))
+        .collect();
+    let mut applied = store.watch_applied();
+    if applied.borrow().dominates(&needed) {
+        return true;
+    }
+    let wait = deadline.saturating_duration_since(Instant::now());
+    matches!(
+        tokio::time::timeout(wait, applied.wait_for(|v| v.dominates(&needed))).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Cuts `states` into runs of at most `limit` bytes of keys and states (a state larger than
@@ -486,7 +613,11 @@ async fn pace(started: Instant, report: &RoundReport, limits: &AeLimits) {
 }
 
 /// Serves one anti-entropy request; `None` when `request` is not one.
-pub async fn answer<S: ReplicaStore>(store: &S, request: Message) -> Option<Message> {
+pub async fn answer<S: ReplicaStore>(
+    store: &S,
+    request: Message,
+    wal_gaps: WalGaps<'_>,
+) -> Option<Message> {
     let failed = |reason: String| Message::ReadFailed { reason };
     let reply = match request {
         Message::TreeRequest { prefixes, .. } if prefixes.len() > MAX_AE_PREFIXES => {
@@ -516,7 +647,7 @@ pub async fn answer<S: ReplicaStore>(store: &S, request: Message) -> Option<Mess
             Ok(states) => Message::StatesReply { states },
             Err(e) => failed(e.to_string()),
         },
-        Message::SyncRequest(request) => match answer_v2(store, request).await {
+        Message::SyncRequest(request) => match answer_v2(store, request, wal_gaps).await {
             Ok(reply) => Message::SyncReply(reply),
             Err(reason) => failed(reason),
         },
@@ -535,8 +666,13 @@ pub async fn answer<S: ReplicaStore>(store: &S, request: Message) -> Option<Mess
     Some(reply)
 }
 
-/// Serves one version-2 request, validating everything the peer chose.
-async fn answer_v2<S: ReplicaStore>(store: &S, request: AeRequest) -> Result<AeReply, String> {
+/// Serves one request of the dialogue (versions 2 and 3), validating everything the peer
+/// chose.
+async fn answer_v2<S: ReplicaStore>(
+    store: &S,
+    request: AeRequest,
+    wal_gaps: WalGaps<'_>,
+) -> Result<AeReply, String> {
     let fp_len = |len: u8| {
         let len = usize::from(len);
         if (1..=merkle::MAX_FINGERPRINT).contains(&len) {
@@ -559,9 +695,13 @@ async fn answer_v2<S: ReplicaStore>(store: &S, request: AeRequest) -> Result<AeR
         Ok(())
     };
     match request {
-        AeRequest::Root { version } if version != AE_DIALOGUE_VERSION => Err(format!(
-            "anti-entropy dialogue version {version} is not supported (this node speaks {AE_DIALOGUE_VERSION})"
-        )),
+        AeRequest::Root { version }
+            if !(AE_DIALOGUE_MIN_VERSION..=AE_DIALOGUE_VERSION).contains(&version) =>
+        {
+            Err(format!(
+                "anti-entropy dialogue version {version} is not supported (this node speaks {AE_DIALOGUE_VERSION})"
+            ))
+        }
         AeRequest::Root { .. } => Ok(AeReply::Root {
             hash: root_of(store).map_err(|e| e.to_string())?,
         }),
@@ -616,51 +756,97 @@ async fn answer_v2<S: ReplicaStore>(store: &S, request: AeRequest) -> Result<AeR
         } => {
             let fp = fp_len(len)?;
             valid_buckets(&mut wanted.iter().map(|(b, _)| *b))?;
-            let count: usize = wanted.iter().map(|(_, f)| f.len() / fp).sum();
-            if count > MAX_AE_KEYS || wanted.iter().any(|(_, f)| f.len() % fp != 0) {
-                return Err(format!("{count} fingerprints is too many or malformed"));
-            }
-            let mut wanted_set: BTreeSet<(u32, &[u8])> = BTreeSet::new();
-            for (bucket, fps) in &wanted {
-                wanted_set.extend(fps.chunks(fp).map(|f| (*bucket, f)));
-            }
-            let buckets: Vec<u32> = wanted
-                .iter()
-                .map(|(b, _)| *b)
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let items = store
-                .bucket_items(&buckets, MAX_AE_ITEMS)
-                .map_err(|e| e.to_string())?;
-            let keys: Vec<Vec<u8>> = leaf_fingerprints(items, salt, fp)
-                .into_iter()
-                .flat_map(|(bucket, leaves)| {
-                    leaves
-                        .into_iter()
-                        .filter(|(_, f)| wanted_set.contains(&(bucket, f.as_slice())))
-                        .map(|(k, _)| k)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let states = store.read_states(keys).await.map_err(|e| e.to_string())?;
-            let mut held = states
-                .into_iter()
-                .filter_map(|(k, s)| Some((k, s?)))
-                .collect();
-            drop_oversized(&mut held, "send");
-            // What does not fit in one reply goes unanswered; the round that asked says so,
-            // and the next one asks again for what is still missing.
-            let states = split_by_bytes(held, STATES_MESSAGE_BYTES)
-                .into_iter()
-                .next()
-                .unwrap_or_default();
+            let states = wanted_states(store, salt, fp, &wanted).await?;
             Ok(AeReply::States { states })
+        }
+        AeRequest::FetchBounded {
+            salt,
+            fp_len: len,
+            wanted,
+        } => {
+            let fp = fp_len(len)?;
+            valid_buckets(&mut wanted.iter().map(|(b, _)| *b))?;
+            let states = wanted_states(store, salt, fp, &wanted).await?;
+            // Read after the states: it names every op they hold.
+            let applied = store.applied();
+            Ok(AeReply::BoundedStates { states, applied })
+        }
+        AeRequest::PushBounded { states, .. } if states.len() > MAX_AE_KEYS => {
+            Err(format!("{} states is too many", states.len()))
+        }
+        AeRequest::PushBounded { states, applied } => {
+            let pushed = states.len() as u64;
+            let decoded = decode_states(states.into_iter()).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + WAL_WAIT;
+            if applied_covers(store, &applied, wal_gaps, deadline).await {
+                let merged = store
+                    .merge_states(decoded)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(AeReply::Pushed {
+                    merged,
+                    deferred: 0,
+                })
+            } else {
+                Ok(AeReply::Pushed {
+                    merged: 0,
+                    deferred: pushed,
+                })
+            }
         }
     }
 }
 
-/// A peer reached by calling [`answer`] on its store directly: for tests and benchmarks.
+/// The states of the keys whose leaf fingerprints `wanted` lists (validated by the caller),
+/// as many as fit in one reply: what does not fit goes unanswered, the round that asked says
+/// so, and the next one asks again for what is still missing.
+async fn wanted_states<S: ReplicaStore>(
+    store: &S,
+    salt: u64,
+    fp: usize,
+    wanted: &[(u32, Vec<u8>)],
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    let count: usize = wanted.iter().map(|(_, f)| f.len() / fp).sum();
+    if count > MAX_AE_KEYS || wanted.iter().any(|(_, f)| f.len() % fp != 0) {
+        return Err(format!("{count} fingerprints is too many or malformed"));
+    }
+    let mut wanted_set: BTreeSet<(u32, &[u8])> = BTreeSet::new();
+    for (bucket, fps) in wanted {
+        wanted_set.extend(fps.chunks(fp).map(|f| (*bucket, f)));
+    }
+    let buckets: Vec<u32> = wanted
+        .iter()
+        .map(|(b, _)| *b)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let items = store
+        .bucket_items(&buckets, MAX_AE_ITEMS)
+        .map_err(|e| e.to_string())?;
+    let keys: Vec<Vec<u8>> = leaf_fingerprints(items, salt, fp)
+        .into_iter()
+        .flat_map(|(bucket, leaves)| {
+            leaves
+                .into_iter()
+                .filter(|(_, f)| wanted_set.contains(&(bucket, f.as_slice())))
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let states = store.read_states(keys).await.map_err(|e| e.to_string())?;
+    let mut held = states
+        .into_iter()
+        .filter_map(|(k, s)| Some((k, s?)))
+        .collect();
+    drop_oversized(&mut held, "send");
+    Ok(split_by_bytes(held, STATES_MESSAGE_BYTES)
+        .into_iter()
+        .next()
+        .unwrap_or_default())
+}
+
+/// A peer reached by calling [`answer`] on its store directly: for tests and benchmarks,
+/// where anti-entropy is all that runs between the two stores ([`WalGaps::All`]).
 #[derive(Debug)]
 pub struct Direct<'a, S>(pub &'a S);
 
@@ -669,7 +855,7 @@ impl<S: ReplicaStore> AeTransport for Direct<'_, S> {
         let sent = crate::wire::encode_frame(&request)
             .map_err(|e| AeError::Protocol(e.to_string()))?
             .len() as u64;
-        let reply = answer(self.0, request)
+        let reply = answer(self.0, request, WalGaps::All)
             .await
             .ok_or_else(|| AeError::Protocol("not an anti-entropy request".into()))?;
         let received = crate::wire::encode_frame(&reply)
@@ -701,13 +887,195 @@ mod tests {
         }
     }
 
+    /// A peer that answers as a node with a WAL beside anti-entropy does: it merges pushed
+    /// states only once its applied vector names their ops.
+    struct WithWal<'a>(&'a MemStore);
+
+    impl AeTransport for WithWal<'_> {
+        async fn call(&self, request: Message) -> Result<(Message, u64, u64), AeError> {
+            let reply = answer(self.0, request, WalGaps::Only(&BTreeSet::new()))
+                .await
+                .ok_or_else(|| AeError::Protocol("not an anti-entropy request".into()))?;
+            Ok((reply, 0, 0))
+        }
+    }
+
+    /// A node of the version-2 dialogue: it refuses version 3 as such a node does, word for
+    /// word, and cannot decode the version-3 requests.
+    struct VersionTwo<'a>(&'a MemStore);
+
+    impl AeTransport for VersionTwo<'_> {
+        async fn call(&self, request: Message) -> Result<(Message, u64, u64), AeError> {
+            let refused = |reason: &str| {
+                Ok((
+                    Message::ReadFailed {
+                        reason: reason.to_owned(),
+                    },
+                    0,
+                    0,
+                ))
+            };
+            match &request {
+                Message::SyncRequest(AeRequest::Root { version }) if *version != 2 => {
+                    refused(&format!(
+                        "anti-entropy dialogue version {version} is not supported (this node speaks 2)"
+                    ))
+                }
+                Message::SyncRequest(
+                    AeRequest::FetchBounded { .. } | AeRequest::PushBounded { .. },
+                ) => refused("malformed message"),
+                _ => Direct(self.0).call(request).await,
+            }
+        }
+    }
+
+    /// Limits for rounds that should not pace themselves, waiting `wal_wait` for the WAL.
+    fn unpaced(wal_wait: Duration) -> AeLimits {
+        AeLimits {
+            keys_per_sec: 0,
+            bytes_per_sec: 0,
+            wal_wait,
+            ..AeLimits::default()
+        }
+    }
+
+    /// Node 2 wrote five counters; node 1 has not applied those ops yet.
+    fn lagging_pair() -> (MemStore, MemStore, Vec<meridian_crdt::Op>) {
+        let a = MemStore::new(n(1), Duration::from_secs(10));
+        let b = MemStore::new(n(2), Duration::from_secs(10));
+        let ops = (0..5)
+            .map(|i| b.increment(&format!("k{i}"), 1).unwrap())
+            .collect();
+        (a, b, ops)
+    }
+
+    /// States whose ops this node has not applied are not merged: a client reading them here
+    /// would get a session token that does not name those ops. Once the WAL has brought the
+    /// ops, the states merge.
+    #[test]
+    fn a_lagging_node_defers_states_its_applied_vector_does_not_name() {
+        run(async {
+            let (a, b, ops) = lagging_pair();
+            let none = BTreeSet::new();
+            let limits = unpaced(Duration::from_millis(50));
+            let report = run_round(&a, &Direct(&b), &limits, WalGaps::Only(&none))
+                .await
+                .unwrap();
+            assert_eq!(report.keys_deferred, 5, "{report:?}");
+            assert_eq!(report.keys_repaired_here, 0, "{report:?}");
+            assert!(!report.complete);
+            assert!(a.states().is_empty(), "merged ahead of the applied vector");
+            // The WAL brings three of the five ops: still behind, still deferred.
+            a.apply_remote(ops[..3].to_vec()).await.unwrap();
+            b.merge_unlogged(Kind::Set, "planted", &planted_set(n(2)))
+                .unwrap();
+            let report = run_round(&a, &Direct(&b), &limits, WalGaps::Only(&none))
+                .await
+                .unwrap();
+            assert!(report.keys_deferred > 0, "{report:?}");
+            assert!(!a.states().contains_key(&(Kind::Set, "planted".to_owned())));
+            // All of them: now the state the WAL cannot bring (planted without an op) merges.
+            a.apply_remote(ops[3..].to_vec()).await.unwrap();
+            let report = run_round(&a, &Direct(&b), &limits, WalGaps::Only(&none))
+                .await
+                .unwrap();
+            assert_eq!(report.keys_deferred, 0, "{report:?}");
+            assert!(report.complete, "{report:?}");
+            assert_eq!(a.states(), b.states());
+        });
+    }
+
+    /// A set joined into a store without an op: what anti-entropy exists to repair.
+    fn planted_set(origin: NodeId) -> State {
+        let element = CanonicalJson::parse("\"planted\"").unwrap();
+        State::Set(OrSet::default().add(origin, [element]))
+    }
+
+    /// While replication keeps up, the round waits the few milliseconds the WAL takes and
+    /// merges in the same round.
+    #[test]
+    fn a_round_waits_for_the_wal_to_catch_up_and_then_merges() {
+        run(async {
+            let (a, b, ops) = lagging_pair();
+            b.merge_unlogged(Kind::Set, "planted", &planted_set(n(2)))
+                .unwrap();
+            let none = BTreeSet::new();
+            let limits = unpaced(Duration::from_secs(10));
+            let wal = async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                a.apply_remote(ops).await.unwrap();
+            };
+            let peer = Direct(&b);
+            let (report, ()) =
+                tokio::join!(run_round(&a, &peer, &limits, WalGaps::Only(&none)), wal);
+            let report = report.unwrap();
+            assert_eq!(report.keys_deferred, 0, "{report:?}");
+            assert!(report.complete, "{report:?}");
+            assert_eq!(a.states(), b.states());
+        });
+    }
+
+    /// An origin the WAL can no longer bring (a peer reported it truncated) is repaired by
+    /// anti-entropy alone: its states merge at once.
+    #[test]
+    fn states_of_an_origin_the_wal_cannot_bring_merge_ahead() {
+        run(async {
+            let (a, b, _) = lagging_pair();
+            let gaps = BTreeSet::from([n(2)]);
+            let limits = unpaced(Duration::from_secs(10));
+            let report = run_round(&a, &Direct(&b), &limits, WalGaps::Only(&gaps))
+                .await
+                .unwrap();
+            assert_eq!(report.keys_deferred, 0, "{report:?}");
+            assert_eq!(report.keys_repaired_here, 5, "{report:?}");
+            assert_eq!(a.states(), b.states());
+        });
+    }
+
+    /// The peer applies the same rule to what we push: it does not merge states whose ops it
+    /// has not applied, and says how many it left.
+    #[test]
+    fn a_lagging_peer_defers_what_we_push() {
+        run(async {
+            let (a, b, _) = lagging_pair();
+            let limits = unpaced(Duration::from_millis(50));
+            let report = run_round(&b, &WithWal(&a), &limits, WalGaps::All)
+                .await
+                .unwrap();
+            assert_eq!(report.keys_pushed, 5, "{report:?}");
+            assert_eq!(report.keys_repaired_there, 0, "{report:?}");
+            assert_eq!(report.keys_deferred, 5, "{report:?}");
+            assert!(a.states().is_empty());
+        });
+    }
+
+    /// A node that speaks only the version-2 dialogue (an older one, mid-upgrade) still syncs:
+    /// the round falls back to version 2.
+    #[test]
+    fn a_version_two_peer_gets_the_version_two_dialogue() {
+        run(async {
+            let (a, b, _) = lagging_pair();
+            let none = BTreeSet::new();
+            let limits = unpaced(Duration::from_millis(50));
+            let report = run_round(&a, &VersionTwo(&b), &limits, WalGaps::Only(&none))
+                .await
+                .unwrap();
+            assert!(report.complete, "{report:?}");
+            assert_eq!(report.keys_repaired_here, 5, "{report:?}");
+            assert_eq!(a.states(), b.states());
+        });
+    }
+
     /// A transport that writes to the peer's keys between its leaves reply and the fetch that
     /// follows, as a fold on a node under writes does.
     struct WritesBeforeFetch<'a>(&'a MemStore, Vec<String>);
 
     impl AeTransport for WritesBeforeFetch<'_> {
         async fn call(&self, request: Message) -> Result<(Message, u64, u64), AeError> {
-            if matches!(request, Message::SyncRequest(AeRequest::Fetch { .. })) {
+            if matches!(
+                request,
+                Message::SyncRequest(AeRequest::Fetch { .. } | AeRequest::FetchBounded { .. })
+            ) {
                 for key in &self.1 {
                     self.0.increment(key, 1).unwrap();
                 }
@@ -782,13 +1150,19 @@ mod tests {
                 bytes_per_sec: 0,
                 ..AeLimits::default()
             };
-            let first = run_round(&a, &Direct(&b), &limits).await.unwrap();
+            let first = run_round(&a, &Direct(&b), &limits, WalGaps::All)
+                .await
+                .unwrap();
             // Every push went, in several messages; the fetch reply held what fitted.
             assert_eq!(first.keys_repaired_there, 400, "{first:?}");
             assert!(!first.complete, "{first:?}");
             assert!(first.keys_unanswered > 0, "{first:?}");
             let mut rounds = 1;
-            while !run_round(&a, &Direct(&b), &limits).await.unwrap().complete {
+            while !run_round(&a, &Direct(&b), &limits, WalGaps::All)
+                .await
+                .unwrap()
+                .complete
+            {
                 rounds += 1;
                 assert!(rounds < 10, "no round completed");
             }
@@ -832,7 +1206,9 @@ mod tests {
                 ..AeLimits::default()
             };
             for _ in 0..2 {
-                let report = run_round(&a, &Direct(&b), &limits).await.unwrap();
+                let report = run_round(&a, &Direct(&b), &limits, WalGaps::All)
+                    .await
+                    .unwrap();
                 assert!(!report.complete, "{report:?}");
                 // Ours could not go; theirs did not come (the peer left it out).
                 assert_eq!(report.keys_too_large, 1, "{report:?}");
@@ -880,12 +1256,12 @@ mod tests {
                     }
                 }
                 let limits = AeLimits { keys_per_sec: 0, bytes_per_sec: 0, ..AeLimits::default() };
-                let report = run_round(&a, &Direct(&b), &limits).await.unwrap();
+                let report = run_round(&a, &Direct(&b), &limits, WalGaps::All).await.unwrap();
                 prop_assert!(report.complete);
                 prop_assert_eq!(a.states(), b.states());
                 prop_assert_eq!(a.merkle_root(), b.merkle_root());
                 let counting = Counting(Direct(&b), AtomicU64::new(0));
-                let again = run_round(&a, &counting, &limits).await.unwrap();
+                let again = run_round(&a, &counting, &limits, WalGaps::All).await.unwrap();
                 prop_assert_eq!(counting.1.load(Ordering::Relaxed), 1, "{:?}", again);
                 prop_assert_eq!(again.keys_compared, 0);
                 Ok(())
@@ -904,11 +1280,11 @@ mod tests {
                     b.increment(key, 1).unwrap();
                 }
                 let limits = AeLimits { keys_per_sec: 0, bytes_per_sec: 0, ..AeLimits::default() };
-                let report = run_round(&a, &WritesBeforeFetch(&b, keys), &limits).await.unwrap();
+                let report = run_round(&a, &WritesBeforeFetch(&b, keys), &limits, WalGaps::All).await.unwrap();
                 prop_assert!(!report.complete, "{report:?}");
                 prop_assert_eq!(report.keys_unanswered, changed as u64);
                 prop_assert_eq!(report.keys_fetched, 0);
-                let again = run_round(&a, &Direct(&b), &limits).await.unwrap();
+                let again = run_round(&a, &Direct(&b), &limits, WalGaps::All).await.unwrap();
                 prop_assert!(again.complete, "{again:?}");
                 prop_assert_eq!(again.keys_unanswered, 0);
                 prop_assert_eq!(a.states(), b.states());
@@ -939,7 +1315,7 @@ mod tests {
                     AeRequest::Leaves { salt, fp_len, buckets: numbers.clone() },
                     AeRequest::Fetch { salt, fp_len, wanted },
                 ] {
-                    let reply = answer(&a, Message::SyncRequest(request.clone())).await;
+                    let reply = answer(&a, Message::SyncRequest(request.clone()), WalGaps::All).await;
                     prop_assert!(
                         matches!(reply, Some(Message::SyncReply(_) | Message::ReadFailed { .. })),
                         "{:?} → {:?}", request, reply
@@ -964,7 +1340,7 @@ mod tests {
             b.apply_remote(vec![op]).await.unwrap();
         }
         let counting = Counting(Direct(&b), AtomicU64::new(0));
-        let report = run_round(&a, &counting, &AeLimits::default())
+        let report = run_round(&a, &counting, &AeLimits::default(), WalGaps::All)
             .await
             .unwrap();
         assert_eq!(counting.1.load(Ordering::Relaxed), 1);
@@ -995,7 +1371,9 @@ mod tests {
         }
         assert_eq!(a.merkle_root(), b.merkle_root());
         let limits = AeLimits::default();
-        let same = run_round(&a, &Direct(&b), &limits).await.unwrap();
+        let same = run_round(&a, &Direct(&b), &limits, WalGaps::All)
+            .await
+            .unwrap();
         assert_eq!(same.keys_compared, 0);
         // Diverge: a few keys only on each side (unlogged), and one changed on both.
         for i in 0..5 {
@@ -1005,14 +1383,18 @@ mod tests {
         let element = CanonicalJson::parse("\"x\"").unwrap();
         let extra = State::Set(OrSet::default().add(n(9), [element]));
         b.merge_unlogged(Kind::Set, "s", &extra).unwrap();
-        let report = run_round(&a, &Direct(&b), &limits).await.unwrap();
+        let report = run_round(&a, &Direct(&b), &limits, WalGaps::All)
+            .await
+            .unwrap();
         assert!(report.complete);
         assert_eq!(report.keys_repaired_here, 6);
         assert_eq!(report.keys_repaired_there, 5);
         assert_eq!(a.states(), b.states());
         assert_eq!(a.merkle_root(), b.merkle_root());
         assert!(report.keys_compared < 200, "{report:?}");
-        let again = run_round(&a, &Direct(&b), &limits).await.unwrap();
+        let again = run_round(&a, &Direct(&b), &limits, WalGaps::All)
+            .await
+            .unwrap();
         assert_eq!(again.keys_fetched + again.keys_pushed, 0);
     }
 
@@ -1028,11 +1410,15 @@ mod tests {
             batch_keys: 7,
             ..AeLimits::default()
         };
-        let first = run_round(&b, &Direct(&a), &limits).await.unwrap();
+        let first = run_round(&b, &Direct(&a), &limits, WalGaps::All)
+            .await
+            .unwrap();
         assert!(!first.complete);
         assert!(first.keys_fetched <= 20);
         for _ in 0..3 {
-            run_round(&b, &Direct(&a), &limits).await.unwrap();
+            run_round(&b, &Direct(&a), &limits, WalGaps::All)
+                .await
+                .unwrap();
         }
         assert_eq!(a.states(), b.states());
     }
@@ -1062,10 +1448,14 @@ mod tests {
         ];
         for request in bad {
             assert!(matches!(
-                answer(&a, request).await,
+                answer(&a, request, WalGaps::All).await,
                 Some(Message::ReadFailed { .. })
             ));
         }
-        assert!(answer(&a, Message::PushReply { merged: 0 }).await.is_none());
+        assert!(
+            answer(&a, Message::PushReply { merged: 0 }, WalGaps::All)
+                .await
+                .is_none()
+        );
     }
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::ae::{AeError, AeTransport, RoundReport};
+use crate::ae::{AeError, AeTransport, RoundReport, WalGaps};
 use crate::config::{PeerConfig, ReplicationConfig};
 use crate::gc::{Frontier, GcStats, StabilityTracker};
 use crate::outbound::{Action, Limits, Outbound};
@@ -378,9 +378,14 @@ async fn ae_round<S: ReplicaStore>(
         let state = slot.lock();
         (state.conn.clone(), state.truncated)
     };
+    // The fast-forward below then raises the applied vector past what the round merged
+    // ahead of it for these origins.
+    let wal_gaps = wal_gaps(shared);
     let result = match conn {
         Some(conn) => {
-            crate::ae::run_round(store, &QuicPeer(conn), &shared.config.anti_entropy.limits).await
+            let limits = &shared.config.anti_entropy.limits;
+            let gaps = WalGaps::Only(&wal_gaps);
+            crate::ae::run_round(store, &QuicPeer(conn), limits, gaps).await
         }
         None => Err(AeError::NotConnected(slot.config.name.clone())),
     };
@@ -391,6 +396,16 @@ async fn ae_round<S: ReplicaStore>(
         }
     }
     result
+}
+
+/// Origins a peer reported truncated for us: the WAL cannot bring their ops any more, so
+/// anti-entropy merges their states even ahead of our applied vector.
+fn wal_gaps(shared: &Shared) -> BTreeSet<NodeId> {
+    shared
+        .peers
+        .values()
+        .filter_map(|slot| slot.lock().truncated.map(|t| t.origin))
+        .collect()
 }
 
 /// Counts a round's outcome for `/v1/cluster` and metrics.
@@ -414,6 +429,8 @@ fn book_round(shared: &Shared, peer: NodeId, result: &Result<RoundReport, AeErro
             totals.bytes_received += report.bytes_received;
             if report.keys_repaired_here + report.keys_repaired_there > 0 {
                 info!(peer = %peer, ?report, "anti-entropy repaired keys");
+            } else if !report.complete {
+                debug!(peer = %peer, ?report, "anti-entropy round left differences for the next one");
             }
         }
         Err(e) => {
@@ -1516,6 +1533,7 @@ async fn serve<S: ReplicaStore>(
     debug!(peer = %peer, %remote, "peer connected to pull our WAL");
     slot.redial.notify_waiters();
     tracker.spawn(serve_reads(
+        shared.clone(),
         store.clone(),
         conn.clone(),
         tracker.clone(),
@@ -1552,6 +1570,7 @@ async fn serve<S: ReplicaStore>(
 /// Answers the quorum-read streams a peer opens on its connection to us, at most
 /// [`MAX_CONCURRENT_READS`] at once, until the connection ends or the session is cancelled.
 async fn serve_reads<S: ReplicaStore>(
+    shared: Arc<SharedHandle>,
     store: Arc<S>,
     conn: Connection,
     tracker: TaskTracker,
@@ -1573,10 +1592,10 @@ async fn serve_reads<S: ReplicaStore>(
                 Err(_) => return,
             },
         };
-        let store = store.clone();
+        let (shared, store) = (shared.clone(), store.clone());
         tracker.spawn(async move {
             let _permit = permit;
-            if let Err(e) = answer_read(&*store, send, recv).await {
+            if let Err(e) = answer_read(&shared, &*store, send, recv).await {
                 debug!(error = %e, "quorum read request failed");
             }
         });
@@ -1585,6 +1604,7 @@ async fn serve_reads<S: ReplicaStore>(
 
 /// Answers one read stream: one `ReadRequest` in, one `ReadReply` or `ReadFailed` out.
 async fn answer_read<S: ReplicaStore>(
+    shared: &Shared,
     store: &S,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -1624,7 +1644,7 @@ async fn answer_read<S: ReplicaStore>(
         },
         other => {
             let name = kind(&other);
-            match crate::ae::answer(store, other).await {
+            match crate::ae::answer(store, other, WalGaps::Only(&wal_gaps(shared))).await {
                 Some(reply) => reply,
                 None => {
                     return Err(SessionError::Protocol(format!(

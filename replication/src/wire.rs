@@ -150,10 +150,17 @@ pub enum Message {
     SyncReply(AeReply),
 }
 
-/// The version of the anti-entropy dialogue that [`AeRequest`] carries.
-pub const AE_DIALOGUE_VERSION: u8 = 2;
+/// The version of the anti-entropy dialogue that [`AeRequest`] carries. Version 3 adds
+/// [`AeRequest::FetchBounded`] and [`AeRequest::PushBounded`]: states travel with the applied
+/// vector of the node that read them, so the receiver merges only states whose ops it has
+/// applied (see [`crate::ae`]).
+pub const AE_DIALOGUE_VERSION: u8 = 3;
 
-/// A request of the version-2 anti-entropy dialogue.
+/// The oldest dialogue version a node still answers, so an older peer can sync with a newer
+/// one during an upgrade.
+pub const AE_DIALOGUE_MIN_VERSION: u8 = 2;
+
+/// A request of the anti-entropy dialogue (versions 2 and 3).
 ///
 /// Fingerprints are `fp_len`-byte keyed hashes under the requester's `salt` (fresh each round;
 /// see [`crate::merkle::fingerprint_into`]); `fp_len` must be in 1..=[`crate::merkle::MAX_FINGERPRINT`].
@@ -184,6 +191,19 @@ pub enum AeRequest {
         fp_len: u8,
         wanted: Vec<(u32, Vec<u8>)>,
     },
+    /// Version 3: as [`AeRequest::Fetch`], answered with [`AeReply::BoundedStates`].
+    FetchBounded {
+        salt: u64,
+        fp_len: u8,
+        wanted: Vec<(u32, Vec<u8>)>,
+    },
+    /// Version 3: the requester's states of storage keys for the peer to merge (at most
+    /// [`MAX_AE_KEYS`]), with the requester's applied vector read after them, which names
+    /// every op they hold. Answered with [`AeReply::Pushed`].
+    PushBounded {
+        states: Vec<(Vec<u8>, Vec<u8>)>,
+        applied: VersionVector,
+    },
 }
 
 /// The answer to an [`AeRequest`] of the same variant.
@@ -203,6 +223,18 @@ pub enum AeReply {
     /// (storage key, encoded state) of every key matching a wanted fingerprint.
     States {
         states: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// As [`AeReply::States`], with the answering node's applied vector read after the
+    /// states: it names every op they hold.
+    BoundedStates {
+        states: Vec<(Vec<u8>, Vec<u8>)>,
+        applied: VersionVector,
+    },
+    /// How many pushed keys changed the peer's state, and how many it left unmerged because it
+    /// had not applied every op the pusher's vector names (it merges them in a later round).
+    Pushed {
+        merged: u64,
+        deferred: u64,
     },
 }
 
@@ -487,10 +519,7 @@ mod tests {
     #[test]
     fn golden_sync_dialogue_v2() {
         // SyncRequest is variant 17 (0x11); Root is its variant 0, dialogue version 2.
-        let frame = encode_frame(&Message::SyncRequest(AeRequest::Root {
-            version: AE_DIALOGUE_VERSION,
-        }))
-        .unwrap();
+        let frame = encode_frame(&Message::SyncRequest(AeRequest::Root { version: 2 })).unwrap();
         assert_eq!(hex(&frame), "0000000400110002");
         // Children: variant 1, salt 5, 4-byte fingerprints, depth 2, prefixes [3, 300].
         let msg = Message::SyncRequest(AeRequest::Children {
@@ -507,6 +536,54 @@ mod tests {
         });
         let frame = encode_frame(&msg).unwrap();
         assert_eq!(hex(&frame), "000000090012030102016b0109");
+        assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+    }
+
+    #[test]
+    fn golden_sync_dialogue_v3() {
+        let frame = encode_frame(&Message::SyncRequest(AeRequest::Root {
+            version: AE_DIALOGUE_VERSION,
+        }))
+        .unwrap();
+        assert_eq!(hex(&frame), "0000000400110003");
+        // FetchBounded is AeRequest variant 4: salt 5, 4-byte fingerprints, bucket 7 → [1,2,3,4].
+        let msg = Message::SyncRequest(AeRequest::FetchBounded {
+            salt: 5,
+            fp_len: 4,
+            wanted: vec![(7, vec![1, 2, 3, 4])],
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex(&frame), "0000000c001104050401070401020304");
+        assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+        // PushBounded is variant 5: one state, the vector {node 2: 9}.
+        let node = NodeId::new(2).unwrap();
+        let msg = Message::SyncRequest(AeRequest::PushBounded {
+            states: vec![(b"\x01k".to_vec(), vec![9])],
+            applied: [(node, 9)].into_iter().collect(),
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(
+            hex(&frame),
+            "0000000c001105010201 6b0109010209".replace(' ', "")
+        );
+        assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+        // BoundedStates is AeReply variant 4, Pushed variant 5.
+        let msg = Message::SyncReply(AeReply::BoundedStates {
+            states: vec![(b"\x01k".to_vec(), vec![9])],
+            applied: [(node, 9)].into_iter().collect(),
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(
+            hex(&frame),
+            "0000000c001204010201 6b0109010209".replace(' ', "")
+        );
+        assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
+        let msg = Message::SyncReply(AeReply::Pushed {
+            merged: 3,
+            deferred: 300,
+        });
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex(&frame), "0000000600120503ac02");
         assert_eq!(decode_frame(&frame).unwrap(), Some((msg, frame.len())));
     }
 

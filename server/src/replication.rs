@@ -126,6 +126,7 @@ pub async fn start(
             batch_keys: ae.batch_keys,
             keys_per_sec: ae.keys_per_sec,
             bytes_per_sec: ae.bytes_per_sec,
+            ..AeLimits::default()
         },
     };
     replication.gc = GcConfig {

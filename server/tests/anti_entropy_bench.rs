@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_crdt::{CanonicalJson, Kind, LwwRegister, NodeId, Stamp, State, codec};
-use meridian_replication::ae::{AeLimits, Direct, run_round};
+use meridian_replication::ae::{AeLimits, Direct, WalGaps, run_round};
 use meridian_replication::merkle;
 use meridian_server::metrics::Metrics;
 use meridian_server::storage::{Storage, StorageOptions};
@@ -107,9 +107,12 @@ async fn one_round_repairs_1000_of_1m_keys() {
         batch_keys: 1024,
         keys_per_sec: 0,
         bytes_per_sec: 0,
+        ..AeLimits::default()
     };
     let round_started = Instant::now();
-    let report = run_round(&a, &Direct(&b), &limits).await.unwrap();
+    let report = run_round(&a, &Direct(&b), &limits, WalGaps::All)
+        .await
+        .unwrap();
     let converge = round_started.elapsed();
     assert!(report.complete);
     a.fold_now().await.unwrap();

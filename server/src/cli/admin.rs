@@ -175,9 +175,16 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                          not sent (the node's log names them)"
                     ),
                 };
+                let deferred = match n("keys_deferred") {
+                    0 => String::new(),
+                    keys => format!(
+                        "; {keys} keys left for a later round: one side has not yet applied \
+                         every op the other's states hold, and its replication will bring them"
+                    ),
+                };
                 println!(
                     "synced with {peer}: {} differing buckets, {} keys compared, \
-                     {} repaired here, {} repaired there, {} bytes sent, {} received{}{too_large}",
+                     {} repaired here, {} repaired there, {} bytes sent, {} received{}{too_large}{deferred}",
                     n("buckets_differing"),
                     n("keys_compared"),
                     n("keys_repaired_here"),
