@@ -95,10 +95,15 @@ impl Default for AeLimits {
     }
 }
 
-/// The default [`AeLimits::wal_wait`], and how long a node answering a push waits likewise.
-/// Replication that keeps up applies a peer's ops within milliseconds; a node further behind
-/// than this is catching up after a partition, and the WAL brings it those ops anyway.
+/// The default [`AeLimits::wal_wait`]. Replication that keeps up applies a peer's ops within
+/// milliseconds; a node further behind than this is catching up after a partition, and the
+/// WAL brings it those ops anyway.
 pub const WAL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a node answering a push waits for its WAL. It cannot share a budget across the
+/// messages of one round as the requester does, and a pushed state it defers is not lost: its
+/// own rounds fetch it later.
+const PUSH_WAL_WAIT: Duration = Duration::from_millis(250);
 
 /// What a round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -777,7 +782,7 @@ async fn answer_v2<S: ReplicaStore>(
         AeRequest::PushBounded { states, applied } => {
             let pushed = states.len() as u64;
             let decoded = decode_states(states.into_iter()).map_err(|e| e.to_string())?;
-            let deadline = Instant::now() + WAL_WAIT;
+            let deadline = Instant::now() + PUSH_WAL_WAIT;
             if applied_covers(store, &applied, wal_gaps, deadline).await {
                 let merged = store
                     .merge_states(decoded)
