@@ -59,6 +59,11 @@ pub struct MemStore {
     /// While false, `apply_remote` waits before applying and `queue_remote` reports its
     /// outcome only later: a slow disk, for tests.
     applies_open: watch::Sender<bool>,
+    /// While `Some`, ops `queue_remote` is handed wait there unapplied, in order, as they do
+    /// on a node whose replication lags; [`MemStore::hold_applies`] lets them through. The
+    /// watch counts releases and carries the applied vector after each.
+    held: Mutex<Option<Vec<Vec<Op>>>>,
+    released: watch::Sender<(u64, VersionVector)>,
 }
 
 impl std::fmt::Debug for MemStore {
@@ -93,6 +98,8 @@ impl MemStore {
             applied_tx: watch::Sender::new(VersionVector::new()),
             apply_calls: AtomicU64::new(0),
             applies_open: watch::Sender::new(true),
+            held: Mutex::new(None),
+            released: watch::Sender::new((0, VersionVector::new())),
         }
     }
 
@@ -104,6 +111,27 @@ impl MemStore {
     /// Holds applies of peers' ops back (`false`) until called again with `true`.
     pub fn set_applies_open(&self, open: bool) {
         self.applies_open.send_replace(open);
+    }
+
+    /// Keeps peers' ops handed over from now on unapplied (`true`), as on a node whose
+    /// replication lags, or applies every op held so far, in order, and lets later ones
+    /// through (`false`).
+    pub fn hold_applies(&self, hold: bool) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if hold {
+            held.get_or_insert_with(Vec::new);
+            return;
+        }
+        for ops in held.take().unwrap_or_default() {
+            // What a held op would have failed with, it fails with silently here: tests
+            // compare the states that result.
+            let _ = self.apply_now(ops);
+        }
+        let applied = self.applied();
+        self.released.send_modify(|(releases, vector)| {
+            *releases += 1;
+            *vector = applied;
+        });
     }
 
     async fn applies_opened(&self) {
@@ -310,6 +338,20 @@ impl ReplicaStore for MemStore {
     /// open, as a real store reports a queued apply once its sync is done.
     async fn queue_remote(&self, ops: Vec<Op>) -> Applying {
         self.apply_calls.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(queue) = held.as_mut() {
+                queue.push(ops);
+                let mut released = self.released.subscribe();
+                let before = released.borrow().0;
+                return Box::pin(async move {
+                    match released.wait_for(|(releases, _)| *releases > before).await {
+                        Ok(release) => Ok(release.1.clone()),
+                        Err(_) => Err(StoreError::Unavailable("the store is gone".into())),
+                    }
+                });
+            }
+        }
         let outcome = self.apply_now(ops);
         let mut open = self.applies_open.subscribe();
         Box::pin(async move {

@@ -647,6 +647,45 @@ async fn batches_arriving_during_a_slow_apply_are_queued_and_merged() {
     }
 }
 
+/// Anti-entropy never leaves a state holding ops its node has not applied: session tokens are
+/// built from the applied vector. While the subscriber's WAL is held back, rounds in both
+/// directions (over real QUIC) defer what they would merge, and say so; once its applies
+/// resume, the WAL brings the ops and everything converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_waits_for_the_wal_instead_of_running_ahead_of_it() {
+    init_tracing();
+    let (stores, nodes) = started(2);
+    stores[0].increment("seed", 1).unwrap();
+    wait_until("converged", || converged(&[&stores[0], &stores[1]])).await;
+
+    stores[1].hold_applies(true);
+    for i in 0..10 {
+        stores[0].increment(&format!("k{i}"), 1).unwrap();
+    }
+    wait_until("the ops handed over and held", || {
+        stores[1].apply_calls() > 1
+    })
+    .await;
+    let fetched = nodes[1].sync_peer(&name(1)).await.unwrap();
+    assert_eq!(fetched.keys_repaired_here, 0, "{fetched:?}");
+    assert_eq!(fetched.keys_deferred, 10, "{fetched:?}");
+    assert!(!fetched.complete, "{fetched:?}");
+    let pushed = nodes[0].sync_peer(&name(2)).await.unwrap();
+    assert_eq!(pushed.keys_repaired_there, 0, "{pushed:?}");
+    assert_eq!(pushed.keys_deferred, 10, "{pushed:?}");
+    for i in 0..10 {
+        assert_eq!(counter(&stores[1], &format!("k{i}")), 0, "k{i} ran ahead");
+    }
+
+    stores[1].hold_applies(false);
+    wait_until("converged", || converged(&[&stores[0], &stores[1]])).await;
+    let after = nodes[1].sync_peer(&name(1)).await.unwrap();
+    assert!(after.complete && after.keys_deferred == 0, "{after:?}");
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
 /// A physical clock ten seconds fast.
 fn fast_clock() -> uhlc::NTP64 {
     uhlc::system_time_clock() + uhlc::NTP64::from(Duration::from_secs(10))
