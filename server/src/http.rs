@@ -273,7 +273,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
         this.progress(cx, poll)
     }
 
+    // Closing a TLS connection writes its close_notify: a client that stops reading must not
+    // hold the connection open there either.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(cx, poll)
     }
 }

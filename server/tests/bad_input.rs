@@ -254,6 +254,21 @@ async fn every_bad_request_gets_a_problem_and_changes_nothing() {
             b"",
             StatusCode::BAD_REQUEST,
         ),
+        case(
+            "anti-entropy round without a peer",
+            Method::POST,
+            "/v1/admin/anti-entropy",
+            b"",
+            StatusCode::BAD_REQUEST,
+        ),
+        // Refused for what it is before its body is read: debug is off on this node.
+        case(
+            "debug endpoint with debug off and a body it would refuse",
+            Method::POST,
+            "/v1/admin/debug/merge-unlogged/sets/keep",
+            br#"{"x":1}"#,
+            StatusCode::FORBIDDEN,
+        ),
     ];
     let mut xml = case(
         "XML content type",

@@ -2,6 +2,7 @@
 //! `[debug] allow_state_overwrite`) a way to corrupt a key for anti-entropy tests.
 
 use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -10,6 +11,7 @@ use meridian_replication::merkle;
 use serde::Deserialize;
 
 use super::AppState;
+use super::extract::JsonBody;
 use super::problem::Problem;
 
 #[derive(Debug, Deserialize)]
@@ -19,7 +21,16 @@ pub struct SyncQuery {
 }
 
 /// Runs one anti-entropy round with a peer now and answers what it repaired.
-pub async fn anti_entropy(State(app): State<AppState>, Query(query): Query<SyncQuery>) -> Response {
+pub async fn anti_entropy(
+    State(app): State<AppState>,
+    query: Result<Query<SyncQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => {
+            return Problem::bad_request("invalid-query", rejection.body_text()).into_response();
+        }
+    };
     let Some(replicator) = app.cluster.replicator_arc() else {
         return Problem::bad_request("no-peers", "this node has no peers").into_response();
     };
@@ -124,9 +135,10 @@ const PHANTOM_NODE: u64 = u64::MAX >> 1;
 /// does not exist, logging nothing: a valid but divergent state only anti-entropy can spread.
 pub async fn merge_unlogged(
     State(app): State<AppState>,
-    Path(key): Path<String>,
-    Json(body): Json<PhantomElement>,
+    key: Result<Path<String>, PathRejection>,
+    body: Result<JsonBody<PhantomElement>, Problem>,
 ) -> Response {
+    // Refused before anything of the request is looked at.
     if !app.debug_overwrite {
         return Problem::new(
             StatusCode::FORBIDDEN,
@@ -135,6 +147,13 @@ pub async fn merge_unlogged(
         )
         .into_response();
     }
+    let (key, body) = match (key, body) {
+        (Ok(Path(key)), Ok(JsonBody(body))) => (key, body),
+        (Err(rejection), _) => {
+            return Problem::bad_request("invalid-path", rejection.body_text()).into_response();
+        }
+        (_, Err(problem)) => return problem.into_response(),
+    };
     let Some(phantom) = NodeId::new(PHANTOM_NODE) else {
         return Problem::internal("phantom node id").into_response();
     };

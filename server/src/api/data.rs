@@ -412,8 +412,11 @@ async fn write(
     let level = level.get()?;
     let result: ApiResult<Committed> = async {
         let electorate = app.admit(level, &session.0).await?;
+        let durable = app.storage.queue_write(kind, key, intent).await?;
+        // Only now may a timeout say the write goes on: while the applier's queue was full,
+        // the request could still time out before it held the write.
         session.0.queue_write();
-        let committed = app.storage.write(kind, key, intent).await?;
+        let committed = durable.await?;
         // Even if the level is not reached, the client wrote this: its token says so.
         session.0.saw(&committed.applied);
         app.wait_acks(level, &electorate, committed.dot.seq, session.0.started)

@@ -702,6 +702,18 @@ impl Storage {
         key: String,
         intent: Intent,
     ) -> Result<Committed, WriteError> {
+        self.queue_write(kind, key, intent).await?.await
+    }
+
+    /// Queues a local write: once this returns, the applier has it and it commits even if
+    /// nobody waits (the caller may tell a client so). The returned future completes when
+    /// the write is durable.
+    pub async fn queue_write(
+        &self,
+        kind: Kind,
+        key: String,
+        intent: Intent,
+    ) -> Result<impl Future<Output = Result<Committed, WriteError>> + use<>, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Local {
             kind,
@@ -710,7 +722,7 @@ impl Storage {
             reply,
         })
         .await?;
-        answer.await.map_err(|_| StorageError::ShuttingDown)?
+        Ok(async move { answer.await.map_err(|_| StorageError::ShuttingDown)? })
     }
 
     async fn send(&self, command: Command) -> Result<(), StorageError> {
