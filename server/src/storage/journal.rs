@@ -107,7 +107,7 @@ pub(crate) fn has_segments(dir: &Path) -> io::Result<bool> {
 
 /// Records `owner` in the journal directory `dir` (created if needed), durably.
 pub(crate) fn set_owner(dir: &Path, owner: Owner) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    create_dir_durably(dir)?;
     let partial = dir.join(format!("{OWNER}.partial"));
     let mut file = File::create(&partial)?;
     file.write_all(owner.to_text().as_bytes())?;
@@ -193,6 +193,26 @@ fn zero_filled(path: &Path) -> io::Result<()> {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing parents, and makes each new entry durable in its parent: the
+/// journal and the database hold acknowledged writes, and on some file systems a power cut can
+/// forget a directory whose parent was never synced, with everything in it.
+pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    std::fs::create_dir_all(dir)?;
+    for created in missing.into_iter().rev() {
+        // A relative path's first component lives in the current directory.
+        let parent = created
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn checksum(segment: u64, payload: &[u8]) -> u32 {
@@ -425,6 +445,10 @@ impl Journal {
 
     /// Makes everything appended so far durable.
     pub(crate) fn sync(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if injected::sync_fails(&self.dir) {
+            return Err(io::Error::other("injected sync failure"));
+        }
         if !self.direct {
             self.file.write_all_at(&self.tail, self.tail_offset)?;
             self.tail_offset += self.tail.len() as u64;
@@ -553,6 +577,35 @@ pub(crate) fn prune_before(dir: &Path, segment: u64) -> io::Result<()> {
         std::fs::remove_file(segment_path(dir, s))?;
     }
     Ok(())
+}
+
+/// Sync failures on demand, for tests of what a node does after one: a disk cannot be made to
+/// fail an fsync from outside.
+#[cfg(test)]
+pub(crate) mod injected {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
+
+    /// Journal directories whose next sync fails. Keyed by directory, so tests running side by
+    /// side in one process do not fail each other's syncs.
+    static FAIL_NEXT_SYNC: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Makes the next sync of the journal in `dir` fail.
+    pub(crate) fn fail_next_sync(dir: &Path) {
+        FAIL_NEXT_SYNC
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(dir.to_owned());
+    }
+
+    pub(super) fn sync_fails(dir: &Path) -> bool {
+        let mut dirs = FAIL_NEXT_SYNC
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = dirs.len();
+        dirs.retain(|d| d != dir);
+        dirs.len() != before
+    }
 }
 
 #[cfg(test)]
@@ -743,6 +796,17 @@ mod tests {
 
     /// A sync after a larger one writes zeros, not the larger one's leftovers, after its last
     /// record: replay must read the end of the segment there, not a torn record.
+    #[test]
+    fn a_journal_directory_is_created_with_its_missing_parents() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("log-device/meridian/journal");
+        let owner = Owner { node: 3, id: 42 };
+        set_owner(&dir, owner).unwrap();
+        assert_eq!(super::owner(&dir).unwrap(), Some(owner));
+        // Again over an existing directory: nothing to create, nothing refused.
+        set_owner(&dir, owner).unwrap();
+    }
+
     #[test]
     fn padding_after_a_smaller_sync_is_zeros() {
         let dir = tempfile::tempdir().unwrap();

@@ -241,7 +241,7 @@ impl Storage {
             path: dir.display().to_string(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        journal::create_dir_durably(dir).map_err(io)?;
         let path = dir.join("meridian.redb");
         let created = !path.exists();
         let db = Database::builder()

@@ -661,3 +661,48 @@ async fn writes_after_a_restart_follow_the_nodes_own_stamps_when_the_clock_stepp
     assert_eq!(register(&storage, "k"), Some(json!("after")));
     storage.shutdown().await;
 }
+
+/// After a journal sync fails, the write it carried is answered as failed, and nothing the
+/// node does afterwards makes it durable: no checkpoint folds it into redb (here the one at
+/// shutdown), so a restart finds only what the journal got to disk. Before, the next
+/// checkpoint folded the failed group, and a write answered as failed came back applied.
+#[tokio::test]
+async fn a_write_whose_sync_failed_is_not_folded_into_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    put(&storage, "before", json!(1)).await;
+    super::journal::injected::fail_next_sync(&dir.path().join("journal"));
+    let failed = storage
+        .write(
+            Kind::Register,
+            "lost".to_owned(),
+            Intent::PutRegister(CanonicalJson::new(&json!(2))),
+        )
+        .await
+        .unwrap_err();
+    assert!(failed.to_string().contains("unknown"), "{failed}");
+    assert!(!storage.is_healthy());
+    assert!(
+        storage
+            .write(
+                Kind::Register,
+                "after".to_owned(),
+                Intent::PutRegister(CanonicalJson::new(&json!(3))),
+            )
+            .await
+            .is_err(),
+        "a failed node took another write"
+    );
+    storage.shutdown().await;
+    drop(storage);
+
+    let storage = open(dir.path());
+    let value = |key: &str| match storage.get(Kind::Register, key).unwrap() {
+        Some(State::Register(r)) => r.value().map(|v| v.to_raw().get().to_owned()),
+        _ => None,
+    };
+    assert_eq!(value("before").as_deref(), Some("1"));
+    assert_eq!(value("lost"), None, "the failed write was made durable");
+    assert_eq!(value("after"), None);
+    storage.shutdown().await;
+}

@@ -569,6 +569,12 @@ impl Writer {
     /// with `notify` to answer once it is folded. Skipped (false) while the previous fold is
     /// still running, unless `wait`.
     fn checkpoint(&mut self, wait: bool, notify: Vec<oneshot::Sender<()>>) -> bool {
+        // After a failed journal sync the active layer holds groups whose clients were told
+        // the write failed: folding them would make durable, and replicate, writes the node
+        // answered as failed. What the journal did get to disk a restart replays.
+        if self.failed.load(Ordering::Acquire) {
+            return false;
+        }
         while self.folds_done.try_recv().is_ok() {}
         if self.memtable.frozen().is_some() {
             if !wait {
@@ -697,7 +703,12 @@ impl Syncer {
                 tracing::error!(%error, "journal fsync failed; refusing further writes");
                 self.failed.store(true, Ordering::Release);
                 self.metrics.record_commit_failure();
-                let detail = format!("journal fsync failed: {error}");
+                let detail = format!(
+                    "journal fsync failed ({error}): whether this write survives is unknown until \
+                     the node restarts and replays what reached its disk; the node takes no more \
+                     writes, so restart it (after fixing the disk) and read the key before \
+                     retrying a write that is not idempotent"
+                );
                 for (pending, _) in self.waiting.drain(..) {
                     for reply in pending {
                         reply.fail(&detail);
