@@ -168,6 +168,11 @@ pub struct Limits {
     /// Requests served at once; more are refused with 503 rather than queued without bound.
     pub max_concurrent_requests: usize,
     pub max_list_limit: usize,
+    /// Bytes of answers over 1 MiB (a large set, read whole) that may be on their way to
+    /// clients at once. A slow reader keeps its answer in memory until it has taken it, long
+    /// after its request's concurrency slot is free: past this budget such reads are refused
+    /// with 503 rather than let memory grow with every slow reader.
+    pub answer_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -179,6 +184,7 @@ impl Default for Limits {
             max_set_elements: 100_000,
             max_concurrent_requests: 4096,
             max_list_limit: 1000,
+            answer_buffer_bytes: 256 << 20,
         }
     }
 }
@@ -436,6 +442,7 @@ impl Config {
             || limits.max_value_bytes == 0
             || limits.max_concurrent_requests == 0
             || limits.max_list_limit == 0
+            || limits.answer_buffer_bytes == 0
         {
             return invalid("limits must be positive");
         }

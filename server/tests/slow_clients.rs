@@ -221,14 +221,11 @@ async fn a_write_that_times_out_after_it_was_queued_is_504_and_lands() {
     healthy(&node).await;
 }
 
-/// A client that asks for a large answer and stops reading is cut off once it has taken no
-/// bytes for `write_stall_ms`, before the whole answer is written; the node goes on serving.
-#[tokio::test]
-async fn a_client_that_stops_reading_its_answer_is_cut_off() {
-    let node = Node::start("[timeouts]\nwrite_stall_ms = 500\n").await;
+/// Fills set `big` with 90 000 elements of 64 bytes: an answer of about 6 MB, more than
+/// loopback's socket buffers hold, in requests under the 1 MiB body limit. Returns the size
+/// of the whole answer.
+async fn a_six_megabyte_set(node: &Node) -> usize {
     let client = reqwest::Client::new();
-    // 90 000 elements of 64 bytes: an answer of about 6 MB, more than loopback's socket
-    // buffers hold, in requests under the 1 MiB body limit.
     for batch in 0..8 {
         let elements: Vec<String> = (0..11_250).map(|i| format!("{batch}-{i:0>58}")).collect();
         let response = client
@@ -249,7 +246,11 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off() {
         .unwrap()
         .len();
     assert!(whole > 5_000_000, "the answer is only {whole} bytes");
+    whole
+}
 
+/// Opens a connection that asks for the big set and then takes almost nothing of it.
+async fn a_reader_that_stalls(node: &Node) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(node.addr).await.unwrap();
@@ -257,6 +258,59 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off() {
         .write_all(b"GET /v1/sets/big HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
+    stream
+}
+
+/// Large answers on their way to slow readers share one budget: a reader that stops taking
+/// its answer holds its share, so while it does, another large read is refused with a 503
+/// (memory does not grow by one answer per slow reader) and small reads go on; when the
+/// stalled reader goes, its share comes back.
+#[tokio::test]
+async fn large_answers_to_slow_readers_share_a_budget() {
+    let node = Node::start(
+        "[limits]\nanswer_buffer_bytes = 8388608\n[timeouts]\nwrite_stall_ms = 60000\n",
+    )
+    .await;
+    a_six_megabyte_set(&node).await;
+    let stalled = a_reader_that_stalls(&node).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::new();
+    let refused = client.get(node.url("/v1/sets/big")).send().await.unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:meridian:problem:answers-backlogged");
+    healthy(&node).await;
+    let small = client
+        .get(node.url("/v1/sets/missing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), reqwest::StatusCode::OK);
+
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = client.get(node.url("/v1/sets/big")).send().await.unwrap();
+        if read.status() == reqwest::StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled reader's share never came back: {}",
+            read.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client that asks for a large answer and stops reading is cut off once it has taken no
+/// bytes for `write_stall_ms`, before the whole answer is written; the node goes on serving.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_cut_off() {
+    let node = Node::start("[timeouts]\nwrite_stall_ms = 500\n").await;
+    let whole = a_six_megabyte_set(&node).await;
+    let mut stream = a_reader_that_stalls(&node).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let taken = read_until_closed(&mut stream, Duration::from_secs(5))
         .await
