@@ -139,7 +139,7 @@ pub async fn run(
         cluster: Arc::new(ClusterView::new(&config, replicator.clone())),
         ready: ready.clone(),
         in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
-        answer_budget: Arc::new(Semaphore::new(api::answer_budget_units(
+        answer_budget: Arc::new(Semaphore::new(api::budget::answer_budget_units(
             config.limits.answer_buffer_bytes,
         ))),
         debug_overwrite: config.debug.allow_state_overwrite,

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod answer;
+pub mod budget;
 pub mod consistency;
 pub mod data;
 pub mod extract;
@@ -14,7 +15,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -73,7 +73,7 @@ pub struct App {
     pub ready: Arc<AtomicBool>,
     /// Permits for requests in flight; when none is left, requests are refused with 503.
     pub in_flight: Arc<Semaphore>,
-    /// KiB of large answers on their way to clients ([`Limits::answer_buffer_bytes`]).
+    /// KiB of large answers on their way to clients ([`budget`]).
     pub answer_budget: Arc<Semaphore>,
     /// Signs and checks session tokens.
     pub sessions: Arc<SessionKeys>,
@@ -242,7 +242,7 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
         }
     };
     if route != BACKUP_ROUTE {
-        response = hold_answer_budget(&app, response).await;
+        response = budget::hold_answer_budget(&app, response).await;
     }
     let headers = response.headers_mut();
     if let Some(session) = session {
@@ -284,93 +284,6 @@ fn refuse(denied: &Denied) -> Response {
         );
     }
     response
-}
-
-/// Answers at least this large hold their size from [`App::answer_budget`] until sent.
-const LARGE_ANSWER_BYTES: u64 = 1 << 20;
-
-/// The unit of [`App::answer_budget`]: permits are KiB, so one answer's count fits a `u32`.
-const BUDGET_UNIT: usize = 1024;
-
-/// Permits in an answer budget of `bytes` (at least one).
-pub fn answer_budget_units(bytes: usize) -> usize {
-    bytes.div_ceil(BUDGET_UNIT).clamp(1, Semaphore::MAX_PERMITS)
-}
-
-/// Makes a large answer hold its size from the node's budget until its last bytes leave, or
-/// refuses it with 503 when slow readers already hold the budget. One answer larger than the
-/// whole budget takes all of it, so it is served, alone.
-async fn hold_answer_budget(app: &App, response: Response) -> Response {
-    let Some(len) = hyper::body::Body::size_hint(response.body()).exact() else {
-        return response;
-    };
-    if len < LARGE_ANSWER_BYTES {
-        return response;
-    }
-    let capacity = answer_budget_units(app.limits.answer_buffer_bytes);
-    let units = (len as usize).div_ceil(BUDGET_UNIT).min(capacity);
-    let permit = u32::try_from(units)
-        .ok()
-        .and_then(|units| app.answer_budget.clone().try_acquire_many_owned(units).ok());
-    let Some(permit) = permit else {
-        return Problem::unavailable(
-            "answers-backlogged",
-            format!(
-                "answers larger than 1 MiB already on their way to slow readers fill this \
-                 node's {} MiB budget for them ([limits] answer_buffer_bytes); retry shortly",
-                app.limits.answer_buffer_bytes >> 20
-            ),
-            1,
-        )
-        .into_response();
-    };
-    let (parts, body) = response.into_parts();
-    match axum::body::to_bytes(body, usize::MAX).await {
-        Ok(bytes) => Response::from_parts(
-            parts,
-            Body::new(BudgetedBody {
-                rest: bytes,
-                _permit: permit,
-            }),
-        ),
-        Err(error) => Problem::internal(format!("reading an answer: {error}")).into_response(),
-    }
-}
-
-/// Bytes of one answer handed to hyper at a time: hyper asks for more only as the client takes
-/// them, so the answer, and its permit, live until it is nearly sent, whether hyper queues
-/// what it is given (plain TCP) or copies it into its own buffer (TLS).
-const ANSWER_SLICE: usize = 64 << 10;
-
-/// A large answer in slices, holding its share of the budget until the last one.
-struct BudgetedBody {
-    rest: bytes::Bytes,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl hyper::body::Body for BudgetedBody {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        if this.rest.is_empty() {
-            return std::task::Poll::Ready(None);
-        }
-        let slice = this.rest.split_to(this.rest.len().min(ANSWER_SLICE));
-        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(slice))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.rest.is_empty()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
-    }
 }
 
 /// The backup route: exempt from the request timeout, since copying a large data set takes
