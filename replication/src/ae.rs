@@ -463,15 +463,8 @@ async fn applied_covers<S: ReplicaStore>(
         .iter()
         .filter(|&(origin, _)| origin != own && !wal_gaps.contains(origin))
         .collect();
-    let mut applied = store.watch_applied();
-    if applied.borrow().dominates(&needed) {
-        return true;
-    }
     let wait = deadline.saturating_duration_since(Instant::now());
-    matches!(
-        tokio::time::timeout(wait, applied.wait_for(|v| v.dominates(&needed))).await,
-        Ok(Ok(_))
-    )
+    crate::store::applied_within(store, &needed, wait).await
 }
 
 /// Cuts `states` into runs of at most `limit` bytes of keys and states (a state larger than

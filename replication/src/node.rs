@@ -1620,13 +1620,8 @@ async fn answer_read<S: ReplicaStore>(
             Ok(read) => {
                 // Answer only with what is durable here: wait (briefly) for the journal to
                 // cover the snapshot, which a group commit does within milliseconds.
-                let mut durable = store.watch_applied();
-                let covered = timeout(
-                    READ_DURABLE_WAIT,
-                    durable.wait_for(|applied| applied.dominates(&read.applied)),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok());
+                let covered =
+                    crate::store::applied_within(store, &read.applied, READ_DURABLE_WAIT).await;
                 if covered {
                     Message::ReadReply {
                         state: read.state.as_ref().map(codec::encode_state),

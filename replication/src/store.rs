@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_crdt::{Kind, NodeId, Op, Stamp, State, VersionVector};
 
@@ -199,4 +199,18 @@ pub trait ReplicaStore: Send + Sync + 'static {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
     }
+}
+
+/// Whether `store`'s applied vector covers `target` within `wait`: at once if it already does,
+/// else as soon as a commit makes it so.
+pub(crate) async fn applied_within<S: ReplicaStore + ?Sized>(
+    store: &S,
+    target: &VersionVector,
+    wait: Duration,
+) -> bool {
+    let mut applied = store.watch_applied();
+    matches!(
+        tokio::time::timeout(wait, applied.wait_for(|v| v.dominates(target))).await,
+        Ok(Ok(_))
+    )
 }
